@@ -1,0 +1,104 @@
+"""Reading guard metrics out of any optimizer state."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from optax_guard import _clipping
+from optax_guard import _guard
+
+_CONTRACT_DEFAULTS = {
+    'clip_threshold': jnp.inf,
+    'skipped': False,
+    'consecutive_skips': 0,
+    'total_skips': 0,
+    'diverged': False,
+}
+
+
+def _own_metrics(node: Any) -> dict[str, jax.Array]:
+  """The metrics one guard or clipping state holds itself."""
+  if isinstance(node, _guard.GuardState):
+    found = {
+        name: getattr(node, name)
+        for name in (
+            'grad_norm', 'clip_threshold', 'update_norm', 'skipped',
+            'consecutive_skips', 'total_skips', 'diverged', 'loss',
+            'nonfinite', 'spike', 'total_nonfinite', 'total_spikes',
+        )
+    }
+    return found
+  if isinstance(node, _clipping.ZClipState):
+    return {'zclip_mean': node.mean, 'zclip_std': jnp.sqrt(node.var)}
+  if isinstance(node, _clipping.AutoClipState):
+    return {'autoclip_history_size': node.count}
+  if isinstance(node, _clipping.ClipStats):
+    return node._asdict()
+  return {}
+
+
+def _children(node: Any) -> list[Any]:
+  """The direct children of a pytree node (none for a leaf)."""
+  children, _ = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+  return [] if len(children) == 1 and children[0] is node else children
+
+
+def metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Flat scalar metrics of every optax_guard state inside ``opt_state``.
+
+  The state may be nested anywhere: in :func:`optax.chain`,
+  :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`, a
+  :class:`flax.nnx.Optimizer` (pass the optimizer or its ``opt_state``). Where
+  two states report the same key, the outermost wins: a guard's view of this
+  step beats the held state of a clip inside it.
+
+  Always present: ``grad_norm`` (pre-clip global norm), ``clip_threshold``
+  (``inf`` when nothing was clipped), ``update_norm`` (post-clip),
+  ``skipped``, ``consecutive_skips``, ``total_skips``, ``diverged``. Guards
+  add ``loss``, ``nonfinite``, ``spike``, ``total_nonfinite``,
+  ``total_spikes``; ZClip adds ``zclip_mean`` and ``zclip_std``.
+
+  Works inside ``jax.jit`` as well as on the host.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_guard as og
+    >>> tx = optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> _, state = tx.update({'w': jnp.array([3.0, 4.0])}, state)
+    >>> m = og.metrics(state)
+    >>> float(m['grad_norm']), float(m['update_norm']), bool(m['skipped'])
+    (5.0, 1.0, False)
+
+  Args:
+    opt_state: an optimizer state, or an :class:`flax.nnx.Optimizer`.
+
+  Returns:
+    A dict of scalar arrays.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no optax_guard state.
+  """
+  if isinstance(opt_state, nnx.Optimizer):
+    opt_state = opt_state.opt_state
+  opt_state = nnx.as_pure(opt_state)
+  found: dict[str, jax.Array] = {}
+  pending = [opt_state]
+  while pending:
+    node = pending.pop(0)
+    for key, value in _own_metrics(node).items():
+      found.setdefault(key, value)
+    pending.extend(_children(node))
+  if 'grad_norm' not in found:
+    raise ValueError(
+        'opt_state holds no optax_guard state: build the optimizer with'
+        ' og.guard, og.skip_nonfinite, og.skip_spikes or an og clipping'
+        ' transformation.'
+    )
+  found.setdefault('update_norm', found['grad_norm'])
+  for key, default in _CONTRACT_DEFAULTS.items():
+    found.setdefault(key, default)
+  return {key: jnp.asarray(value) for key, value in found.items()}

@@ -1,0 +1,157 @@
+"""Overflow-safe gradient norms.
+
+``optax.tree.norm`` squares each element in the gradient's own dtype: 1,000 fp16
+values of 300.0 square to 9e4 > 65504, so the norm comes out ``inf`` and
+``optax.clip_by_global_norm`` multiplies every gradient by ``max_norm / inf``,
+zeroing the update. The same happens to fp32 values above ~1.8e19 and to bf16
+values of any size that squares past float32's range.
+
+Here every leaf is accumulated in float32 or wider. The common case costs one
+reduction per leaf, exactly like optax. Only when that sum is not a finite,
+normal number (overflow, underflow, or a genuine NaN/Inf) a second pass inside a
+``lax.cond`` rescales each leaf by its max-abs value first, which is exact up to
+rounding for every finite input.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class NormStats(NamedTuple):
+  """Norms of one gradient tree, computed in one pass.
+
+  Attributes:
+    global_norm: L2 norm of all floating leaves together (float32 or wider);
+      ``nan`` if any element is NaN, ``inf`` if any is infinite.
+    leaf_norms: a tree like the gradients with one scalar norm per floating
+      leaf and ``None`` for every other leaf.
+    finite: whether every floating element is finite.
+  """
+
+  global_norm: jax.Array
+  leaf_norms: Any
+  finite: jax.Array
+
+
+def is_float_leaf(x: Any) -> bool:
+  """Whether ``x`` is an array of floating (or complex) dtype."""
+  return x is not None and hasattr(x, 'dtype') and jnp.issubdtype(
+      x.dtype, jnp.inexact
+  )
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """float32 for half precision, else the real dtype itself (f32 or f64)."""
+  return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+
+
+def _real_parts(x: jax.Array, dtype) -> tuple[jax.Array, ...]:
+  if jnp.iscomplexobj(x):
+    return x.real.astype(dtype), x.imag.astype(dtype)
+  return (x.astype(dtype),)
+
+
+def _sum_squares(x: jax.Array, dtype) -> jax.Array:
+  return sum(jnp.sum(jnp.square(part)) for part in _real_parts(x, dtype))
+
+
+def _rescaled_norm(x: jax.Array, dtype) -> jax.Array:
+  """Norm of one leaf that neither overflows nor underflows when squaring."""
+  parts = _real_parts(x, dtype)
+  largest = jnp.max(jnp.stack([jnp.max(jnp.abs(p), initial=0) for p in parts]))
+  safe = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+  scaled_sum = sum(jnp.sum(jnp.square(p / safe)) for p in parts)
+  norm = safe * jnp.sqrt(scaled_sum)
+  # NaN anywhere gives NaN (max propagates it); Inf gives Inf.
+  return jnp.where(jnp.isfinite(largest), norm, largest)
+
+
+def _combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
+  """Overflow-safe L2 norm of a list of non-negative scalars."""
+  if not norms:
+    return jnp.zeros((), dtype)
+  stacked = jnp.stack([n.astype(dtype) for n in norms])
+  return _rescaled_norm(stacked, dtype)
+
+
+def norm_stats(tree: Any) -> NormStats:
+  """Global and per-leaf L2 norms of ``tree``, safe for any finite input.
+
+  Non-floating leaves (integers, booleans, ``None``) are ignored.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_guard as og
+    >>> grads = {'w': jnp.full((1000,), 300.0, jnp.float16)}
+    >>> float(og.norm_stats(grads).global_norm)  # optax.tree.norm gives inf
+    9486.8330078125
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    A :class:`NormStats`.
+  """
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+  float_positions = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
+  float_leaves = [leaves[i] for i in float_positions]
+  if float_leaves:
+    dtype = jnp.result_type(*[accumulation_dtype(x.dtype) for x in float_leaves])
+  else:
+    dtype = jnp.float32
+
+  sums = [_sum_squares(x, accumulation_dtype(x.dtype)) for x in float_leaves]
+  total = sum(s.astype(dtype) for s in sums) if sums else jnp.zeros((), dtype)
+
+  def fast_path():
+    return [jnp.sqrt(s).astype(dtype) for s in sums], jnp.sqrt(total)
+
+  def safe_path():
+    norms = [
+        _rescaled_norm(x, accumulation_dtype(x.dtype)).astype(dtype)
+        for x in float_leaves
+    ]
+    return norms, _combine_norms(norms, dtype)
+
+  # Squares below the smallest normal number lose precision (or vanish), and
+  # a non-finite sum may be overflow rather than a NaN/Inf gradient: in both
+  # cases recompute with each leaf rescaled by its largest magnitude. Ordinary
+  # gradients never take this second pass.
+  trustworthy = (total >= jnp.finfo(dtype).tiny) & jnp.isfinite(total)
+  leaf_norm_list, global_norm = jax.lax.cond(trustworthy, fast_path, safe_path)
+  leaf_norms = [None] * len(leaves)
+  for position, norm in zip(float_positions, leaf_norm_list):
+    leaf_norms[position] = norm
+  return NormStats(
+      global_norm=global_norm,
+      leaf_norms=jax.tree.unflatten(treedef, leaf_norms),
+      finite=jnp.isfinite(global_norm),
+  )
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """Overflow-safe global L2 norm of the floating leaves of ``tree``."""
+  return norm_stats(tree).global_norm
+
+
+def clip_tree_to_norm(tree: Any, norm: jax.Array, threshold: jax.Array) -> Any:
+  """Rescales ``tree`` (of global norm ``norm``) to ``threshold`` if larger.
+
+  Each floating leaf is multiplied by one scalar, ``threshold / norm`` or 1,
+  in float32 or wider and rounded once to the leaf's dtype. A multiply (not
+  optax's ``select(norm < max, t, t / norm * max)``) lets XLA fuse the clip
+  into the optimizer's own elementwise pass instead of writing a clipped copy
+  of the gradients; an unclipped leaf is returned bit for bit, a clipped one
+  within one rounding of optax's value.
+  """
+  scale = jnp.where(norm > threshold, threshold / norm, 1)
+
+  def clip_leaf(x):
+    if not is_float_leaf(x):
+      return x
+    dtype = jnp.result_type(x.dtype, accumulation_dtype(x.dtype))
+    return (x.astype(dtype) * scale.astype(dtype)).astype(x.dtype)
+
+  return jax.tree.map(clip_leaf, tree, is_leaf=lambda x: x is None)
