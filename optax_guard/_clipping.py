@@ -405,8 +405,9 @@ def agc(
     >>> tx = og.agc(clipping=0.1)
     >>> params = {'w': jnp.ones((2, 2))}
     >>> updates, _ = tx.update({'w': jnp.full((2, 2), 10.0)}, tx.init(params), params)
-    >>> updates['w'].round(4).tolist()  # each column clipped to 0.1 * its norm
-    [[0.1, 0.1], [0.1, 0.1]]
+    >>> # Each column's norm is clipped to 0.1 times the column's norm in params.
+    >>> bool(jnp.allclose(updates['w'], 0.1))
+    True
 
   Args:
     clipping: the largest allowed ratio of a unit's update norm to its
