@@ -21,6 +21,7 @@ from optax_guard._metrics import metrics
 from optax_guard._numerics import global_norm
 from optax_guard._numerics import norm_stats
 from optax_guard._numerics import NormStats
+from optax_guard._train import make_train_step
 
 __version__ = '0.1.0'
 
@@ -38,6 +39,7 @@ __all__ = (
     'clip_by_global_norm',
     'global_norm',
     'guard',
+    'make_train_step',
     'metrics',
     'norm_stats',
     'skip_nonfinite',
