@@ -1,0 +1,1 @@
+"""optax_guard's benchmarks: ``python -m benchmarks --help``."""
