@@ -1,0 +1,136 @@
+"""Cost of one optimizer update (gradients given), guarded vs bare adamw.
+
+Every variant is one ``jax.jit`` with params and optimizer state donated,
+on a 13M-parameter fp32 model (12 x 1024^2 weights + biases) with fixed
+gradients. Rounds are interleaved (every variant once per round) so that
+load from other processes hits all variants alike; the report gives the
+median per-update time over all rounds, its ratio to bare adamw, the minimum,
+and XLA's temporary buffer size (``memory_analysis().temp_size_in_bytes``,
+what a variant materialises beyond params and state).
+
+    python -m benchmarks.update_cost            # all variants, 7 rounds
+    python -m benchmarks.update_cost --rounds 15 bare og_fused og_pure
+
+Variants:
+  bare             optax.adamw + optax.apply_updates
+  optax_clip       chain(optax.clip_by_global_norm(1), adamw)
+  optax_if_finite  optax.apply_if_finite(chain(clip, adamw), 10)
+  og_pure          og.guard(adamw, clip=og.zclip(), spikes={}): tx.update +
+                   apply_updates, the pure-transformation path that
+                   nnx.Optimizer.update takes
+  og_fused         the same guard in the form og.make_train_step uses
+  og_fused_nonfinite og.skip_nonfinite(adamw), fused
+  og_loss_scale    og.dynamic_loss_scale(the guard), fused
+  og_leaf          og.guard(adamw, clip=og.zclip(), granularity='leaf'), fused
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_guard as og
+from optax_guard import _apply
+
+LAYERS, WIDTH = 12, 1024
+
+
+def _params():
+  keys = jax.random.split(jax.random.PRNGKey(0), LAYERS)
+  return {
+      f'layer{i}': {
+          'w': jax.random.normal(key, (WIDTH, WIDTH)) / WIDTH**0.5,
+          'b': jnp.zeros(WIDTH),
+      }
+      for i, key in enumerate(keys)
+  }
+
+
+def _guard():
+  return og.guard(optax.adamw(1e-3), clip=og.zclip(), spikes={})
+
+
+def _pure(tx):
+  def update(params, opt_state, grads, loss):
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return optax.apply_updates(params, updates), opt_state
+  return tx, update
+
+
+def _fused(tx):
+  apply = _apply.update_and_apply(tx)
+  return tx, lambda params, opt_state, grads, loss: apply(
+      grads, opt_state, params, value=loss)
+
+
+VARIANTS = {
+    'bare': lambda: _pure(optax.adamw(1e-3)),
+    'optax_clip': lambda: _pure(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))),
+    'optax_if_finite': lambda: _pure(optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), 10)),
+    'og_pure': lambda: _pure(_guard()),
+    'og_fused': lambda: _fused(_guard()),
+    'og_fused_nonfinite': lambda: _fused(og.skip_nonfinite(optax.adamw(1e-3))),
+    'og_loss_scale': lambda: _fused(og.dynamic_loss_scale(_guard())),
+    'og_leaf': lambda: _fused(og.guard(optax.adamw(1e-3), clip=og.zclip(),
+                                       granularity='leaf')),
+}
+
+
+class _Runner:
+  """One compiled variant with its own donated params and state."""
+
+  def __init__(self, name, grads, loss):
+    tx, update = VARIANTS[name]()
+    self.params = _params()
+    self.opt_state = tx.init(self.params)
+    self.grads, self.loss = grads, loss
+    self.compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+        self.params, self.opt_state, grads, loss).compile()
+    self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+    self.times = []
+
+  def run(self, steps):
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.params, self.opt_state = self.compiled(
+          self.params, self.opt_state, self.grads, self.loss)
+      jax.block_until_ready((self.params, self.opt_state))
+      self.times.append(time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('variants', nargs='*', default=list(VARIANTS))
+  parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed updates per variant and round')
+  args = parser.parse_args()
+  names = ['bare'] + [n for n in args.variants if n != 'bare']
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p) + 1e-2 * p,
+                       _params())
+  loss = jnp.float32(1.0)
+  runners = {name: _Runner(name, grads, loss) for name in names}
+  for runner in runners.values():
+    runner.run(3)  # warm-up: first calls allocate and page in
+    runner.times.clear()
+  for _ in range(args.rounds):
+    for runner in runners.values():
+      runner.run(args.steps)
+  bare = np.median(runners['bare'].times)
+  print(f'{jax.devices()[0].platform}, {LAYERS} x {WIDTH}^2 fp32 params,'
+        f' {args.rounds} rounds x {args.steps} updates')
+  print(f'{"variant":20s} {"median ms":>9s} {"ratio":>6s} {"min ms":>7s}'
+        f' {"temp MB":>8s}')
+  for name, runner in runners.items():
+    median = np.median(runner.times)
+    print(f'{name:20s} {median * 1e3:9.2f} {median / bare:6.2f}'
+          f' {min(runner.times) * 1e3:7.2f} {runner.temp_bytes / 1e6:8.1f}')
+
+
+if __name__ == '__main__':
+  main()
