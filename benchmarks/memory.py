@@ -12,7 +12,7 @@ input the step never reads, such as a guard's last ``grad_norm``, which
 the step overwrites: it is neither donated nor copied.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,19 +23,14 @@ from benchmarks import workloads as w
 SLACK_BYTES = 1 << 20
 
 
-def _pairs():
-  """``(candidate, step kind, optimizer factory, bare candidate)``."""
-  return [
-      (update_cost.BARE, w.UPDATE, w.adamw, None),
-      (update_cost.OPTAX_CLIP, w.UPDATE, w.optax_clip, update_cost.BARE),
-      (update_cost.OPTAX_APPLY_IF_FINITE, w.UPDATE, w.optax_apply_if_finite,
-       update_cost.BARE),
-      (update_cost.GUARD_PURE, w.UPDATE, w.recommended_guard,
-       update_cost.BARE),
-      (update_cost.BARE_TRAIN, w.TRAIN_BARE, w.adamw, None),
-      (update_cost.GUARD_TRAIN, w.TRAIN_OG, w.recommended_guard,
-       update_cost.BARE_TRAIN),
-  ]
+def _steps(families: Sequence[str]):
+  """``(candidate, step kind, optimizer factory, bare candidate)`` of the
+  headline and train-step groups of the update section, when selected."""
+  steps = []
+  for group, members in update_cost.groups(families):
+    if group in ('headline', 'train step'):
+      steps += members
+  return steps
 
 
 def _abstract_inputs(kind: w.StepKind, tx, count: int, layers: int):
@@ -50,10 +45,12 @@ def _scalar_bytes(tree) -> int:
   return w.tree_bytes([x for x in jax.tree.leaves(tree) if x.shape == ()])
 
 
-def _analysis(kind: w.StepKind, tx, count: int, layers: int) -> dict[str, Any]:
+def _analysis(kind: w.StepKind, factory, count: int,
+              layers: int) -> dict[str, Any]:
+  tx, _, step = w.compiled(kind, factory)
   inputs = _abstract_inputs(kind, tx, count, layers)
   state = inputs[:2]
-  stats = kind.build(tx).lower(*inputs).compile().memory_analysis()
+  stats = step.lower(*inputs).compile().memory_analysis()
   argument = stats.argument_size_in_bytes
   output = stats.output_size_in_bytes
   alias = stats.alias_size_in_bytes
@@ -74,33 +71,35 @@ def _analysis(kind: w.StepKind, tx, count: int, layers: int) -> dict[str, Any]:
   }
 
 
-def _donation_deletes_inputs(kind: w.StepKind, tx, count: int,
+def _donation_deletes_inputs(kind: w.StepKind, factory, count: int,
                              layers: int) -> bool:
   """Whether one real call consumes every non-scalar array of the params
   and state passed in."""
+  _, init, step = w.compiled(kind, factory)
   params = w.random_tree(0, 1.0, count=count, layers=layers)
   grads = w.random_tree(1, 1e-3, count=count, layers=layers)
-  opt_state = jax.jit(tx.init)(params)
-  inputs = (grads, jnp.asarray(2.0)) if kind.name == 'update' else (grads,)
-  jax.block_until_ready(kind.build(tx)(params, opt_state, *inputs))
+  opt_state = init(params)
+  loss = jnp.asarray(2.0, jnp.float32)  # As in the update section.
+  inputs = (grads, loss) if kind.name == 'update' else (grads,)
+  jax.block_until_ready(step(params, opt_state, *inputs))
   return all(
       x.is_deleted() for x in jax.tree.leaves((params, opt_state))
       if x.shape != ()
   )
 
 
-def run(counts: list[int], *, layers: int,
+def run(counts: list[int], *, families: Sequence[str], layers: int,
         say: Callable[[str], None]) -> dict[str, Any]:
   rows = []
   for count in counts:
     by_name = {}
-    for name, kind, factory, bare in _pairs():
+    for name, kind, factory, bare in _steps(families):
       say(f'{w.format_size(count)}: compiling {name}')
       row = {'params': count, 'name': name, 'baseline': bare,
-             **_analysis(kind, factory(), count, layers)}
+             **_analysis(kind, factory, count, layers)}
       if count == min(counts):
         row['donated_at_run_time'] = _donation_deletes_inputs(
-            kind, factory(), count, layers
+            kind, factory, count, layers
         )
       if bare is not None:
         base = by_name[bare]

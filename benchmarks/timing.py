@@ -30,11 +30,14 @@ class Candidate:
       and returns arrays that are ready when the iteration is done. It may
       dispatch asynchronously: the timer blocks on the last call's result.
     baseline: the name of the candidate its ratio is quoted against, if any.
+    settle: called after each of its samples, untimed, e.g. to wait for a
+      background write that must not slow down the next candidate.
   """
 
   name: str
   run: Callable[[], Any]
   baseline: Optional[str] = None
+  settle: Optional[Callable[[], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,10 @@ def _run_sample(candidate: Candidate, calls: int) -> float:
   for _ in range(calls):
     result = candidate.run()
   jax.block_until_ready(result)
-  return (time.perf_counter() - start) / calls
+  seconds = (time.perf_counter() - start) / calls
+  if candidate.settle is not None:
+    candidate.settle()
+  return seconds
 
 
 def measure(

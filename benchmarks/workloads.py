@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_guard as og
+from optax_guard import _apply
 
 LAYERS = 8
 _SIZE = re.compile(r'^(?P<number>\d+(\.\d+)?([eE]\d+)?)(?P<unit>[kKmMgG]?)$')
@@ -42,6 +43,14 @@ def format_size(count: int) -> str:
     if count >= scale:
       return f'{count / scale:.4g}{unit}'
   return str(count)
+
+
+def format_bytes(count: int) -> str:
+  """``1536 -> '1.5 KiB'``: binary units, three significant digits."""
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if abs(count) >= scale:
+      return f'{count / scale:.3g} {unit}'
+  return f'{count} B'
 
 
 def param_shapes(count: int, layers: int = LAYERS) -> dict[str, Any]:
@@ -131,8 +140,9 @@ def optax_apply_if_finite() -> optax.GradientTransformation:
 
 
 def single_guards() -> dict[str, Callable[[], optax.GradientTransformation]]:
-  """Each optax_guard transformation alone, around or before ``adamw``."""
-  guards = {
+  """Each optax_guard transformation alone, around or before ``adamw``, and
+  the recommended guard's variants."""
+  return {
       'og.clip_by_global_norm + adamw': lambda: optax.chain(
           og.clip_by_global_norm(1.0), adamw()
       ),
@@ -141,12 +151,13 @@ def single_guards() -> dict[str, Callable[[], optax.GradientTransformation]]:
       'og.agc + adamw': lambda: optax.chain(og.agc(0.01), adamw()),
       'og.skip_nonfinite(adamw)': lambda: og.skip_nonfinite(adamw()),
       'og.skip_spikes(adamw)': lambda: og.skip_spikes(adamw()),
+      'og.dynamic_loss_scale(og.guard)': lambda: og.dynamic_loss_scale(
+          recommended_guard()
+      ),
+      "og.guard(granularity='leaf')": lambda: og.guard(
+          adamw(), clip=og.zclip(), spikes={}, granularity='leaf'
+      ),
   }
-  if hasattr(og, 'dynamic_loss_scale'):
-    guards['og.dynamic_loss_scale(adamw)'] = lambda: og.dynamic_loss_scale(
-        adamw()
-    )
-  return guards
 
 
 def make_update_step(tx: optax.GradientTransformation):
@@ -157,6 +168,19 @@ def make_update_step(tx: optax.GradientTransformation):
   def step(params, opt_state, grads, loss):
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_fused_update_step(tx: optax.GradientTransformation):
+  """:func:`make_update_step` in the form :func:`og.make_train_step` uses:
+  a guard's fused update-and-apply (one ``lax.cond`` around the inner update
+  and the parameter update), or the plain composition for other optimizers.
+  """
+  apply = _apply.update_and_apply(tx)
+
+  def step(params, opt_state, grads, loss):
+    return apply(grads, opt_state, params, value=loss)
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -204,6 +228,7 @@ class StepKind(NamedTuple):
 
 
 UPDATE = StepKind('update', make_update_step)
+FUSED = StepKind('update', make_fused_update_step)
 TRAIN_BARE = StepKind(
     'train', lambda tx: make_bare_train_step(linear_loss, tx)
 )
@@ -212,15 +237,27 @@ TRAIN_OG = StepKind(
 )
 
 
+@functools.cache
+def compiled(kind: StepKind, factory: Callable[[], Any]):
+  """``(tx, jitted tx.init, jitted step)`` for the optimizer ``factory()``.
+
+  Memoised, so that every section asking for the same step gets the same
+  ``jax.jit`` objects and their compilation cache: the memory analysis of a
+  step the update section already ran costs nothing.
+  """
+  tx = factory()
+  return tx, jax.jit(tx.init), kind.build(tx)
+
+
 def stepper(
-    kind: StepKind, tx: optax.GradientTransformation, grads,
+    kind: StepKind, factory: Callable[[], Any], grads,
     loss: Optional[jax.Array], *, count: int, layers: int,
 ) -> Stepper:
   """A :class:`Stepper` with fresh params (same values for every
-  candidate) and ``tx``'s initial state."""
+  candidate) and the initial state of ``factory()``."""
+  _, init, step = compiled(kind, factory)
   params = random_tree(0, 1.0, count=count, layers=layers)
-  opt_state = jax.jit(tx.init)(params)
-  step = kind.build(tx)
+  opt_state = init(params)
   if kind.name == 'update':
     return Stepper(step, params, opt_state, grads, loss)
   return Stepper(step, params, opt_state, grads)

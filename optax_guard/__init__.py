@@ -12,15 +12,21 @@ from optax_guard._clipping import ClipByGlobalNormState
 from optax_guard._clipping import ClipStats
 from optax_guard._clipping import zclip
 from optax_guard._clipping import ZClipState
+from optax_guard._diagnostics import diagnose
+from optax_guard._diagnostics import Diagnosis
 from optax_guard._guard import guard
 from optax_guard._guard import GuardState
 from optax_guard._guard import skip_nonfinite
 from optax_guard._guard import skip_spikes
 from optax_guard._guard import SpikeWindow
+from optax_guard._loss_scale import dynamic_loss_scale
+from optax_guard._loss_scale import loss_scale
+from optax_guard._loss_scale import LossScaleState
 from optax_guard._metrics import metrics
 from optax_guard._numerics import global_norm
 from optax_guard._numerics import norm_stats
 from optax_guard._numerics import NormStats
+from optax_guard._train import make_nnx_train_step
 from optax_guard._train import make_train_step
 from optax_guard import checkpoint
 from optax_guard import faults
@@ -51,10 +57,12 @@ __all__ = (
     'ClipStats',
     'CorruptCheckpointError',
     'CorruptCheckpointWarning',
+    'Diagnosis',
     'DivergenceReport',
     'EventLog',
     'FitResult',
     'GuardState',
+    'LossScaleState',
     'NormStats',
     'PreemptionHandler',
     'Recovery',
@@ -69,10 +77,14 @@ __all__ = (
     'autoclip',
     'checkpoint',
     'clip_by_global_norm',
+    'diagnose',
+    'dynamic_loss_scale',
     'faults',
     'fit',
     'global_norm',
     'guard',
+    'loss_scale',
+    'make_nnx_train_step',
     'make_train_step',
     'metrics',
     'norm_stats',

@@ -10,13 +10,20 @@ checks switched on.
 """
 
 from typing import Any, Mapping, NamedTuple, Optional
+import weakref
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard import _apply
 from optax_guard import _clipping
 from optax_guard import _numerics
+
+_GRANULARITIES = ('global', 'leaf')
+
+# The update functions of every transformation built by `guard`.
+_GUARD_UPDATES = weakref.WeakSet()
 
 
 class SpikeWindow(NamedTuple):
@@ -41,7 +48,8 @@ class GuardState(NamedTuple):
     clip_state: the clipping transformation's state (``None`` without one),
       unchanged by a skipped step.
     window: recent accepted losses and norms (``None`` without spike checks).
-    grad_norm: this step's pre-clip global gradient norm.
+    grad_norm: this step's pre-clip global gradient norm (with
+      ``granularity="leaf"``, of the finite leaves).
     leaf_norms: this step's per-leaf gradient norms (a tree like the params).
     loss: this step's loss (``nan`` when none was given).
     update_norm: global norm of the update handed to the inner optimizer
@@ -57,6 +65,9 @@ class GuardState(NamedTuple):
     diverged: ``consecutive_skips`` reached ``max_consecutive_skips``; the
       host should act (roll back, lower the learning rate, stop). Cleared by
       the next accepted step.
+    leaf_vanishing_steps: per floating leaf, the accepted steps in a row whose
+      gradient norm was below ``vanishing_ratio`` times the parameter norm
+      (``None`` unless the guard was built with ``vanishing_ratio``).
   """
 
   inner_state: Any
@@ -75,6 +86,7 @@ class GuardState(NamedTuple):
   total_nonfinite: jax.Array
   total_spikes: jax.Array
   diverged: jax.Array
+  leaf_vanishing_steps: Any = None
 
 
 class SpikeConfig(NamedTuple):
@@ -138,12 +150,120 @@ def _check_count(name: str, value: Optional[int]) -> None:
     raise ValueError(f'{name} must be None or an int >= 1, got {value!r}.')
 
 
+# Parameter norms below this root-mean-square are treated as this RMS when a
+# gradient is compared with its parameter, so that zero-initialised leaves
+# (biases) have a scale (the default ``eps`` of AGC, per element).
+PARAM_RMS_FLOOR = 1e-3
+
+
+def floored_param_norm(param_norm: jax.Array, size: int) -> jax.Array:
+  """``max(param_norm, PARAM_RMS_FLOOR * sqrt(size))``."""
+  return jnp.maximum(param_norm, PARAM_RMS_FLOOR * float(size) ** 0.5)
+
+
+class _Check(NamedTuple):
+  """What the guard found in one step's gradients, before anything ran.
+
+  Attributes:
+    stats: the norms of the raw gradients.
+    healthy: per leaf, whether the leaf takes part in the update: a tree like
+      the gradients, a boolean array per floating leaf (``True`` python
+      bool everywhere else), or ``None`` with ``granularity="global"``.
+    clip_norm: the norm handed to the clip: the global norm, or with
+      ``granularity="leaf"`` the norm of the finite leaves.
+    grad_norm: ``clip_norm`` as float32.
+    loss: the loss as float32, or ``None``.
+    nonfinite: any NaN/Inf gradient, or a NaN/Inf loss.
+    spike: the loss or ``grad_norm`` spiked.
+    accept: the step updates (some of) the parameters.
+    param_norms: per-leaf parameter norms (vanishing tracking only).
+    unscale: ``1 / loss_scale`` when the gradients arrive scaled, else
+      ``None``.
+  """
+
+  stats: _numerics.NormStats
+  healthy: Any
+  clip_norm: jax.Array
+  grad_norm: jax.Array
+  loss: Optional[jax.Array]
+  nonfinite: jax.Array
+  spike: jax.Array
+  accept: jax.Array
+  param_norms: Any
+  unscale: Optional[jax.Array]
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _scale_leaves(tree: Any, factor: jax.Array) -> Any:
+  """Each floating leaf times ``factor``, in float32 or wider, rounded once."""
+
+  def scale_leaf(x):
+    if not _numerics.is_float_leaf(x):
+      return x
+    dtype = jnp.result_type(x.dtype, _numerics.accumulation_dtype(x.dtype))
+    return (x.astype(dtype) * factor.astype(dtype)).astype(x.dtype)
+
+  return jax.tree.map(scale_leaf, tree, is_leaf=_is_none)
+
+
+def _unscaled_stats(stats: _numerics.NormStats, unscale: jax.Array):
+  """The norms of the gradients divided by the loss scale.
+
+  Exact for a power-of-two scale (the default of dynamic_loss_scale): the
+  norm of ``g / 2**k`` is the norm of ``g`` over ``2**k``, bit for bit.
+  """
+  scale = lambda n: n * unscale.astype(n.dtype)
+  global_norm = scale(stats.global_norm)
+  return _numerics.NormStats(
+      global_norm=global_norm,
+      leaf_norms=jax.tree.map(scale, stats.leaf_norms),
+      finite=jnp.isfinite(global_norm),
+  )
+
+
+def _keep_healthy(tree: Any, healthy: Any, held: Any = None) -> Any:
+  """``tree`` on healthy leaves; ``held`` (zeros by default) on the others."""
+  if held is None:
+    held = jax.tree.map(jnp.zeros_like, tree)
+  return jax.tree.map(
+      lambda x, old, ok: x if ok is True else jnp.where(ok, x, old),
+      tree, held, healthy,
+  )
+
+
+def _hold_parameter_slices(new_state, old_state, grads, healthy):
+  """Restores the slices of ``old_state`` that mirror unhealthy leaves.
+
+  A subtree of the state mirrors the parameters when it has the tree
+  structure and leaf shapes of the gradients (Adam's ``mu`` and ``nu``, a
+  momentum, an EMA of the params). Other leaves (step counts) keep their new
+  value.
+  """
+  structure = jax.tree.structure(grads)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(grads)]
+
+  def mirrors(node):
+    return jax.tree.structure(node) == structure and [
+        jnp.shape(x) for x in jax.tree.leaves(node)
+    ] == shapes
+
+  def hold(new, old):
+    return _keep_healthy(new, healthy, old) if mirrors(new) else new
+
+  return jax.tree.map(hold, new_state, old_state, is_leaf=mirrors)
+
+
 def guard(
     inner: optax.GradientTransformation,
     *,
     clip: Optional[optax.GradientTransformation] = None,
     spikes: Optional[Mapping[str, Any]] = None,
     max_consecutive_skips: Optional[int] = None,
+    granularity: str = 'global',
+    vanishing_ratio: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The recommended guard: skip bad steps, clip, then run ``inner``.
 
@@ -159,6 +279,24 @@ def guard(
   After ``max_consecutive_skips`` skips in a row, ``diverged`` is raised in
   the state (see :func:`optax_guard.metrics`) for the host to act on; the
   guard itself never lets a non-finite update through.
+
+  With ``granularity="leaf"``, a NaN/Inf gradient holds only its own leaves:
+  their gradients enter neither the norm nor the clip, their updates are
+  zero and the slices of the inner state that mirror them (Adam's moments)
+  keep their old values, while the healthy leaves update (step counts move
+  on). ``grad_norm`` is then the norm of the healthy leaves, ``nonfinite``
+  is raised and ``skipped`` is not. The step is skipped whole only for a
+  non-finite loss, a spike, or when no leaf is healthy.
+
+  The extra argument ``loss_scale=`` says that the gradients are those of
+  the loss times this factor (:func:`optax_guard.dynamic_loss_scale` passes
+  it): the guard divides the norms by it and, inside its update, the
+  gradients, so that checks, clip and ``inner`` see the true gradients.
+
+  The train step (:func:`optax_guard.make_train_step`) applies the guard in
+  its fused form: the same decision and state, but the ``lax.cond`` covers
+  the inner update *and* the parameter update, so that nothing is
+  materialised beyond what the bare optimizer writes.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -180,6 +318,13 @@ def guard(
     spikes: ``None`` for no spike check, or options of :func:`skip_spikes`
       (``window``, ``sigma``, ``min_history``); ``{}`` takes the defaults.
     max_consecutive_skips: raise ``diverged`` after this many skips in a row.
+    granularity: ``"global"`` (a NaN/Inf anywhere skips the step) or
+      ``"leaf"`` (it holds only the leaves it is in).
+    vanishing_ratio: if given, count per leaf the accepted steps in a row
+      whose gradient norm is below ``vanishing_ratio`` times the parameter's
+      norm (floored at an RMS of ``1e-3``), for :func:`optax_guard.diagnose`.
+      Costs one read of the parameters per step; needs ``params`` in
+      ``update``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -190,6 +335,15 @@ def guard(
   """
   config = None if spikes is None else spike_config(**spikes)
   _check_count('max_consecutive_skips', max_consecutive_skips)
+  if granularity not in _GRANULARITIES:
+    raise ValueError(
+        f'granularity must be one of {_GRANULARITIES}, got {granularity!r}.'
+    )
+  if vanishing_ratio is not None and not vanishing_ratio > 0:
+    raise ValueError(
+        f'vanishing_ratio must be None or > 0, got {vanishing_ratio!r}.'
+    )
+  by_leaf = granularity == 'leaf'
   inner = optax.with_extra_args_support(inner)
   clip = None if clip is None else optax.with_extra_args_support(clip)
 
@@ -199,6 +353,11 @@ def guard(
     zero = lambda: jnp.zeros((), jnp.float32)
     zero_count = lambda: jnp.zeros((), jnp.int32)
     no = lambda: jnp.zeros((), jnp.bool_)
+    per_float_leaf = lambda make: jax.tree.map(
+        lambda x: make() if _numerics.is_float_leaf(x) else None,
+        params,
+        is_leaf=_is_none,
+    )
     window = None
     if config is not None:
       window = SpikeWindow(
@@ -211,11 +370,7 @@ def guard(
         clip_state=None if clip is None else clip.init(params),
         window=window,
         grad_norm=zero(),
-        leaf_norms=jax.tree.map(
-            lambda x: zero() if _numerics.is_float_leaf(x) else None,
-            params,
-            is_leaf=lambda x: x is None,
-        ),
+        leaf_norms=per_float_leaf(zero),
         loss=jnp.full((), jnp.nan, jnp.float32),
         update_norm=zero(),
         clip_threshold=jnp.full((), jnp.inf, jnp.float32),
@@ -227,57 +382,130 @@ def guard(
         total_nonfinite=zero_count(),
         total_spikes=zero_count(),
         diverged=no(),
+        leaf_vanishing_steps=(
+            None if vanishing_ratio is None else per_float_leaf(zero_count)
+        ),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+  def check(updates, state, params, value, loss_scale) -> _Check:
     stats = _numerics.norm_stats(updates)
-    grad_norm = stats.global_norm.astype(jnp.float32)
+    unscale = None
+    if loss_scale is not None:
+      unscale = 1 / jnp.asarray(loss_scale, jnp.float32)
+      stats = _unscaled_stats(stats, unscale)
     loss = None if value is None else jnp.asarray(value, jnp.float32)
-    nonfinite = ~stats.finite
-    if loss is not None:
-      nonfinite |= ~jnp.isfinite(loss)
+    bad_loss = jnp.zeros((), jnp.bool_) if loss is None else ~jnp.isfinite(loss)
+    nonfinite = ~stats.finite | bad_loss
+    healthy, clip_norm, reject = None, stats.global_norm, nonfinite
+    if by_leaf:
+      healthy = jax.tree.map(
+          lambda u, n: None if u is None else (
+              True if n is None else jnp.isfinite(n)),
+          updates, stats.leaf_norms, is_leaf=_is_none,
+      )
+      norms = jax.tree.leaves(stats.leaf_norms)
+      if norms:
+        finite_norms = [jnp.where(jnp.isfinite(n), n, 0) for n in norms]
+        # Equal to the global norm, bit for bit, when every leaf is finite.
+        clip_norm = jnp.where(
+            stats.finite,
+            stats.global_norm,
+            _numerics._combine_norms(finite_norms, stats.global_norm.dtype),
+        )
+        none_healthy = ~jnp.any(jnp.stack([jnp.isfinite(n) for n in norms]))
+        reject = bad_loss | none_healthy
+      else:
+        reject = bad_loss
+    grad_norm = clip_norm.astype(jnp.float32)
     spike = jnp.zeros((), jnp.bool_)
     if config is not None:
-      spike = ~nonfinite & _is_spike(state.window, config, loss, grad_norm)
-    accept = ~(nonfinite | spike)
-
-    def accepted():
-      clipped, clip_state = updates, state.clip_state
-      clip_threshold = jnp.full((), jnp.inf, jnp.float32)
-      update_norm = grad_norm
-      if clip is not None:
-        clipped, clip_state = clip.update(
-            updates, state.clip_state, params,
-            global_grad_norm=stats.global_norm, value=value, **extra_args,
+      spike = ~reject & _is_spike(state.window, config, loss, grad_norm)
+    param_norms = None
+    if vanishing_ratio is not None:
+      if params is None:
+        raise ValueError(
+            'og.guard(vanishing_ratio=...) needs params: call'
+            ' update(updates, state, params).'
         )
-        # Every optax_guard clip keeps ClipStats; a foreign clip has no
-        # threshold to report.
-        clip_stats = getattr(clip_state, 'stats', None)
-        if isinstance(clip_stats, _clipping.ClipStats):
-          clip_threshold = clip_stats.clip_threshold
-          update_norm = clip_stats.update_norm
-      new_updates, inner_state = inner.update(
-          clipped, state.inner_state, params, value=value, **extra_args
-      )
-      return new_updates, inner_state, clip_state, clip_threshold, update_norm
-
-    def rejected():
-      zeros = jax.tree.map(
-          lambda u: None if u is None else jnp.zeros_like(u),
-          updates,
-          is_leaf=lambda x: x is None,
-      )
-      zero = jnp.zeros((), jnp.float32)
-      return (zeros, state.inner_state, state.clip_state,
-              jnp.full((), jnp.inf, jnp.float32), zero)
-
-    new_updates, inner_state, clip_state, clip_threshold, update_norm = (
-        jax.lax.cond(accept, accepted, rejected)
+      param_norms = _numerics.norm_stats(params).leaf_norms
+    return _Check(
+        stats=stats,
+        healthy=healthy,
+        clip_norm=clip_norm,
+        grad_norm=grad_norm,
+        loss=loss,
+        nonfinite=nonfinite,
+        spike=spike,
+        accept=~(reject | spike),
+        param_norms=param_norms,
+        unscale=unscale,
     )
 
+  def run(updates, inner_state, clip_state, params, found, value, extra_args):
+    """Clip and inner on an accepted step (unhealthy slices not yet held)."""
+    updates_in = updates
+    if found.unscale is not None:
+      # Here rather than before the check, so that XLA fuses the division
+      # into the optimizer's pass instead of writing unscaled gradients.
+      updates_in = _scale_leaves(updates_in, found.unscale)
+    if by_leaf:
+      updates_in = _keep_healthy(updates_in, found.healthy)
+    clipped = updates_in
+    clip_threshold = jnp.full((), jnp.inf, jnp.float32)
+    update_norm = found.grad_norm
+    if clip is not None:
+      clipped, clip_state = clip.update(
+          updates_in, clip_state, params,
+          global_grad_norm=found.clip_norm, value=value, **extra_args,
+      )
+      # Every optax_guard clip keeps ClipStats; a foreign clip has no
+      # threshold to report.
+      clip_stats = getattr(clip_state, 'stats', None)
+      if isinstance(clip_stats, _clipping.ClipStats):
+        clip_threshold = clip_stats.clip_threshold
+        update_norm = clip_stats.update_norm
+    new_updates, new_inner_state = inner.update(
+        clipped, inner_state, params, value=value, **extra_args
+    )
+    if by_leaf:
+      new_updates = _keep_healthy(new_updates, found.healthy)
+    return new_updates, new_inner_state, clip_state, clip_threshold, update_norm
+
+  def hold(new_inner_state, inner_state, updates, found):
+    if not by_leaf:
+      return new_inner_state
+    return _hold_parameter_slices(
+        new_inner_state, inner_state, updates, found.healthy
+    )
+
+  def vanishing_steps(state, found, params):
+    if vanishing_ratio is None:
+      return None
+
+    def count(steps, grad_norm, param_norm, param, healthy):
+      if steps is None:
+        return None
+      size = int(jnp.size(param))
+      small = grad_norm < vanishing_ratio * floored_param_norm(param_norm, size)
+      counted = found.accept & (True if healthy is None else healthy)
+      return jnp.where(counted, jnp.where(small, steps + 1, 0), steps)
+
+    healthy = found.healthy
+    if healthy is None:
+      healthy = jax.tree.map(lambda _: None, found.stats.leaf_norms,
+                             is_leaf=_is_none)
+    return jax.tree.map(
+        count, state.leaf_vanishing_steps, found.stats.leaf_norms,
+        found.param_norms, params, healthy, is_leaf=_is_none,
+    )
+
+  def finish(state, found, inner_state, clip_state, clip_threshold,
+             update_norm, params):
+    """The new GuardState once clip and inner ran (or did not)."""
+    accept = found.accept
     window = state.window
     if config is not None:
-      recorded = _record(state.window, config, loss, grad_norm)
+      recorded = _record(state.window, config, found.loss, found.grad_norm)
       window = jax.tree.map(
           lambda new, old: jnp.where(accept, new, old), recorded, state.window
       )
@@ -287,29 +515,91 @@ def guard(
     if max_consecutive_skips is not None:
       diverged = consecutive >= max_consecutive_skips
     as_count = lambda flag: flag.astype(jnp.int32)
-    new_state = GuardState(
+    loss = found.loss
+    return GuardState(
         inner_state=inner_state,
         clip_state=clip_state,
         window=window,
-        grad_norm=grad_norm,
+        grad_norm=found.grad_norm,
         leaf_norms=jax.tree.map(
-            lambda n: n.astype(jnp.float32), stats.leaf_norms
+            lambda n: n.astype(jnp.float32), found.stats.leaf_norms
         ),
         loss=jnp.full((), jnp.nan, jnp.float32) if loss is None else loss,
         update_norm=update_norm,
         clip_threshold=clip_threshold,
         skipped=skipped,
-        nonfinite=nonfinite,
-        spike=spike,
+        nonfinite=found.nonfinite,
+        spike=found.spike,
         consecutive_skips=consecutive,
         total_skips=state.total_skips + as_count(skipped),
-        total_nonfinite=state.total_nonfinite + as_count(nonfinite),
-        total_spikes=state.total_spikes + as_count(spike),
+        total_nonfinite=state.total_nonfinite + as_count(found.nonfinite),
+        total_spikes=state.total_spikes + as_count(found.spike),
         diverged=diverged,
+        leaf_vanishing_steps=vanishing_steps(state, found, params),
     )
+
+  def skipped_outputs():
+    return jnp.full((), jnp.inf, jnp.float32), jnp.zeros((), jnp.float32)
+
+  def update_fn(updates, state, params=None, *, value=None, loss_scale=None,
+                **extra_args):
+    found = check(updates, state, params, value, loss_scale)
+
+    def accepted():
+      new_updates, inner_state, *rest = run(
+          updates, state.inner_state, state.clip_state, params, found, value,
+          extra_args,
+      )
+      return (new_updates, hold(inner_state, state.inner_state, updates, found),
+              *rest)
+
+    def rejected():
+      zeros = jax.tree.map(
+          lambda u: None if u is None else jnp.zeros_like(u),
+          updates,
+          is_leaf=_is_none,
+      )
+      return (zeros, state.inner_state, state.clip_state, *skipped_outputs())
+
+    new_updates, inner_state, clip_state, clip_threshold, update_norm = (
+        jax.lax.cond(found.accept, accepted, rejected)
+    )
+    new_state = finish(state, found, inner_state, clip_state, clip_threshold,
+                       update_norm, params)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def apply_fn(updates, state, params, *, value=None, loss_scale=None,
+               **extra_args):
+    """``update_fn`` and ``optax.apply_updates`` under one ``lax.cond``."""
+    found = check(updates, state, params, value, loss_scale)
+
+    def accepted(params, inner_state, clip_state):
+      new_updates, new_inner_state, *rest = run(
+          updates, inner_state, clip_state, params, found, value, extra_args
+      )
+      return (optax.apply_updates(params, new_updates),
+              hold(new_inner_state, inner_state, updates, found), *rest)
+
+    def rejected(params, inner_state, clip_state):
+      return (params, inner_state, clip_state, *skipped_outputs())
+
+    new_params, inner_state, clip_state, clip_threshold, update_norm = (
+        jax.lax.cond(found.accept, accepted, rejected,
+                     params, state.inner_state, state.clip_state)
+    )
+    new_state = finish(state, found, inner_state, clip_state, clip_threshold,
+                       update_norm, params)
+    return new_params, new_state
+
+  _GUARD_UPDATES.add(update_fn)
+  return _apply.with_fused_apply(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn), apply_fn
+  )
+
+
+def is_guard(tx: optax.GradientTransformation) -> bool:
+  """Whether ``tx`` was built by :func:`guard` (or its aliases)."""
+  return tx.update in _GUARD_UPDATES
 
 
 def skip_nonfinite(

@@ -8,6 +8,7 @@ from flax import nnx
 
 from optax_guard import _clipping
 from optax_guard import _guard
+from optax_guard import _loss_scale
 
 _CONTRACT_DEFAULTS = {
     'clip_threshold': jnp.inf,
@@ -30,6 +31,8 @@ def _own_metrics(node: Any) -> dict[str, jax.Array]:
         )
     }
     return found
+  if isinstance(node, _loss_scale.LossScaleState):
+    return {'loss_scale': node.loss_scale}
   if isinstance(node, _clipping.ZClipState):
     return {'zclip_mean': node.mean, 'zclip_std': jnp.sqrt(node.var)}
   if isinstance(node, _clipping.AutoClipState):
@@ -58,7 +61,8 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   (``inf`` when nothing was clipped), ``update_norm`` (post-clip),
   ``skipped``, ``consecutive_skips``, ``total_skips``, ``diverged``. Guards
   add ``loss``, ``nonfinite``, ``spike``, ``total_nonfinite``,
-  ``total_spikes``; ZClip adds ``zclip_mean`` and ``zclip_std``.
+  ``total_spikes``; ZClip adds ``zclip_mean`` and ``zclip_std``;
+  :func:`optax_guard.dynamic_loss_scale` adds ``loss_scale``.
 
   Works inside ``jax.jit`` as well as on the host.
 

@@ -1,10 +1,24 @@
-"""The jit-compiled train step."""
+"""The jit-compiled train step, for plain pytrees and for Flax NNX.
+
+Both forms differentiate the loss, hand it to the optimizer as ``value=``,
+and update params and optimizer state with the optimizer's fused
+update-and-apply when it has one (every :func:`optax_guard.guard` does): the
+skip decision is taken on the gradients, and one ``lax.cond`` covers the
+clip, the inner update and the parameter update, so an accepted step writes
+params and state in place exactly like the bare optimizer. When the state
+holds a :func:`optax_guard.dynamic_loss_scale`, the loss is multiplied by
+its scale before differentiating.
+"""
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
+from flax import nnx
 
+from optax_guard import _apply
+from optax_guard import _loss_scale
 from optax_guard import _metrics
 
 
@@ -14,6 +28,41 @@ def _guard_metrics(opt_state: Any) -> dict[str, jax.Array]:
     return _metrics.metrics(opt_state)
   except ValueError:
     return {}
+
+
+def _scaled_value_and_grad(loss_fn, has_aux, opt_state,
+                           value_and_grad=jax.value_and_grad, argnums=0):
+  """``value_and_grad`` of ``loss_fn``, times the state's loss scale if any.
+
+  Returns a function giving ``(loss, aux, grads)`` with the loss unscaled and
+  the gradients scaled (the loss scale transformation divides them).
+  """
+  scale_state = _loss_scale.find_loss_scale_state(opt_state)
+
+  def scaled_loss(*args):
+    out = loss_fn(*args)
+    loss, aux = out if has_aux else (out, None)
+    scaled = loss
+    if scale_state is not None:
+      scaled = loss.astype(jnp.float32) * scale_state.loss_scale
+    return scaled, (loss, aux)
+
+  scaled_value_and_grad = value_and_grad(
+      scaled_loss, argnums=argnums, has_aux=True
+  )
+
+  def fn(*args):
+    (_, (loss, aux)), grads = scaled_value_and_grad(*args)
+    return loss, aux, grads
+
+  return fn
+
+
+def _step_metrics(loss, aux, opt_state, has_aux) -> dict[str, Any]:
+  metrics = {'loss': loss, **_guard_metrics(opt_state)}
+  if has_aux:
+    metrics['aux'] = aux
+  return metrics
 
 
 def make_train_step(
@@ -26,10 +75,21 @@ def make_train_step(
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
   The step is one ``jax.jit`` computation: gradients of ``loss_fn(params,
-  batch)``, ``tx.update(grads, opt_state, params, value=loss)``, and the
-  parameter update. ``metrics`` holds ``loss`` (and ``aux`` with
-  ``has_aux``) plus :func:`optax_guard.metrics` of the new state. Nothing in
-  the step waits for the host.
+  batch)``, then the optimizer's update with the loss as ``value=``, then the
+  parameter update. With a guard, the last two are its fused form: the
+  decision is taken on the gradients and one ``lax.cond`` covers clip, inner
+  update and parameter update, so that params and state are updated in
+  place; params, state and metrics equal those of ``tx.update`` followed by
+  :func:`optax.apply_updates`. When the state holds a
+  :func:`optax_guard.dynamic_loss_scale`, the loss is multiplied by the
+  current scale before differentiating (the metrics report it unscaled).
+
+  ``metrics`` holds ``loss`` (and ``aux`` with ``has_aux``) plus
+  :func:`optax_guard.metrics` of the new state. Nothing in the step waits for
+  the host. Shardings are kept: params and state sharded over a
+  :class:`jax.sharding.Mesh` come back with the same shardings, and every
+  check reduces over the whole (global) gradient, so all devices and
+  processes take the same decision.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -56,19 +116,76 @@ def make_train_step(
   Returns:
     The jitted step function.
   """
-  tx = optax.with_extra_args_support(tx)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  apply = _apply.update_and_apply(tx)
 
   def step(params, opt_state, batch):
-    loss, grads = grad_fn(params, batch)
-    aux = None
-    if has_aux:
-      loss, aux = loss
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    params = optax.apply_updates(params, updates)
-    metrics = {'loss': loss, **_guard_metrics(opt_state)}
-    if has_aux:
-      metrics['aux'] = aux
-    return params, opt_state, metrics
+    grad_fn = _scaled_value_and_grad(loss_fn, has_aux, opt_state)
+    loss, aux, grads = grad_fn(params, batch)
+    params, opt_state = apply(grads, opt_state, params, value=loss)
+    return params, opt_state, _step_metrics(loss, aux, opt_state, has_aux)
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_nnx_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+) -> Callable[..., dict[str, jax.Array]]:
+  """Builds ``step(model, optimizer, batch) -> metrics`` for Flax NNX.
+
+  ``optimizer`` is an :class:`flax.nnx.Optimizer` (its ``wrt`` filter picks
+  the differentiated variables); the step updates ``model`` and
+  ``optimizer`` in place. It is :func:`make_train_step` for NNX: gradients
+  of ``loss_fn(model, batch)`` (times the loss scale, if the optimizer holds
+  one), then the fused guard update, under one :func:`flax.nnx.jit`. The
+  model, its optimizer state and ``optimizer.step`` end up exactly as after
+  ``optimizer.update(model, grads, value=loss)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from flax import nnx
+    >>> import optax_guard as og
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> tx = og.guard(optax.adam(1e-2), clip=og.zclip())
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> loss_fn = lambda model, batch: jnp.mean((model(batch['x']) - batch['y']) ** 2)
+    >>> step = og.make_nnx_train_step(loss_fn)
+    >>> batch = {'x': jnp.ones((4, 2)), 'y': jnp.zeros((4, 1))}
+    >>> m = step(model, optimizer, batch)
+    >>> bool(m['skipped']), int(optimizer.step[...])
+    (False, 1)
+
+  Args:
+    loss_fn: ``loss_fn(model, batch)`` returning a scalar loss, or ``(loss,
+      aux)`` with ``has_aux``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    donate: donate the model's and the optimizer's arrays to the step.
+
+  Returns:
+    The step function, compiled with :func:`flax.nnx.jit`.
+  """
+
+  def step(model, optimizer, batch):
+    graph = optimizer.graph
+    grad_fn = _scaled_value_and_grad(
+        loss_fn, has_aux, optimizer.opt_state,
+        value_and_grad=nnx.value_and_grad,
+        argnums=nnx.DiffState(0, optimizer.wrt),
+    )
+    loss, aux, grads = grad_fn(model, batch)
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    new_params, new_opt_state = _apply.update_and_apply(optimizer.tx)(
+        nnx.as_pure(nnx.state(grads, optimizer.wrt, graph=graph)),
+        opt_state, params, value=loss,
+    )
+    # As nnx.Optimizer.update does after tx.update and apply_updates.
+    nnx.update(model, new_params)
+    nnx.update(optimizer.opt_state, nnx.state(new_opt_state, graph=graph))
+    optimizer.step[...] += 1
+    return _step_metrics(loss, aux, new_opt_state, has_aux)
+
+  return nnx.jit(step, donate_argnums=(0, 1) if donate else None)

@@ -1,0 +1,365 @@
+"""Targets checked against the results, and ``BENCHMARKS.md`` rendered."""
+
+import pathlib
+from typing import Any, Iterable, Optional
+
+from benchmarks import checkpointing
+from benchmarks import memory
+from benchmarks import train_step
+from benchmarks import update_cost as uc
+from benchmarks import workloads as w
+
+NOTES_FILE = pathlib.Path(__file__).with_name('NOTES.md')
+SECTION_TITLES = {
+    'update': '1. Update cost',
+    'train_step': "2. Whole train step on the demo's language model",
+    'memory': '3. Memory',
+    'checkpointing': '4. Checkpointing',
+    'growth': '5. Growth from the smallest to the largest size',
+    'faults': '6. Fault campaign, long form',
+}
+
+
+def _ok(results, name) -> Optional[dict[str, Any]]:
+  section = results['sections'].get(name)
+  return section if section and section['status'] == 'ok' else None
+
+
+def _row(rows, **match) -> Optional[dict[str, Any]]:
+  for row in rows:
+    if all(row.get(k) == v for k, v in match.items()):
+      return row
+  return None
+
+
+def _ratio_target(item, what, row, limit, strict=False):
+  if row is None:
+    return None
+  ratio = row['ratio']
+  met = ratio < limit if strict else ratio <= limit
+  return {
+      'item': item, 'what': what,
+      'target': f'{"<" if strict else "≤"} {limit:g}×',
+      'measured': f'{ratio:.3f}× (IQR {row["ratio_q1"]:.3f}–'
+                  f'{row["ratio_q3"]:.3f})',
+      'met': met,
+      'shortfall': None if met else f'{(ratio / limit - 1) * 100:.1f}% over',
+  }
+
+
+def _update_targets(section) -> Iterable[dict[str, Any]]:
+  rows = section['rows']
+  for count in sorted({row['params'] for row in rows}):
+    size = w.format_size(count)
+    headline = lambda name: _row(rows, params=count, group='headline',
+                                 name=name)
+    train = lambda name: _row(rows, params=count, group='train step',
+                              name=name)
+    yield _ratio_target(
+        1, f'{size}: guarded step (og.make_train_step) ÷ bare step',
+        train(uc.GUARD_TRAIN), 1.15)
+    yield _ratio_target(
+        1, f'{size}: og.guard fused update ÷ bare adamw update',
+        headline(uc.GUARD_FUSED), 1.15)
+    yield _ratio_target(
+        1, f'{size}: og.guard pure transformation ÷ bare adamw',
+        headline(uc.GUARD_PURE), 1.3)
+    for name, of in (('guard_pure_over_apply_if_finite', 'pure transformation'),
+                     ('guard_train_over_apply_if_finite', 'og.make_train_step')):
+      comparison = section['comparisons'].get(str(count), {}).get(name)
+      yield _ratio_target(
+          1, f'{size}: og.guard ({of}) ÷ optax apply_if_finite', comparison,
+          1.0, strict=True)
+
+
+def _memory_targets(section) -> Iterable[dict[str, Any]]:
+  for row in section['rows']:
+    if 'within_target' in row and row['name'].startswith('og.'):
+      extra = row['extra_peak_bytes'] - row['guard_state_bytes']
+      yield {
+          'item': 3,
+          'what': f'{w.format_size(row["params"])}: {row["name"]} peak ≤ bare'
+                  ' + guard state + 1 MiB',
+          'target': '≤ 1 MiB beyond guard state',
+          'measured': f'{w.format_bytes(extra)} beyond guard state',
+          'met': row['within_target'],
+          'shortfall': None if row['within_target'] else (
+              f'{w.format_bytes(extra - section["slack_bytes"])} over'),
+      }
+  undonated = [
+      f'{w.format_size(r["params"])} {r["name"]}' for r in section['rows']
+      if not r['donated'] or r.get('donated_at_run_time') is False
+  ]
+  yield {
+      'item': 3, 'what': 'donation: every step reuses its params and state'
+                         ' buffers (all sizes; run-time check at the smallest)',
+      'target': 'all donated', 'measured': 'all donated' if not undonated
+      else 'not donated: ' + ', '.join(undonated),
+      'met': not undonated,
+      'shortfall': None if not undonated else f'{len(undonated)} steps',
+  }
+
+
+def _overhead_target(item, what, row, limit):
+  if row is None:
+    return None
+  overhead = row['ratio'] - 1
+  met = overhead <= limit
+  return {
+      'item': item, 'what': what, 'target': f'≤ {limit:.0%}',
+      'measured': f'{overhead:+.2%} (IQR {row["ratio_q1"] - 1:+.2%}–'
+                  f'{row["ratio_q3"] - 1:+.2%})',
+      'met': met,
+      'shortfall': None if met else f'{(overhead - limit) * 100:.1f} points over',
+  }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Every target of the issue that the results can check."""
+  found = []
+  if section := _ok(results, 'update'):
+    found += _update_targets(section)
+  if section := _ok(results, 'train_step'):
+    found.append(_ratio_target(
+        2, 'demo LM: guarded step ÷ unguarded (plain) step',
+        _row(section['rows'], name=train_step.GUARDED), 1.03))
+  if section := _ok(results, 'memory'):
+    found += _memory_targets(section)
+  if section := _ok(results, 'checkpointing'):
+    found.append(_ratio_target(
+        4, f'{w.format_size(section["state"]["params"])} state: async save'
+        ' blocking ÷ sync save',
+        _row(section['save_rows'], name=checkpointing.ASYNC_BLOCKING), 0.10))
+    found.append(_overhead_target(
+        4, f'demo LM: step-time overhead of an async save every'
+        f' {section["save_every"]} steps',
+        _row(section['train_rows'], name=checkpointing.TRAIN_SAVING), 0.02))
+  if section := _ok(results, 'faults'):
+    survived = section['survived']
+    finite = section.get('params_always_finite', False)
+    found.append({
+        'item': 6, 'what': f'{section["num_faults"]} faults: run survives',
+        'target': 'survives', 'measured': (
+            f'survived {section["injected_total"]} injected faults' if survived
+            else f'gave up: {section["error"]}'),
+        'met': survived, 'shortfall': None if survived else 'diverged',
+    })
+    if survived:
+      found.append({
+          'item': 6, 'what': 'non-finite params after any step',
+          'target': '0', 'measured': '0' if finite else 'some',
+          'met': finite, 'shortfall': None if finite else 'non-finite params',
+      })
+  return [t for t in found if t is not None]
+
+
+# ----------------------------------------------------------------------------
+# Markdown.
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def _ms(row) -> str:
+  return f'{row["median_ms"]:.3g} ms ({row["q1_ms"]:.3g}–{row["q3_ms"]:.3g})'
+
+
+def _ratio(row) -> str:
+  if row.get('ratio') is None:
+    return 'baseline'
+  return f'**{row["ratio"]:.3f}×** ({row["ratio_q1"]:.3f}–{row["ratio_q3"]:.3f})'
+
+
+def _timing_table(rows, first_column=None) -> str:
+  header = ([first_column[0]] if first_column else []) + [
+      'candidate', 'median per call (IQR)', 'ratio (IQR)', 'vs', 'rounds × calls']
+  body = []
+  for row in rows:
+    cells = [first_column[1](row)] if first_column else []
+    body.append(cells + [
+        row['name'], _ms(row), _ratio(row), row['baseline'] or '',
+        f'{row["rounds"]} × {row["calls_per_sample"]}'])
+  return _table(header, body)
+
+
+
+
+def _update_md(section) -> str:
+  parts = []
+  for count in sorted({row['params'] for row in section['rows']}):
+    rows = [row for row in section['rows'] if row['params'] == count]
+    parts.append(f'#### {w.format_size(count)} parameters\n\n'
+                 + _timing_table(rows, ('group', lambda r: r['group'])))
+  return '\n\n'.join(parts)
+
+
+def _train_step_md(section) -> str:
+  model = section['model']
+  bare = section['guarded_over_bare']
+  return (
+      f'Model: {model["params"]:,} params (width {model["width"]}, depth'
+      f' {model["depth"]}, {model["heads"]} heads), batch'
+      f' {model["batch_size"]} × {model["seq_len"]} characters.\n\n'
+      + _timing_table(section['rows'])
+      + f'\n\nGuarded step ÷ bare adamw step, same rounds: **{bare["ratio"]:.3f}×**'
+        f' ({bare["ratio_q1"]:.3f}–{bare["ratio_q3"]:.3f}).'
+  )
+
+
+def _memory_md(section) -> str:
+  body = []
+  for row in section['rows']:
+    extra = ('' if 'extra_peak_bytes' not in row
+             else w.format_bytes(row['extra_peak_bytes']))
+    donated = 'yes' if row['donated'] else 'NO'
+    if 'donated_at_run_time' in row:
+      donated += ', run: ' + ('yes' if row['donated_at_run_time'] else 'NO')
+    body.append([
+        w.format_size(row['params']), row['name'], w.format_bytes(row['temp_bytes']),
+        w.format_bytes(row['peak_bytes']), extra,
+        w.format_bytes(row['guard_state_bytes']) if 'guard_state_bytes' in row
+        else '', donated,
+        {True: 'yes', False: '**no**', None: ''}[row.get('within_target')],
+    ])
+  return (
+      'From `jax.jit(step, donate_argnums=(0, 1)).lower(...).compile()'
+      '.memory_analysis()`: peak = arguments + outputs − aliased + temp;'
+      ' extra = peak − the bare step\'s peak; guard state = its optimizer'
+      ' state − the bare one\'s.\n\n'
+      + _table(['params', 'step', 'temp', 'peak', 'extra vs bare',
+                'guard state', 'donated', 'within target'], body))
+
+
+def _checkpointing_md(section) -> str:
+  state = section['state']
+  return (
+      f'State: {w.format_size(state["params"])} params with og.guard(adamw)'
+      f' state, {w.format_bytes(state["bytes"])}.\n\n'
+      + _timing_table(section['save_rows'])
+      + f'\n\nDemo LM ({section["demo"]["params"]:,} params), chunks of'
+        f' {section["save_every"]} guarded steps:\n\n'
+      + _timing_table(section['train_rows']))
+
+
+def _growth_md(section) -> str:
+  sizes = section['sizes']
+  header = ['candidate', 'vs'] + [w.format_size(s) for s in sizes] + [
+      'change']
+  body = []
+  for row in section['rows']:
+    cells = [f'{r:.3f}×' if r is not None else '' for r in row['ratios']]
+    change = ('' if row['change'] is None else f'{row["change"]:+.3f}')
+    body.append([row['name'], row['baseline']] + cells + [change])
+  times = ', '.join(f'{w.format_size(s)}: {t:.3g} ms'
+                    for s, t in zip(sizes, section['bare_ms']))
+  return (_table(header, body)
+          + f'\n\nBare adamw update, median: {times}.')
+
+
+def _faults_md(section) -> str:
+  if not section['survived']:
+    return (f'{section["num_faults"]} faults over {section["num_steps"]}'
+            f' steps: the run gave up: {section["error"]}')
+  injected = ', '.join(f'{k} {v}' for k, v in section['injected'].items())
+  return _table(['measure', 'value'], [
+      ['faults injected', f'{section["injected_total"]} ({injected})'],
+      ['steps (each run)', section['num_steps']],
+      ['steps skipped by the guard', section['skipped_steps']],
+      ['rollbacks to the last good checkpoint', section['rollbacks']],
+      ['batches skipped by rollbacks', section['skipped_batches']],
+      ['params finite after every step', section['params_always_finite']],
+      ['held-out loss, faulty vs clean run',
+       f'{section["final_loss"]:.4f} vs {section["clean_final_loss"]:.4f}'
+       f' ({section["relative_gap"]:.1%} apart)'],
+      ['wall time (both runs)', f'{section["seconds"]:.0f} s'],
+  ])
+
+
+_RENDERERS = {
+    'update': _update_md, 'train_step': _train_step_md, 'memory': _memory_md,
+    'checkpointing': _checkpointing_md, 'growth': _growth_md,
+    'faults': _faults_md,
+}
+
+
+def _machine_md(machine) -> str:
+  versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items())
+  load = machine['load_average_at_start']
+  return _table(['', ''], [
+      ['CPU', f'{machine["cpu"]}, {machine["usable_cores"]} usable of'
+              f' {machine["cores"]} cores'],
+      ['memory', f'{machine["memory_gib"]:.1f} GiB'
+                 if machine['memory_gib'] else 'unknown'],
+      ['backend', f'{machine["backend"]}: {", ".join(machine["devices"])}'],
+      ['software', f'Python {machine["python"]}, {versions}'],
+      ['platform', machine['platform']],
+      ['XLA_FLAGS', f'`{machine["xla_flags"]}`' if machine['xla_flags']
+       else '(none)'],
+      ['load average at start', ', '.join(f'{x:.2f}' for x in load)
+       if load else 'unknown'],
+      ['code', f'{machine["git_commit"]}'
+               + (' with uncommitted changes' if machine['git_dirty'] else '')],
+      ['date', machine['date']],
+  ])
+
+
+def _targets_md(found) -> str:
+  body = [[t['item'], t['what'], t['target'], t['measured'],
+           'met' if t['met'] else f'**missed** ({t["shortfall"]})']
+          for t in found]
+  return _table(['item', 'what', 'target', 'measured', 'result'], body)
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """``BENCHMARKS.md`` for ``results``."""
+  parts = [
+      '# Benchmarks',
+      'Generated by `' + results['command'] + '` in'
+      f' {results["total_seconds"] / 60:.1f} minutes; the numbers are also in'
+      ' `results.json`. Do not edit by hand: rerun, and write notes in'
+      ' `benchmarks/NOTES.md`.',
+      '## Machine', _machine_md(results['machine']),
+      '## Targets', _targets_md(results['targets']) if results['targets']
+      else 'No section that checks a target ran.',
+  ]
+  for name, title in SECTION_TITLES.items():
+    section = results['sections'].get(name)
+    parts.append(f'## {title}')
+    if section is None:
+      parts.append('*Not run (not selected with `--only`).*')
+    elif section['status'] == 'skipped':
+      parts.append(f'*Skipped: {section["reason"]}.*')
+    elif section['status'] == 'failed':
+      parts.append(f'*Failed: `{section["error"]}`* (traceback in results.json).')
+    else:
+      parts.append(_RENDERERS[name](section))
+  parts += ['## How these numbers are taken',
+            _METHOD.format(layers=results['settings']['layers'])]
+  if NOTES_FILE.exists():
+    parts += ['## Notes', NOTES_FILE.read_text().strip()]
+  return '\n\n'.join(parts) + '\n'
+
+
+_METHOD = '''\
+* Every table compares candidates measured in **one process, interleaved**:
+  each candidate is warmed up (compilation included), then every round
+  runs one sample of each candidate, in an order rotated from round to round.
+  A sample repeats a fast call until it lasts about `--min-sample-ms`, then
+  blocks on the result; its time is divided by the calls.
+* Times are medians with the inter-quartile range in brackets. A **ratio** is
+  the median of the per-round ratios to the baseline named in the `vs`
+  column, measured in the same rounds: that is what to quote, not the
+  absolute times, which move with the machine's load.
+* Update cost: params are a transformer-like tree ({layers} blocks of attention and
+  MLP matrices, biases and norm scales, plus an embedding) of the given
+  total size in fp32; gradients are fixed; every step is one `jax.jit` with
+  params and optimizer state donated. Candidates run in groups of at most
+  five so that at 100M no more than five copies of the state are alive;
+  each group has its own baseline.
+* Memory is XLA's own accounting of the compiled step (no run needed);
+  donation is checked on the compiled step and, at the smallest size, by
+  running it and checking that the arrays passed in were consumed.'''

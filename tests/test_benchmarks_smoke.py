@@ -1,0 +1,195 @@
+"""The benchmark runner, run end to end at tiny sizes so that it never rots.
+
+Nothing here checks a timing: only that every section runs, that the JSON
+and the markdown hold what they should, and that the numbers are sane.
+"""
+
+import json
+import math
+
+import jax
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import pytest
+
+from benchmarks import __main__ as runner
+from benchmarks import report
+from benchmarks import timing
+from benchmarks import update_cost
+from benchmarks import workloads
+
+TINY = [
+    '--sizes', '20k', '--groups', 'headline', '--layers', '1',
+    '--repeats', '2', '--warmup', '1', '--min-sample-ms', '1', '--lm', 'tiny',
+    '--checkpoint-size', '20k', '--checkpoint-rounds', '1', '--faults', '2',
+]
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench')
+  status = runner.main([*TINY, '--out', str(out)])
+  results = json.loads((out / 'results.json').read_text())
+  return status, results, (out / 'BENCHMARKS.md').read_text()
+
+
+def _positive(x) -> bool:
+  return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_every_section_runs(run):
+  status, results, _ = run
+  assert status == 0
+  assert list(results['sections']) == list(runner.SECTIONS)
+  for name, section in results['sections'].items():
+    assert section['status'] == 'ok', (name, section)
+
+
+def test_update_rows_have_sane_times_and_ratios(run):
+  rows = run[1]['sections']['update']['rows']
+  assert [r['name'] for r in rows] == [
+      update_cost.BARE, update_cost.OPTAX_CLIP,
+      update_cost.OPTAX_APPLY_IF_FINITE, update_cost.GUARD_PURE,
+      update_cost.GUARD_FUSED,
+  ]
+  for row in rows:
+    assert row['params'] == 20_000 and row['rounds'] == 2
+    assert _positive(row['median_ms'])
+    assert row['q1_ms'] <= row['median_ms'] <= row['q3_ms']
+    if row['baseline'] is not None:
+      assert _positive(row['ratio'])
+      assert row['ratio_q1'] <= row['ratio'] <= row['ratio_q3']
+  comparison = run[1]['sections']['update']['comparisons']['20000']
+  assert _positive(comparison['guard_pure_over_apply_if_finite']['ratio'])
+
+
+def test_memory_rows_verify_donation(run):
+  rows = run[1]['sections']['memory']['rows']
+  assert {r['name'] for r in rows} == {
+      r['name'] for r in run[1]['sections']['update']['rows']
+  }
+  params_bytes = 20_000 * 4
+  for row in rows:
+    assert row['params_bytes'] == params_bytes
+    assert row['peak_bytes'] >= row['argument_bytes'] > 2 * params_bytes
+    assert row['donated'] and row['donated_at_run_time']
+  guard = next(r for r in rows if r['name'] == update_cost.GUARD_FUSED)
+  assert guard['guard_state_bytes'] > 0
+
+
+def test_other_sections_hold_their_measurements(run):
+  sections = run[1]['sections']
+  for name, rows in (('train_step', 'rows'), ('checkpointing', 'save_rows'),
+                     ('checkpointing', 'train_rows')):
+    for row in sections[name][rows]:
+      assert _positive(row['median_ms'])
+      if row['baseline'] is not None:
+        assert _positive(row['ratio'])
+  assert sections['train_step']['model']['lm'] == 'tiny'
+  faults = sections['faults']
+  assert faults['survived'] and faults['params_always_finite']
+  assert faults['injected_total'] >= 2
+  growth = sections['growth']
+  assert growth['sizes'] == [20_000]
+  assert [r['change'] for r in growth['rows']] == [None] * 4
+
+
+def test_targets_cover_every_item(run):
+  found = run[1]['targets']
+  assert {t['item'] for t in found} == {1, 2, 3, 4, 6}
+  for target in found:
+    assert isinstance(target['met'], bool)
+    assert (target['shortfall'] is None) == target['met']
+
+
+def test_markdown_has_machine_targets_and_every_section(run):
+  _, results, markdown = run
+  titles = [f'## {title}' for title in report.SECTION_TITLES.values()]
+  assert markdown.startswith('# Benchmarks\n')
+  for heading in ['## Machine', '## Targets', *titles,
+                  '## How these numbers are taken', '## Notes']:
+    assert f'\n{heading}\n' in markdown
+  assert results['machine']['cpu'] in markdown
+  assert results['machine']['versions']['jax'] in markdown
+  assert '*Skipped' not in markdown and '*Failed' not in markdown
+
+
+def test_growth_alone_is_skipped_with_a_reason(tmp_path):
+  assert runner.main(['--only', 'growth', '--out', str(tmp_path)]) == 0
+  results = json.loads((tmp_path / 'results.json').read_text())
+  growth = results['sections']['growth']
+  assert growth['status'] == 'skipped' and 'update' in growth['reason']
+  assert 'Skipped: it is computed from the update section' in (
+      tmp_path / 'BENCHMARKS.md').read_text()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--only', 'update,bogus'], 'unknown sections'),
+    (['--sizes', '12x'], 'bad size'),
+    (['--sizes', '500'], 'below 1000'),
+    (['--groups', 'nope'], 'unknown groups'),
+    (['--repeats', '0'], 'must be > 0'),
+])
+def test_bad_options_are_named(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    runner.build_parser().parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_growth_is_the_change_of_each_ratio():
+  def row(count, group, name, ratio=None, ms=1.0):
+    return {'params': count, 'group': group, 'name': name, 'ratio': ratio,
+            'median_ms': ms}
+  update = {'families': ['headline'], 'rows': [
+      row(10**6, 'headline', update_cost.BARE, ms=2.0),
+      row(10**6, 'headline', update_cost.GUARD_PURE, 1.5),
+      row(10**8, 'headline', update_cost.BARE, ms=300.0),
+      row(10**8, 'headline', update_cost.GUARD_PURE, 1.25),
+  ]}
+  growth = update_cost.growth(update)
+  assert growth['sizes'] == [10**6, 10**8]
+  assert growth['bare_ms'] == [2.0, 300.0]
+  pure = next(r for r in growth['rows'] if r['name'] == update_cost.GUARD_PURE)
+  assert pure['ratios'] == [1.5, 1.25] and pure['change'] == -0.25
+  clip = next(r for r in growth['rows'] if r['name'] == update_cost.OPTAX_CLIP)
+  assert clip['ratios'] == [None, None] and clip['change'] is None
+
+
+def test_ratios_pair_samples_of_the_same_round():
+  timings = timing.Timings(
+      seconds={'base': [1.0, 2.0, 4.0], 'other': [2.0, 2.0, 2.0]},
+      calls_per_sample={'base': 1, 'other': 1},
+      baselines={'base': None, 'other': 'base'},
+  )
+  # Per round: 2, 1, 0.5 -- the median of those, not 2 / median(base) = 1.
+  assert timings.ratio('other', 'base') == timing.Spread(1.0, 0.75, 1.5)
+  other = timings.rows()[1]
+  assert (other['ratio'], other['median_ms']) == (1.0, 2000.0)
+
+
+def test_measure_interleaves_every_candidate_every_round():
+  calls = []
+  candidates = [
+      timing.Candidate(name, lambda name=name: calls.append(name))
+      for name in 'abc'
+  ]
+  timings = timing.measure(candidates, rounds=3, warmup=1, min_sample_s=0.0)
+  # Warm-up once each, then rounds in rotated order.
+  assert calls == list('abc' 'abc' 'bca' 'cab')
+  assert all(len(s) == 3 for s in timings.seconds.values())
+
+
+@settings(max_examples=50, deadline=None)
+@given(count=st.integers(1000, 10**9), layers=st.integers(1, 12))
+def test_param_shapes_hold_exactly_the_count(count, layers):
+  shapes = workloads.param_shapes(count, layers)
+  leaves = [math.prod(shape) for shape in
+            jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))]
+  assert sum(leaves) == count and min(leaves) >= 1
+
+
+def test_sizes_parse_and_format():
+  assert workloads.parse_size('12.6M') == 12_600_000
+  assert workloads.format_size(12_600_000) == '12.6M'
+  assert workloads.format_size(100_000_000) == '100M'
