@@ -1,4 +1,4 @@
-"""The ``optax-guard`` command: ``demo``, ``report`` and ``inspect``."""
+"""The ``optax-guard`` command: ``demo``, ``report``, ``inspect`` and ``bench``."""
 
 import argparse
 import math
@@ -207,12 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
       'checkpoint_dir', help='a checkpoint directory (e.g. DIR/checkpoints)'
   )
   inspect.set_defaults(handler=_inspect)
+
+  bench = commands.add_parser(
+      'bench', add_help=False,
+      help='run the benchmarks of a source checkout (python -m benchmarks);'
+      ' `optax-guard bench --help` lists their options',
+  )
+  bench.set_defaults(handler=_bench)
   return parser
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+  del console
+  try:
+    from benchmarks import __main__ as benchmarks  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(
+        'the benchmarks live in the benchmarks/ folder of a source checkout,'
+        ' not in the installed package: run this from the repository root.'
+    ) from None
+  return benchmarks.main(args.bench_args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the ``optax-guard`` console script."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  # ``bench`` hands its options, unparsed, to the benchmark runner.
+  args, bench_args = parser.parse_known_args(argv)
+  if args.command != 'bench' and bench_args:
+    parser.error(f'unrecognized arguments: {" ".join(bench_args)}')
+  args.bench_args = bench_args
   console = Console()
   try:
     return args.handler(args, console)
