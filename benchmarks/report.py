@@ -194,6 +194,12 @@ def _update_md(section) -> str:
     rows = [row for row in section['rows'] if row['params'] == count]
     parts.append(f'#### {w.format_size(count)} parameters\n\n'
                  + _timing_table(rows, ('group', lambda r: r['group'])))
+    comparisons = section['comparisons'].get(str(count), {})
+    if comparisons:
+      parts.append('Between candidates of one group, same rounds:\n\n' + '\n'.join(
+          f'* {uc.COMPARISONS[key][0]} ÷ {uc.COMPARISONS[key][1]}:'
+          f' **{c["ratio"]:.3f}×** ({c["ratio_q1"]:.3f}–{c["ratio_q3"]:.3f})'
+          for key, c in comparisons.items()))
   return '\n\n'.join(parts)
 
 

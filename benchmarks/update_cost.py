@@ -2,7 +2,7 @@
 
 Candidates are measured in small interleaved groups, each with its own
 baseline, so that at 100M parameters no more than five copies of params and
-optimizer state (~1.2 GB each) are alive at once. Every ratio is against the baseline of
+optimizer state (~1.2 GB each) are alive at once (peak RSS ~7.5 GB). Every ratio is against the baseline of
 its own group, measured in the same rounds.
 """
 
@@ -21,6 +21,7 @@ GUARD_FUSED = 'og.guard (fused, as in og.make_train_step)'
 BARE_TRAIN = 'bare adamw (train step)'
 OPTAX_APPLY_IF_FINITE_TRAIN = 'optax apply_if_finite (train step)'
 GUARD_TRAIN = 'og.guard (og.make_train_step)'
+UNGUARDED_TRAIN = 'adamw (og.make_train_step, no guard)'
 SINGLES_PER_GROUP = 3
 FAMILIES = ('headline', 'train-step', 'singles')
 
@@ -52,6 +53,7 @@ def groups(
       (OPTAX_APPLY_IF_FINITE_TRAIN, w.TRAIN_BARE, w.optax_apply_if_finite,
        BARE_TRAIN),
       (GUARD_TRAIN, w.TRAIN_OG, w.recommended_guard, BARE_TRAIN),
+      (UNGUARDED_TRAIN, w.TRAIN_OG, w.adamw, BARE_TRAIN),
   ]
   result = []
   if 'headline' in families:
@@ -79,6 +81,8 @@ COMPARISONS = {
     'guard_fused_over_apply_if_finite': (GUARD_FUSED, OPTAX_APPLY_IF_FINITE),
     'guard_train_over_apply_if_finite': (GUARD_TRAIN,
                                          OPTAX_APPLY_IF_FINITE_TRAIN),
+    # The guard's own share of og.make_train_step, the step form aside.
+    'guard_train_over_unguarded_train': (GUARD_TRAIN, UNGUARDED_TRAIN),
 }
 
 
