@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
       '--checkpoint-size', type=_size, default=_size('100M'),
       help='parameters of the state saved by checkpointing (default: 100M)')
   parser.add_argument(
-      '--checkpoint-rounds', type=_positive(int), default=3,
-      help='timed rounds of the checkpointing comparisons (default: 3)')
+      '--checkpoint-rounds', type=_positive(int), default=5,
+      help='timed rounds of the checkpointing comparisons (default: 5)')
   parser.add_argument(
       '--checkpoint-dir',
       help='where checkpointing writes (default: a temporary directory)')
@@ -185,9 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from benchmarks import machine  # pylint: disable=g-import-not-at-top
 
   if args.out is None:
-    markdown_path, json_path = REPO / 'BENCHMARKS.md', REPO / 'benchmarks' / 'results.json'
+    markdown_path = REPO / 'BENCHMARKS.md'
+    json_path = REPO / 'benchmarks' / 'results.json'
   else:
-    markdown_path, json_path = args.out / 'BENCHMARKS.md', args.out / 'results.json'
+    markdown_path = args.out / 'BENCHMARKS.md'
+    json_path = args.out / 'results.json'
   start = time.perf_counter()
   results = {
       'command': shlex.join(['python', '-m', 'benchmarks', *argv]),

@@ -5,8 +5,9 @@ Two measurements, each interleaved:
 * a large state (``og.guard(adamw)`` params and optimizer state, 100M
   parameters by default): how long ``save`` blocks the training loop when
   synchronous and when asynchronous (the async write then finishes untimed,
-  before the next candidate), the whole async save until on disk, and a
-  restore. Target: async blocking <= 10% of a sync save.
+  before the next candidate), the same without the integrity fingerprints
+  (``verify=False``), the whole async save until on disk, and a restore.
+  Target: async blocking <= 10% of a sync save.
 * the demo's language model trained by its guarded step, in chunks of
   ``SAVE_EVERY`` steps, without and with an async save at the start of each
   chunk; the chunk with the save includes waiting for that save to land, so
@@ -29,6 +30,7 @@ from benchmarks import workloads as w
 SYNC = 'sync save'
 ASYNC_BLOCKING = 'async save (blocking part)'
 ASYNC_TOTAL = 'async save (until on disk)'
+ASYNC_UNVERIFIED = 'async save, verify=False (blocking part)'
 RESTORE = 'restore'
 SAVE_EVERY = 100
 TRAIN = f'{SAVE_EVERY} guarded demo steps'
@@ -43,12 +45,17 @@ def _large_state(count: int, layers: int) -> og.TrainState:
 
 def _save_candidates(state: og.TrainState, root: pathlib.Path, exits):
   steps = itertools.count(1)
-  open_checkpointer = lambda name, async_save: exits.enter_context(
-      og.Checkpointer(root / name, save_interval_steps=1, max_to_keep=1,
-                      async_save=async_save)
-  )
+
+  def open_checkpointer(name, async_save, verify=True):
+    return exits.enter_context(og.Checkpointer(
+        root / name, save_interval_steps=1, max_to_keep=1,
+        async_save=async_save, verify=verify,
+    ))
+
   sync = open_checkpointer('sync', False)
   asynchronous = open_checkpointer('async', True)
+  # Without the integrity fingerprints, to show their share of the blocking.
+  unverified = open_checkpointer('unverified', True, verify=False)
   sync.save(state._replace(step=next(steps)))  # Something to restore.
 
   def save(checkpointer):
@@ -66,6 +73,8 @@ def _save_candidates(state: og.TrainState, root: pathlib.Path, exits):
       timing.Candidate(ASYNC_BLOCKING, save(asynchronous), SYNC,
                        settle=asynchronous.wait_until_finished),
       timing.Candidate(ASYNC_TOTAL, save_and_wait, SYNC),
+      timing.Candidate(ASYNC_UNVERIFIED, save(unverified), SYNC,
+                       settle=unverified.wait_until_finished),
       timing.Candidate(RESTORE, restore, SYNC),
   ]
 

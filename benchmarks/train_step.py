@@ -58,16 +58,20 @@ def describe(setup: demo_run.Setup, lm: str) -> dict[str, Any]:
   }
 
 
+def _nnx_loss(model, batch) -> jax.Array:
+  """The demo's loss (``model.make_loss_fn``) on the model itself."""
+  return jnp.mean(
+      batch['weights'] * model_lib.token_losses(model, batch['tokens'])
+  )
+
+
 class _NnxStepper:
   """Runs :func:`og.make_nnx_train_step` on its own model and optimizer."""
 
   def __init__(self, setup: demo_run.Setup, batch):
     self.model = nnx.merge(setup.graphdef, setup.init_params())
     self.optimizer = nnx.Optimizer(self.model, setup.guarded_tx, wrt=nnx.Param)
-    loss_fn = lambda model, batch: jnp.mean(
-        batch['weights'] * model_lib.token_losses(model, batch['tokens'])
-    )
-    self.step = og.make_nnx_train_step(loss_fn)
+    self.step = og.make_nnx_train_step(_nnx_loss)
     self.batch = batch
 
   def __call__(self):

@@ -2,8 +2,8 @@
 
 Candidates are measured in small interleaved groups, each with its own
 baseline, so that at 100M parameters no more than five copies of params and
-optimizer state (~1.2 GB each) are alive at once (peak RSS ~7.5 GB). Every ratio is against the baseline of
-its own group, measured in the same rounds.
+optimizer state (~1.2 GB each) are alive at once (peak RSS ~7.5 GB). Every
+ratio is against the baseline of its own group, measured in the same rounds.
 """
 
 from typing import Any, Callable, Sequence
