@@ -198,6 +198,14 @@ def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
+def _committed(tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x: jax.device_put(x, x.sharding)
+      if isinstance(x, jax.Array) and not x.committed else x,
+      tree,
+  )
+
+
 def _progress_bar(enabled: bool, total: int, initial: int):
   if not enabled:
     return None
@@ -297,6 +305,13 @@ def fit(
 
   if checkpointer is not None:
     state, saved = checkpointer.restore_or_init(state, data_iter=data)
+  # Restored arrays are committed to their devices; committing fresh ones too
+  # means the step compiles once, not again after a resume or rollback.
+  state = state._replace(
+      params=_committed(state.params), opt_state=_committed(state.opt_state),
+      rng=_committed(state.rng),
+  )
+  if checkpointer is not None:
     if saved:
       events.load_state_dict(saved['log'])
       watch.load_state_dict(saved['recovery'])
