@@ -367,6 +367,8 @@ def fit(
       if callback is not None:
         callback(state, scalars)
       stopping = preemption is not None and preemption.requested
+      if stopping:
+        record('preempted', state.step, signal=preemption.signal_name)
       if rolled_back or stopping or checkpointer is not None and (
           checkpointer.should_save(state.step)
       ):
@@ -381,7 +383,6 @@ def fit(
             rollbacks=len(watch.rollbacks), refresh=False,
         )
       if stopping:
-        record('preempted', state.step, signal=preemption.signal_name)
         preempted = True
         break
     else:
