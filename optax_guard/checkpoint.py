@@ -29,11 +29,11 @@ import logging
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _log = logging.getLogger('optax_guard')
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_guard import _guard
 from optax_guard import _clipping
+from optax_guard import _guard
 from optax_guard import _train
 from optax_guard import checkpoint as checkpoint_lib
 from optax_guard import data as data_lib

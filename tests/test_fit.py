@@ -62,6 +62,11 @@ def uninterrupted(train_step, tmp_path_factory):
   return host(result.state)
 
 
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def read_tensorboard_scalars(log_dir):
   """Scalars from the event files (TFRecord framing around Event protos)."""
   scalars = {}
@@ -86,13 +91,13 @@ def test_logs_metrics_events_and_tensorboard(tmp_path, train_step):
   log_dir = tmp_path / 'logs'
   result = og.fit(train_step, make_init(), make_data(), num_steps=15,
                   log_dir=log_dir, progress=False)
-  records = [json.loads(line) for line in open(log_dir / 'metrics.jsonl')]
+  records = read_jsonl(log_dir / 'metrics.jsonl')
   assert [r['step'] for r in records] == list(range(1, 16))
   assert {'loss', 'grad_norm', 'update_norm', 'skipped', 'diverged'} <= set(
       records[0])
   skipped = [r['step'] for r in records if r['skipped']]
   assert skipped == [i + 1 for i in NAN_LOSS_BATCHES]
-  events = [json.loads(line) for line in open(log_dir / 'events.jsonl')]
+  events = read_jsonl(log_dir / 'events.jsonl')
   assert [(e['kind'], e['step'], e['reason']) for e in events] == [
       ('skipped_step', 5, 'nonfinite'), ('skipped_step', 12, 'nonfinite')]
   assert result.events.counts == {'skipped_step': 2}

@@ -1,5 +1,7 @@
 """Recovery: divergence detection, rollback to the last good checkpoint."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,11 +204,11 @@ def test_fit_rolls_back_a_nan_burst(tmp_path, train_step):
   # the third; fit rolls back to the last good checkpoint (step 20).
   plan = {i: faults.Fault('nan_grad') for i in range(25, 29)}
   data = make_data(plan)
-  with og.Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+  with og.Checkpointer(tmp_path / 'ckpt', save_interval_steps=10) as ckpt:
     result = og.fit(
         train_step, make_init(), data, num_steps=40, checkpointer=ckpt,
         recovery=og.RecoveryPolicy(lr_backoff=0.5), progress=False,
-        handle_preemption=False,
+        handle_preemption=False, log_dir=tmp_path / 'logs', tensorboard=False,
     )
     (record,) = result.recovery.rollbacks
     assert (record['step'], record['to_step'], record['skipped_batches']) == (
@@ -215,6 +217,13 @@ def test_fit_rolls_back_a_nan_burst(tmp_path, train_step):
     assert 28 in ckpt.all_steps() and ckpt.is_healthy(28)
   assert result.events.counts['rollback'] == 1
   assert result.events.counts['skipped_step'] == 4  # 26, 27, 28 and 29
+  with open(tmp_path / 'logs' / 'events.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  assert [(e['kind'], e['step']) for e in logged] == [
+      ('skipped_step', 26), ('skipped_step', 27), ('skipped_step', 28),
+      ('rollback', 28), ('skipped_step', 29)]
+  assert logged[3]['to_step'] == 20 and logged[3]['skipped_batches'] == 8
+  assert logged[3]['worst_leaves'][0][0] in ("['v']", "['w']")
   assert learning_rate(result.state.opt_state) == np.float32(LR) * 0.5
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
       result.state.params))
