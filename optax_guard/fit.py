@@ -228,7 +228,7 @@ def fit(
     exit_on_preemption: bool = True,
     callback: Optional[Callable[[TrainState, dict[str, Any]], None]] = None,
 ) -> FitResult:
-  """Trains until ``state.step == num_steps``, resuming and recovering.
+  """Trains to step ``num_steps`` (or until the data ends), fault-tolerant.
 
   Each loop step draws one batch and runs ``train_step(params, opt_state,
   batch) -> (params, opt_state, metrics)``; ``state.step`` counts batches
@@ -341,7 +341,12 @@ def fit(
     if preemption is not None:
       preemption.__enter__()
     while state.step < num_steps:
-      batch = next(data)
+      try:
+        batch = next(data)
+      except StopIteration:
+        _log.warning('The data ran out at step %d of %d.', state.step,
+                     num_steps)
+        break
       params, opt_state, metrics = train_step(
           state.params, state.opt_state, batch
       )
@@ -385,7 +390,7 @@ def fit(
       if stopping:
         preempted = True
         break
-    else:
+    if not preempted:
       save(state, healthy=watch.healthy, force=True)
     if checkpointer is not None:
       checkpointer.wait_until_finished()

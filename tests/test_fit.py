@@ -163,3 +163,11 @@ def test_bad_arguments(tmp_path, train_step):
     with pytest.raises(ValueError, match='inject_hyperparams'):
       og.fit(train_step, plain, make_data(), num_steps=3, checkpointer=ckpt,
              recovery=og.RecoveryPolicy(lr_backoff=0.5))
+
+
+def test_stops_when_the_data_ends(train_step, caplog):
+  batches = [next(make_data()) for _ in range(3)]
+  result = og.fit(train_step, make_init(), iter(batches), num_steps=10,
+                  progress=False)
+  assert result.state.step == 3
+  assert 'The data ran out at step 3 of 10.' in caplog.text
