@@ -324,9 +324,9 @@ def run_fault_campaign(
   Examples:
     >>> import optax_guard as og
     >>> result = og.faults.run_fault_campaign(
-    ...     seed=0, num_steps=60, num_faults=4, bursts=0)
+    ...     seed=0, num_steps=40, num_faults=3, bursts=0)
     >>> result.params_always_finite, sum(result.injected.values())
-    (True, 4)
+    (True, 3)
 
   Args:
     seed: seeds the data, the model and the fault plan.
