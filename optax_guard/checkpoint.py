@@ -40,7 +40,6 @@ _STATE = 'state'
 _DATA = 'data_iterator'
 _EVENTS = 'events'
 _INTEGRITY = 'integrity'
-_METRICS = 'metrics'  # Orbax's name for the per-step metrics item.
 QUARANTINE_DIR = 'corrupted'
 
 
@@ -105,7 +104,9 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+# Per leaf: the leaves of one state may live on different devices (an
+# uncommitted scalar next to arrays sharded over a mesh).
+_jitted_leaf_fingerprint = jax.jit(_leaf_fingerprint)
 
 
 def fingerprint(tree: Any) -> dict[str, int]:
@@ -129,9 +130,12 @@ def fingerprint(tree: Any) -> dict[str, int]:
   Returns:
     ``{jax.tree_util.keystr(path): int}``.
   """
-  values = jax.device_get(_fingerprints(tree))
-  flat, _ = jax.tree_util.tree_flatten_with_path(values)
-  return {jax.tree_util.keystr(path): int(v) for path, v in flat}
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  values = jax.device_get([_jitted_leaf_fingerprint(x) for _, x in flat])
+  return {
+      jax.tree_util.keystr(path): int(v)
+      for (path, _), v in zip(flat, values)
+  }
 
 
 def _encode_data_state(data_iter: Any) -> dict[str, Any]:
@@ -236,8 +240,14 @@ class Checkpointer:
               get_metric_fn=_healthy, n=1, keep_checkpoints_without_metrics=False
           )
       )
+    decisions = ocp.checkpoint_managers.save_decision_policy
     self._options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps,
+        # Orbax's default also saves the first step it sees; here only the
+        # interval (and JAX's multi-host preemption sync point) decide.
+        save_decision_policy=decisions.AnySavePolicy([
+            decisions.FixedIntervalPolicy(save_interval_steps),
+            decisions.PreemptionCheckpointingPolicy(),
+        ]),
         enable_async_checkpointing=async_save,
         preservation_policy=(
             ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(
@@ -251,7 +261,7 @@ class Checkpointer:
     self._registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     self._registry.add(_STATE, ocp.args.StandardSave)
     self._registry.add(_STATE, ocp.args.StandardRestore)
-    for item in (_DATA, _EVENTS, _INTEGRITY, _METRICS):
+    for item in (_DATA, _EVENTS, _INTEGRITY):
       self._registry.add(item, ocp.args.JsonSave)
       self._registry.add(item, ocp.args.JsonRestore)
     self._warn_unfinished_saves()
@@ -525,14 +535,16 @@ class Checkpointer:
       raise _Unusable(f'unreadable metadata ({_first_line(e)})') from e
     if not saved:
       raise _Unusable('no array metadata')
-    wanted = ocp.tree.to_flat_dict(tree)
+    wanted = {
+        key: _stored_shape(leaf)
+        for key, leaf in ocp.tree.to_flat_dict(tree).items()
+    }
     missing = sorted('/'.join(k) for k in set(wanted) - set(saved))
     extra = sorted('/'.join(k) for k in set(saved) - set(wanted))
     shapes = sorted(
-        f'{"/".join(k)}: saved {tuple(saved[k].shape)}, target'
-        f' {tuple(np.shape(wanted[k]))}'
+        f'{"/".join(k)}: saved {tuple(saved[k].shape)}, target {wanted[k]}'
         for k in set(saved) & set(wanted)
-        if tuple(saved[k].shape) != tuple(np.shape(wanted[k]))
+        if tuple(saved[k].shape) != wanted[k]
     )
     if missing or extra or shapes:
       raise ValueError(
@@ -566,6 +578,13 @@ class Checkpointer:
       path.rename(destination)
     if hasattr(self, '_manager'):
       self._manager.reload()
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+  """The shape Orbax stores: a typed PRNG key is stored as its key data."""
+  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return tuple(np.shape(leaf))
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
