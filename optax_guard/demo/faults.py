@@ -73,7 +73,7 @@ def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
     >>> from optax_guard.demo.faults import parse_faults
     >>> for fault in parse_faults(['nan@30', 'poison@10-19'], steps=50):
     ...   print(fault)
-    steps 10-19: poisoned data: a growing share of the targets replaced by noise
+    steps 10-19: poisoned data: 50% to 100% of the characters replaced by noise
     step 30: NaN batch (one loss weight is NaN)
   """
   if list(specs) == ['none']:
