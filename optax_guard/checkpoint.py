@@ -24,15 +24,16 @@ optimizer) is a user error, not corruption: it raises ``ValueError``.
 """
 
 import base64
+import functools
 import logging
 import warnings
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _log = logging.getLogger('optax_guard')
 
@@ -104,9 +105,35 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-# Per leaf: the leaves of one state may live on different devices (an
-# uncommitted scalar next to arrays sharded over a mesh).
-_jitted_leaf_fingerprint = jax.jit(_leaf_fingerprint)
+def _map_leaves(fn: Callable[[jax.Array], jax.Array], leaves: list[Any]):
+  """``[fn(x) for x in leaves]`` on the host, one jitted call per device set.
+
+  The leaves of one state may live on different devices (a scalar committed
+  to one device next to arrays sharded over a mesh), which one jitted call
+  cannot take; grouping keeps the number of calls (and compilations) small.
+  """
+  groups: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    sharding = getattr(x, 'sharding', None)
+    devices = None if sharding is None else frozenset(sharding.device_set)
+    groups.setdefault(devices, []).append(i)
+  results: list[Any] = [None] * len(leaves)
+  for indices in groups.values():
+    outputs = _jitted_map(fn, [leaves[i] for i in indices])
+    for i, value in zip(indices, jax.device_get(outputs)):
+      results[i] = value
+  return results
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_map(fn, leaves):
+  return [fn(x) for x in leaves]
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.ones((), jnp.bool_)
+  return jnp.all(jnp.isfinite(x))
 
 
 def fingerprint(tree: Any) -> dict[str, int]:
@@ -131,7 +158,7 @@ def fingerprint(tree: Any) -> dict[str, int]:
     ``{jax.tree_util.keystr(path): int}``.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  values = jax.device_get([_jitted_leaf_fingerprint(x) for _, x in flat])
+  values = _map_leaves(_leaf_fingerprint, [x for _, x in flat])
   return {
       jax.tree_util.keystr(path): int(v)
       for (path, _), v in zip(flat, values)
@@ -505,17 +532,18 @@ class Checkpointer:
       bad = [path for path in expected if actual.get(path) != expected[path]]
       if bad or set(actual) != set(expected):
         raise _Unusable(f'fingerprint mismatch in {bad or "the leaf set"}')
-    for path, leaf in jax.tree_util.tree_flatten_with_path(arrays['params'])[0]:
-      if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(
-          jnp.all(jnp.isfinite(leaf))
-      ):
+    flat_params = jax.tree_util.tree_flatten_with_path(arrays['params'])[0]
+    finite = _map_leaves(_all_finite, [leaf for _, leaf in flat_params])
+    for (path, _), ok in zip(flat_params, finite):
+      if not ok:
         raise _Unusable(
             f'non-finite parameter values in params{jax.tree_util.keystr(path)}'
         )
     if data_iter is not None:
       saved = restored[_DATA]
       if saved is None or saved.get('encoding') == 'none':
-        self._warn(step, 'holds no data-iterator state; iterator left as is')
+        self._warn(step, 'holds no data-iterator state; iterator left as is',
+                   category=UserWarning)
       else:
         data_iter.set_state(_decode_data_state(saved))
     state = TrainState(
@@ -557,10 +585,15 @@ class Checkpointer:
 
   # -- Rejecting --------------------------------------------------------------
 
-  def _warn(self, step: int, reason: str) -> None:
+  def _warn(
+      self,
+      step: int,
+      reason: str,
+      category: type[Warning] = CorruptCheckpointWarning,
+  ) -> None:
     message = f'Checkpoint step {step} in {self._directory}: {reason}.'
     _log.warning(message)
-    warnings.warn(message, CorruptCheckpointWarning, stacklevel=3)
+    warnings.warn(message, category, stacklevel=3)
 
   def _reject(self, step: int, reason: str) -> None:
     """Warns and moves ``step`` out of Orbax's view, deleting nothing."""
