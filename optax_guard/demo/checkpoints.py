@@ -1,175 +1,171 @@
-"""The guarded run's checkpoints, on Orbax's ``CheckpointManager``.
+"""``optax-guard inspect``: what is in an :class:`optax_guard.Checkpointer`
+directory, read without changing anything.
 
-A checkpoint holds the train state (params and optimizer state), the data
-iterator's state and a JSON record of the run's counters. Checkpoints are
-numbered by iteration (steps executed, counting those a rollback discarded),
-which only grows, so a rollback never overwrites one. Saves are asynchronous;
-Orbax writes each into a temporary directory and renames it when complete, so
-a kill mid-save leaves no checkpoint that looks finished. A finished one that
-fails to load (a damaged file) is skipped with a warning.
+A step directory holds the Orbax items ``state``, ``data_iterator``,
+``events`` and ``integrity`` (see :mod:`optax_guard.checkpoint`), plus
+Orbax's ``metrics`` with the ``healthy`` flag. A checkpoint is valid when
+its arrays load without a structure to restore into, match the fingerprints
+saved with them and hold finite parameters.
 """
 
 import dataclasses
+import logging
 import os
-import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy
+from etils import epath
 
+from optax_guard import checkpoint as checkpoint_lib
 
-class Restored(NamedTuple):
-  state: Any
-  data_state: dict[str, Any]
-  meta: dict[str, Any]
+_JSON_ITEMS = ('data_iterator', 'events', 'integrity')
 
 
 @dataclasses.dataclass
 class CheckpointInfo:
-  """What ``optax-guard inspect`` shows of one checkpoint."""
+  """One row of ``optax-guard inspect``.
 
-  iteration: int
+  Attributes:
+    step: the checkpoint's step.
+    valid: whether a resume may use it.
+    healthy: whether it was saved while training was healthy.
+    last_good: whether it is the newest valid healthy one (the rollback
+      target).
+    events: the guard-event record saved with it (``None`` if unreadable).
+    data_state: the data iterator's saved state.
+    problem: why it is not valid.
+  """
+
+  step: int
   valid: bool
-  meta: Optional[dict[str, Any]]
-  guard: Optional[dict[str, Any]]
-  error: Optional[str] = None
+  healthy: bool = False
   last_good: bool = False
+  events: Optional[dict[str, Any]] = None
+  data_state: Optional[Any] = None
+  problem: Optional[str] = None
+
+  @property
+  def skipped_steps(self) -> Optional[int]:
+    counts = (self.events or {}).get('log', {}).get('counts')
+    return None if counts is None else counts.get('skipped_step', 0)
+
+  @property
+  def rollbacks(self) -> Optional[int]:
+    recovery = (self.events or {}).get('recovery')
+    return None if recovery is None else len(recovery.get('rollbacks', []))
 
 
-@dataclasses.dataclass
-class _LatestAndLastGood:
-  """Keeps the newest ``n`` checkpoints and the newest good one."""
-
-  n: int
-
-  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any):
-    del context
-    keep = [i >= len(checkpoints) - self.n for i in range(len(checkpoints))]
-    for i in reversed(range(len(checkpoints))):
-      if (checkpoints[i].metrics or {}).get('good'):
-        keep[i] = True
-        break
-    return keep
+class _Damaged(Exception):
+  """The arrays loaded but are not what was saved."""
 
 
-class Checkpoints:
-  """Saves, lists and restores the guarded run's checkpoints."""
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0] if lines else ""}'
 
-  def __init__(self, directory: os.PathLike, *, keep: int = 3,
-               read_only: bool = False):
-    self.directory = os.fspath(directory)
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(self.directory),
-        item_names=('state', 'data', 'meta'),
-        options=ocp.CheckpointManagerOptions(
-            create=not read_only,
-            read_only=read_only,
-            preservation_policy=preservation_policy.AnyPreservationPolicy(
-                [_LatestAndLastGood(keep)]
-            ),
-        ),
-    )
 
-  def save(self, iteration: int, *, state: Any, data_state: dict[str, Any],
-           meta: dict[str, Any], guard: dict[str, Any]) -> None:
-    self.manager.save(
-        iteration,
+def _read_manager(directory: epath.Path) -> ocp.CheckpointManager:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add('state', ocp.args.StandardRestore)
+  for item in _JSON_ITEMS:
+    registry.add(item, ocp.args.JsonRestore)
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, lightweight_initialize=True
+      ),
+      handler_registry=registry,
+  )
+
+
+def _check_arrays(manager: ocp.CheckpointManager, step: int, integrity):
+  """Raises :class:`_Damaged` if the arrays are not what was saved."""
+  arrays = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )['state']
+  expected = (integrity or {}).get('fingerprints')
+  if expected is not None:
+    # Without the original structure the leaf paths differ, so compare the
+    # fingerprints as a multiset: one flipped bit changes one of them.
+    actual = checkpoint_lib.fingerprint(arrays)
+    if sorted(actual.values()) != sorted(expected.values()):
+      raise _Damaged('array fingerprints do not match')
+  for leaf in jax.tree.leaves(arrays.get('params', {})):
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact) and not np.isfinite(leaf).all():
+      raise _Damaged('non-finite parameter values')
+
+
+def _describe_step(manager: ocp.CheckpointManager, step: int) -> CheckpointInfo:
+  info = CheckpointInfo(step, valid=False)
+  try:
+    info.healthy = bool((manager.metrics(step) or {}).get('healthy'))
+    saved = manager.restore(
+        step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave({'progress': meta, 'guard': guard}),
+            **{item: ocp.args.JsonRestore() for item in _JSON_ITEMS}
         ),
-        metrics={'good': float(meta['good'])},
     )
-
-  def _read_meta(self, iteration: int) -> dict[str, Any]:
-    return self.manager.restore(
-        iteration, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )['meta']
-
-  def restore(self, iteration: int, load: Callable[[Restored], None],
-              target: Any) -> Optional[int]:
-    """Loads checkpoint ``iteration`` into ``load``; ``None`` if it fails."""
-    try:
-      restored = self.manager.restore(
-          iteration,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target),
-              data=ocp.args.JsonRestore(),
-              meta=ocp.args.JsonRestore(),
-          ),
-      )
-    except Exception as error:  # pylint: disable=broad-except
-      warnings.warn(
-          f'checkpoint {iteration} in {self.directory} cannot be restored'
-          f' ({type(error).__name__}: {error}); skipping it.'
-      )
-      return None
-    load(Restored(restored['state'], restored['data'],
-                  restored['meta']['progress']))
-    return iteration
-
-  def restore_latest(self, load: Callable[[Restored], None],
-                     target: Any) -> Optional[int]:
-    """Loads the newest checkpoint that restores; ``None`` if none does."""
-    for iteration in sorted(self.manager.all_steps(), reverse=True):
-      if self.restore(iteration, load, target) is not None:
-        return iteration
-    return None
-
-  def last_good(self) -> Optional[int]:
-    """The newest checkpoint saved with no skipped step since the one
-    before."""
-    self.manager.wait_until_finished()
-    for iteration in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        if self._read_meta(iteration)['progress']['good']:
-          return iteration
-      except Exception:  # pylint: disable=broad-except
-        continue
-    return None
-
-  def list(self) -> list[CheckpointInfo]:
-    infos = []
-    for iteration in sorted(self.manager.all_steps()):
-      try:
-        meta = self._read_meta(iteration)
-        self.manager.item_metadata(iteration)['state']
-        infos.append(CheckpointInfo(
-            iteration, True, meta['progress'], meta['guard']
-        ))
-      except Exception as error:  # pylint: disable=broad-except
-        infos.append(CheckpointInfo(
-            iteration, False, None, None, f'{type(error).__name__}: {error}'
-        ))
-    return infos
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.close()
+    info.events = saved['events']
+    info.data_state = (saved['data_iterator'] or {}).get('value')
+    _check_arrays(manager, step, saved['integrity'])
+  except _Damaged as error:
+    info.problem = str(error)
+  except Exception as error:  # pylint: disable=broad-except
+    info.problem = f'unreadable ({_first_line(error)})'
+  else:
+    info.valid = True
+  return info
 
 
-def inspect(directory: os.PathLike) -> list[CheckpointInfo]:
-  """Every checkpoint in ``directory``, oldest first, without writing.
+def describe(directory: os.PathLike) -> list[CheckpointInfo]:
+  """Every checkpoint in ``directory`` by step, unfinished saves included.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax_guard as og
+    >>> from optax_guard.demo import checkpoints
+    >>> directory = tempfile.mkdtemp()
+    >>> state = og.TrainState(5, {'w': jnp.ones(2)}, ())
+    >>> with og.Checkpointer(directory) as ckpt:
+    ...   ckpt.save(state, force=True)
+    True
+    >>> [(i.step, i.valid, i.last_good) for i in checkpoints.describe(directory)]
+    [(5, True, True)]
 
   Raises:
     ValueError: if ``directory`` is missing or holds no checkpoints.
   """
-  path = os.fspath(directory)
-  if not os.path.isdir(path):
-    raise ValueError(f'{path} does not exist or is not a directory.')
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    checkpoints = Checkpoints(path, read_only=True)
-    infos = checkpoints.list()
+  path = epath.Path(directory)
+  if not path.is_dir():
+    raise ValueError(f'{directory} does not exist or is not a directory.')
+  unfinished = {
+      ocp.path.step.step_from_checkpoint_name(name): name
+      for name in ocp.path.step.tmp_checkpoints(path)
+  }
+  # Orbax logs a warning for every read-only manager; nothing is wrong here.
+  logging.getLogger('absl').setLevel(logging.ERROR)
+  with _read_manager(path) as manager:
+    infos = [_describe_step(manager, step) for step in manager.all_steps()]
+  infos += [
+      CheckpointInfo(
+          step, valid=False,
+          problem=f'unfinished save ({name}): skipped and removed on resume',
+      )
+      for step, name in unfinished.items()
+  ]
   if not infos:
     raise ValueError(
-        f'{path} holds no optax-guard checkpoints (expected numbered Orbax'
-        ' step directories, e.g. the checkpoints/ of a demo run).'
+        f'{directory} holds no optax_guard checkpoints (numbered Orbax step'
+        ' directories written by og.Checkpointer, e.g. the checkpoints/ of a'
+        ' demo run).'
     )
-  good = [i for i in infos if i.valid and i.meta.get('good')]
+  infos.sort(key=lambda info: info.step)
+  good = [info for info in infos if info.valid and info.healthy]
   if good:
     good[-1].last_good = True
   return infos
+

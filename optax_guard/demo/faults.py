@@ -1,15 +1,15 @@
 """The demo's faults: what breaks, and at which step.
 
-Steps are numbered from 1. The spike, the NaN batch and the preemption hit
-whatever runs at their step. The poisoned data is part of the data stream:
-it covers the batches that the steps of its window read in a run that never
-skips data (the plain run), so a run that rolls back and skips past them does
-not meet them again.
+Steps are numbered from 1 and step ``s`` reads batch ``s - 1`` of the data
+stream in both runs (after a rollback the guarded run's step keeps counting
+batches drawn, as in :func:`optax_guard.fit`). The spike, the NaN batch and
+the poisoned window break the batches of their steps; the preemption stops
+the guarded run after its step.
 """
 
 import dataclasses
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ SPIKE_FACTOR = 1e4
 
 DESCRIPTIONS = {
     'spike': f'{SPIKE_FACTOR:.0e}x gradient spike (loss weights scaled)',
-    'poison': 'poisoned data: a growing share of the targets replaced by noise',
+    'poison': 'poisoned data: 50% to 100% of the characters replaced by noise',
     'preempt': 'simulated preemption (the guarded run restarts from disk)',
     'nan': 'NaN batch (one loss weight is NaN)',
 }
@@ -46,12 +46,9 @@ class Fault:
       where = f'after step {self.start}'
     return f'{where}: {DESCRIPTIONS[self.name]}'
 
-  def covers_data(self, position: int) -> bool:
-    """Whether the batch at ``position`` (from 0) is in a poisoned window."""
-    return self.name == 'poison' and self.start <= position + 1 < self.end
-
-  def hits_step(self, step: int) -> bool:
-    return self.name in ('spike', 'nan') and self.start == step
+  def breaks(self, step: int) -> bool:
+    """Whether this fault breaks the batch of ``step``."""
+    return self.name != 'preempt' and self.start <= step < self.end
 
 
 def default_faults(steps: int) -> tuple[Fault, ...]:
@@ -59,7 +56,7 @@ def default_faults(steps: int) -> tuple[Fault, ...]:
   return (
       Fault('spike', round(0.3 * steps)),
       Fault('poison', round(0.45 * steps), max(12, steps // 12)),
-      Fault('preempt', round(0.62 * steps)),
+      Fault('preempt', round(0.7 * steps)),
       Fault('nan', round(0.8 * steps)),
   )
 
@@ -76,7 +73,7 @@ def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
     >>> from optax_guard.demo.faults import parse_faults
     >>> for fault in parse_faults(['nan@30', 'poison@10-19'], steps=50):
     ...   print(fault)
-    steps 10-19: poisoned data: a growing share of the targets replaced by noise
+    steps 10-19: poisoned data: 50% to 100% of the characters replaced by noise
     step 30: NaN batch (one loss weight is NaN)
   """
   if list(specs) == ['none']:
@@ -110,13 +107,31 @@ def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
   return tuple(sorted(faults.values(), key=lambda f: f.start))
 
 
-class FaultInjector:
-  """Breaks the batches of a stream at the planned positions."""
+class FaultyBatches:
+  """A :class:`~optax_guard.demo.data.BatchIterator` with faults injected.
 
-  def __init__(self, faults: Sequence[Fault], *, vocab_size: int, seed: int):
+  Restorable like the stream it wraps: its state is the stream's position.
+  """
+
+  def __init__(self, batches: Any, faults: Sequence[Fault], *,
+               vocab_size: int, seed: int):
+    self.batches = batches
     self.faults = tuple(faults)
     self.vocab_size = vocab_size
     self.seed = seed
+
+  def __iter__(self) -> 'FaultyBatches':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    step = self.batches.position + 1
+    return self.apply(step, next(self.batches))
+
+  def get_state(self) -> dict[str, Any]:
+    return self.batches.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.batches.set_state(state)
 
   @property
   def preempt_step(self) -> Optional[int]:
@@ -125,29 +140,28 @@ class FaultInjector:
         return fault.start
     return None
 
-  def fault_at(self, step: int, position: int) -> Optional[Fault]:
+  def fault_at(self, step: int) -> Optional[Fault]:
     for fault in self.faults:
-      if fault.hits_step(step) or fault.covers_data(position):
+      if fault.breaks(step):
         return fault
     return None
 
-  def apply(self, step: int, position: int, batch: dict[str, np.ndarray]):
-    """Returns ``(batch, fault)``: the batch of data ``position`` as broken
-    for ``step``."""
-    fault = self.fault_at(step, position)
+  def apply(self, step: int, batch: dict[str, np.ndarray]):
+    """The batch of ``step`` as the faults break it."""
+    fault = self.fault_at(step)
     if fault is None:
-      return batch, None
+      return batch
     tokens, weights = batch['tokens'].copy(), batch['weights'].copy()
     if fault.name == 'nan':
       weights[0, 0] = np.nan
     elif fault.name == 'spike':
       weights *= SPIKE_FACTOR
     elif fault.name == 'poison':
-      # The share of noise grows over the window, from 1/length to all, like
+      # The share of noise grows over the window, from a half to all, like
       # a data source going bad.
-      share = (position + 2 - fault.start) / fault.length
-      rng = np.random.default_rng((self.seed, position, 1))
+      share = 0.5 + 0.5 * (step + 1 - fault.start) / fault.length
+      rng = np.random.default_rng((self.seed, step, 1))
       noisy = rng.random(tokens.shape) < share
       noise = rng.integers(0, self.vocab_size, tokens.shape, dtype=np.int32)
       tokens = np.where(noisy, noise, tokens).astype(np.int32)
-    return {'tokens': tokens, 'weights': weights}, fault
+    return {'tokens': tokens, 'weights': weights}

@@ -1,11 +1,11 @@
 """The demo's logs: ``metrics.jsonl``, ``events.jsonl`` and TensorBoard.
 
-Every step of every run is one JSON line in ``metrics.jsonl``; rollbacks,
-preemptions and resumes are lines in ``events.jsonl``. Both carry the run's
-``iteration`` (steps executed, counting those a rollback discarded), which
-only grows, so a run resumed from a checkpoint first drops the lines written
-after that checkpoint and then logs exactly what an uninterrupted run would.
-NaN and infinity are written as JSON's ``NaN`` and ``Infinity``.
+Every step of every run is one JSON line in ``metrics.jsonl`` (``run``,
+``step`` and the step's metrics); rollbacks and preemptions are lines in
+``events.jsonl``. A run resumed from a checkpoint first drops the lines an
+interrupted process wrote past that checkpoint, so the logs end up exactly as
+an uninterrupted run writes them. NaN and infinity are written as JSON's
+``NaN`` and ``Infinity``.
 """
 
 import json
@@ -21,7 +21,7 @@ EVENTS_FILE = 'events.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 _TENSORBOARD_SCALARS = (
-    'loss', 'grad_norm', 'clip_threshold', 'eval_loss', 'total_skips',
+    'loss', 'grad_norm', 'clip_bound', 'eval_loss', 'total_skips',
 )
 
 
@@ -49,35 +49,52 @@ def _rewrite(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
   os.replace(temporary, path)
 
 
-def forget_run(out_dir: os.PathLike, run: str, after_iteration: int = -1):
-  """Drops ``run``'s records with ``iteration > after_iteration``."""
+def forget(out_dir: os.PathLike, run: str, from_step: int = 0) -> None:
+  """Drops ``run``'s lines with ``step >= from_step``, and any torn line."""
   for name in (METRICS_FILE, EVENTS_FILE):
     path = pathlib.Path(out_dir) / name
     if path.exists():
       kept = [
           r for r in read_jsonl(path)
-          if r['run'] != run or r['iteration'] <= after_iteration
+          if r['run'] != run or r['step'] < from_step
       ]
-      # A torn last line is dropped too, so that appending starts clean.
       if len(kept) != len(path.read_text().splitlines()):
         _rewrite(path, kept)
 
 
-class RunLog:
-  """Appends one run's steps and events to the logs of ``out_dir``."""
+def events(out_dir: os.PathLike, run: Optional[str] = None):
+  """The events of ``out_dir`` (of one ``run`` if given)."""
+  records = read_jsonl(pathlib.Path(out_dir) / EVENTS_FILE)
+  return [r for r in records if run is None or r['run'] == run]
 
-  def __init__(self, out_dir: os.PathLike, run: str, *, resume_iteration=0):
+
+class RunLog:
+  """Appends one run's steps and events to the logs of ``out_dir``.
+
+  :meth:`start` opens the files from a step on, dropping what a previous
+  process logged from that step on.
+  """
+
+  def __init__(self, out_dir: os.PathLike, run: str):
     self.out_dir = pathlib.Path(out_dir)
     self.run = run
-    forget_run(self.out_dir, run, after_iteration=resume_iteration)
+    self._metrics = self._events = self._writer = None
+
+  def start(self, first_step: int) -> None:
+    self.close()
+    forget(self.out_dir, self.run, from_step=first_step)
     self._metrics = open(self.out_dir / METRICS_FILE, 'a')
     self._events = open(self.out_dir / EVENTS_FILE, 'a')
-    # purge_step hides from TensorBoard what an earlier process logged past
-    # the checkpoint this run resumes from.
+    # purge_step hides from TensorBoard what an earlier process logged from
+    # this step on.
     self._writer = SummaryWriter(
-        str(self.out_dir / TENSORBOARD_DIR / run),
-        purge_step=resume_iteration + 1 if resume_iteration else None,
+        str(self.out_dir / TENSORBOARD_DIR / self.run),
+        purge_step=first_step if first_step > 1 else None,
     )
+
+  @property
+  def started(self) -> bool:
+    return self._metrics is not None
 
   def step(self, record: dict[str, Any]) -> None:
     record = {'run': self.run, **record}
@@ -86,19 +103,16 @@ class RunLog:
     for name in _TENSORBOARD_SCALARS:
       value = record.get(name)
       if value is not None and math.isfinite(value):
-        self._writer.add_scalar(name, value, record['iteration'])
+        self._writer.add_scalar(name, value, record['step'])
 
-  def event(self, kind: str, **fields: Any) -> None:
-    self._events.write(json.dumps({'run': self.run, 'event': kind, **fields}))
-    self._events.write('\n')
+  def event(self, kind: str, step: int, **fields: Any) -> None:
+    record = {'run': self.run, 'event': kind, 'step': step, **fields}
+    self._events.write(json.dumps(record) + '\n')
     self._events.flush()
+    self._writer.add_text(f'events/{kind}', json.dumps(record), step)
 
   def close(self) -> None:
-    self._metrics.close()
-    self._events.close()
-    self._writer.close()
-
-
-def events(out_dir: os.PathLike, run: Optional[str] = None):
-  records = read_jsonl(pathlib.Path(out_dir) / EVENTS_FILE)
-  return [r for r in records if run is None or r['run'] == run]
+    for handle in (self._metrics, self._events, self._writer):
+      if handle is not None:
+        handle.close()
+    self._metrics = self._events = self._writer = None

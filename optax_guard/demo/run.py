@@ -8,12 +8,14 @@ from the newest valid checkpoint after a preemption or a crash.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Optional, Sequence
+import signal
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,6 @@ import optax
 from flax import nnx
 
 import optax_guard as og
-from optax_guard.demo import checkpoints as checkpoints_lib
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
 from optax_guard.demo import logs as logs_lib
@@ -31,7 +32,6 @@ from optax_guard.demo import model as model_lib
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'
-RUNS = ('plain', 'guarded')
 ZCLIP_Z = 2.5
 
 
@@ -54,7 +54,6 @@ class DemoConfig:
   learning_rate: float = 3e-3
   weight_decay: float = 0.01
   clip_norm: float = 1.0
-  checkpoint_every: int = 25
   eval_every: int = 25
   eval_batches: int = 4
   max_consecutive_skips: int = 6
@@ -69,6 +68,10 @@ class DemoConfig:
       )
 
   @property
+  def checkpoint_every(self) -> int:
+    return max(5, min(25, self.steps // 12))
+
+  @property
   def warmup_steps(self) -> int:
     return max(2, min(30, self.steps // 10))
 
@@ -79,8 +82,8 @@ class DemoConfig:
 
   @property
   def skip_batches(self) -> int:
-    """How far a rollback moves the data stream past the point of failure."""
-    return max(12, self.steps // 12)
+    """Batches a rollback skips past the step that diverged (PaLM: 200-500)."""
+    return max(8, self.steps // 15)
 
   def to_json(self) -> dict[str, Any]:
     fields = dataclasses.asdict(self)
@@ -92,10 +95,6 @@ class DemoConfig:
     fields = dict(fields)
     fields['faults'] = tuple(faults_lib.Fault(**f) for f in fields['faults'])
     return cls(**fields)
-
-
-class TrainingDiverged(RuntimeError):
-  """The guarded run rolled back ``max_rollbacks`` times and still diverged."""
 
 
 # ----------------------------------------------------------------------------
@@ -115,12 +114,25 @@ class Setup:
   plain_step: Callable[..., Any]
   guarded_step: Callable[..., Any]
   heldout_loss: Callable[[nnx.State], float]
-  injector: faults_lib.FaultInjector
 
-  def batches(self) -> data_lib.BatchIterator:
-    return data_lib.BatchIterator(
-        self.corpus.train, batch_size=self.config.batch_size,
-        seq_len=self.config.seq_len, seed=self.config.seed,
+  def init_state(self, tx: optax.GradientTransformation):
+    """Fresh ``(params, opt_state)``, committed to the device.
+
+    Arrays restored from a checkpoint are committed too; the same placement
+    lets the train step compiled for one serve the other.
+    """
+    params = self.init_params()
+    return jax.device_put((params, tx.init(params)), jax.devices()[0])
+
+  def batches(self) -> faults_lib.FaultyBatches:
+    """The training batches, with the configured faults, from the start."""
+    return faults_lib.FaultyBatches(
+        data_lib.BatchIterator(
+            self.corpus.train, batch_size=self.config.batch_size,
+            seq_len=self.config.seq_len, seed=self.config.seed,
+        ),
+        self.config.faults, vocab_size=self.corpus.vocab_size,
+        seed=self.config.seed,
     )
 
 
@@ -136,7 +148,10 @@ def _plain_step(loss_fn, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=2)
 def make_setup(config: DemoConfig) -> Setup:
+  """Builds (once per config in a process: the steps stay compiled) the
+  data, model and steps."""
   corpus = data_lib.load_corpus()
   model_config = model_lib.ModelConfig(
       vocab_size=corpus.vocab_size, seq_len=config.seq_len,
@@ -148,6 +163,8 @@ def make_setup(config: DemoConfig) -> Setup:
       )
   )
 
+  # One compiled initialization instead of one small compile per layer.
+  @jax.jit
   def init_params() -> nnx.State:
     model = model_lib.TinyTransformer(
         model_config, rngs=nnx.Rngs(config.seed)
@@ -195,9 +212,6 @@ def make_setup(config: DemoConfig) -> Setup:
       plain_step=_plain_step(loss_fn, plain_tx),
       guarded_step=og.make_train_step(loss_fn, guarded_tx),
       heldout_loss=lambda params: float(heldout_loss_fn(params)),
-      injector=faults_lib.FaultInjector(
-          config.faults, vocab_size=corpus.vocab_size, seed=config.seed
-      ),
   )
 
 
@@ -207,6 +221,11 @@ def params_sha256(params: nnx.State) -> str:
   for leaf in jax.tree.leaves(params):
     digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
   return digest.hexdigest()
+
+
+def _all_finite(params: nnx.State, loss: float) -> bool:
+  leaves = jax.device_get(jax.tree.leaves(params))
+  return math.isfinite(loss) and all(np.isfinite(x).all() for x in leaves)
 
 
 def _scalars(metrics: dict[str, jax.Array]) -> dict[str, Any]:
@@ -280,19 +299,19 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
   """Trains with plain optax; with no checkpoints it starts from scratch."""
   config = setup.config
   log = logs_lib.RunLog(out_dir, 'plain')
-  params = setup.init_params()
-  opt_state = setup.plain_tx.init(params)
+  log.start(first_step=1)
+  params, opt_state = setup.init_state(setup.plain_tx)
   batches = setup.batches()
   listener.start('plain', config.steps, 0)
   noted = set()
   try:
     for step in range(1, config.steps + 1):
-      position = batches.position
-      batch, fault = setup.injector.apply(step, position, next(batches))
-      params, opt_state, metrics = setup.plain_step(params, opt_state, batch)
+      params, opt_state, metrics = setup.plain_step(
+          params, opt_state, next(batches)
+      )
+      fault = batches.fault_at(step)
       record = {
-          'iteration': step, 'step': step, 'position': position,
-          'fault': None if fault is None else fault.name,
+          'step': step, 'fault': None if fault is None else fault.name,
           'clip_bound': config.clip_norm, **_scalars(metrics),
       }
       if step % config.eval_every == 0 or step == config.steps:
@@ -306,13 +325,9 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
   final_loss = setup.heldout_loss(params)
   return {
       'final_loss': final_loss,
-      'finite': bool(
-          math.isfinite(final_loss)
-          and all(jnp.isfinite(x).all() for x in jax.tree.leaves(params))
-      ),
+      'finite': _all_finite(params, final_loss),
       'skips': 0,
       'rollbacks': 0,
-      'steps': config.steps,
   }
 
 
@@ -320,47 +335,28 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
 # The guarded run.
 
 
-@dataclasses.dataclass
-class Progress:
-  """Host-side counters of the guarded run, saved with every checkpoint."""
-
-  step: int = 0
-  iteration: int = 0
-  skips: int = 0
-  rollbacks: int = 0
-  preempted: bool = False
-  good: bool = True
+class Interrupted(Exception):
+  """A signal stopped the guarded run; its state is saved."""
 
 
 class GuardedRun:
-  """The guarded run's state, with saving, resuming and rolling back."""
+  """The guarded run: :func:`optax_guard.fit` with checkpoints and recovery.
+
+  Each :func:`optax_guard.fit` call resumes from the newest valid checkpoint
+  (or starts fresh). The simulated preemption is a real SIGTERM to this
+  process: ``fit`` finishes the step, saves and returns; the run then
+  starts over from what is on disk, as a restarted job would.
+  """
 
   def __init__(self, setup: Setup, out_dir: pathlib.Path, listener: Listener):
     self.setup = setup
     self.config = setup.config
     self.listener = listener
-    self.checkpoints = checkpoints_lib.Checkpoints(out_dir / CHECKPOINT_DIR)
-    self.batches = setup.batches()
-    self.params = setup.init_params()
-    self.opt_state = setup.guarded_tx.init(self.params)
-    self.progress = Progress()
-    self.skipped_since_save = False
-    if self.checkpoints.restore_latest(
-        self._load, self._abstract_state()
-    ) is not None:
-      listener.note(
-          'guarded',
-          f'resumed from the checkpoint at step {self.progress.step}'
-          f' (iteration {self.progress.iteration})',
-      )
-    self.log = logs_lib.RunLog(
-        out_dir, 'guarded', resume_iteration=self.progress.iteration
-    )
-
-  def _load(self, restored: checkpoints_lib.Restored) -> None:
-    self.params, self.opt_state = restored.state
-    self.batches.set_state(restored.data_state)
-    self.progress = Progress(**restored.meta)
+    self.directory = out_dir / CHECKPOINT_DIR
+    self.log = logs_lib.RunLog(out_dir, 'guarded')
+    self.checkpointer: Optional[og.Checkpointer] = None
+    self.preempting = False
+    self.noted: set[str] = set()
 
   def _clip_bound(self, metrics: dict[str, Any]) -> float:
     """The norm above which ZClip clips the next step."""
@@ -370,143 +366,97 @@ class GuardedRun:
       bound = min(bound, z_bound)
     return bound
 
-  def _abstract_state(self):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        (self.params, self.opt_state),
-    )
-
-  def save(self) -> None:
-    self.progress.good = not self.skipped_since_save
-    self.checkpoints.save(
-        self.progress.iteration,
-        state=(self.params, self.opt_state),
-        data_state=self.batches.get_state(),
-        meta=dataclasses.asdict(self.progress),
-        guard=_scalars(og.metrics(self.opt_state)),
-    )
-    self.skipped_since_save = False
-
-  def restore(self, iteration: Optional[int]) -> None:
-    """Reloads a checkpoint (the newest valid one if ``None``) from disk."""
-    target = self._abstract_state()
-    # Drop the live state first, as a restarted process would not have it.
-    del self.params, self.opt_state
-    if iteration is None:
-      found = self.checkpoints.restore_latest(self._load, target)
-    else:
-      found = self.checkpoints.restore(iteration, self._load, target)
-    if found is None:
-      raise RuntimeError('no valid checkpoint to restore from.')
-
-  def preempt(self) -> None:
-    """A preemption notice: save now, lose the process state, resume."""
-    self.log.event(
-        'preempt', step=self.progress.step, iteration=self.progress.iteration
-    )
-    self.progress.preempted = True
-    self.save()
-    self.checkpoints.wait()
-    self.restore(None)
-    self.log.event(
-        'resume', step=self.progress.step, iteration=self.progress.iteration
-    )
-    self.listener.note(
-        'guarded',
-        f'step {self.progress.step}: preempted; checkpoint saved, state'
-        ' dropped and restored from disk',
-    )
-
-  def rollback(self, record: dict[str, Any]) -> None:
-    """Back to the last good checkpoint, past the data that caused this."""
-    progress = self.progress
-    if progress.rollbacks >= self.config.max_rollbacks:
-      self.checkpoints.wait()
-      raise TrainingDiverged(
-          f'the guarded run diverged at step {progress.step} after'
-          f' {progress.rollbacks} rollbacks (max_rollbacks='
-          f'{self.config.max_rollbacks}); last metrics: {record}'
+  def _on_step(self, state: og.TrainState, metrics: dict[str, Any]) -> None:
+    """``fit``'s callback: log, show, and inject the preemption."""
+    config = self.config
+    diverged = bool(metrics['diverged'])
+    # A rollback has already moved state.step past the skipped batches.
+    step = state.step - config.skip_batches if diverged else state.step
+    if not self.log.started:
+      self.log.start(first_step=step)
+      if step > 1:
+        self.log.event('resume', step - 1)
+        self.listener.note(
+            'guarded', f'resumed from the checkpoint of step {step - 1}'
+        )
+    fault = self.batches.fault_at(step)
+    record = {
+        'step': step, 'fault': None if fault is None else fault.name,
+        'clip_bound': self._clip_bound(metrics), **metrics,
+    }
+    if step % config.eval_every == 0 or step == config.steps:
+      record['eval_loss'] = self.setup.heldout_loss(state.params)
+    self.log.step(record)
+    self.listener.step('guarded', record)
+    _note_fault(self.listener, 'guarded', fault, record, self.noted)
+    if diverged:
+      to_step = self.checkpointer.last_good_step()
+      self.log.event(
+          'rollback', step, to_step=to_step, resume_step=state.step
       )
-    good = self.checkpoints.last_good()
-    if good is None:
-      raise TrainingDiverged(
-          f'the guarded run diverged at step {progress.step} before any good'
-          ' checkpoint was saved.'
+      self.listener.note(
+          'guarded',
+          f'step {step}: {metrics["consecutive_skips"]} skips in a row ->'
+          f' rolled back to the last good checkpoint (step {to_step}),'
+          f' skipping batches {step + 1}-{state.step}',
       )
-    self.checkpoints.wait()
-    resume_position = record['position'] + self.config.skip_batches
-    counters = dataclasses.replace(progress)
-    self.restore(good)
-    # What happened after the checkpoint stays counted.
-    self.progress = dataclasses.replace(
-        counters, step=self.progress.step, rollbacks=counters.rollbacks + 1
-    )
-    self.batches.set_state({'position': resume_position})
-    self.log.event(
-        'rollback', iteration=counters.iteration, from_step=counters.step,
-        to_step=self.progress.step, skipped_to_position=resume_position,
-    )
-    self.listener.note(
-        'guarded',
-        f'step {counters.step}: {self.config.max_consecutive_skips} skips in'
-        f' a row -> rolled back to step {self.progress.step}, data skipped to'
-        f' batch {resume_position}',
-    )
-    # The new timeline starts with a checkpoint, so a crash now resumes here.
-    self.skipped_since_save = False
-    self.save()
+    preempt_step = self.batches.preempt_step
+    # A rollback may skip past the planned step: then it comes right after.
+    if preempt_step is not None and step <= preempt_step <= state.step:
+      self.log.event('preempt', state.step)
+      self.listener.note(
+          'guarded', f'step {state.step}: SIGTERM (simulated preemption)'
+      )
+      self.preempting = True
+      signal.raise_signal(signal.SIGTERM)
+
+  def _fit_once(self) -> og.FitResult:
+    """One process lifetime: resume from disk, train until done or signal."""
+    setup = self.setup
+    self.batches = setup.batches()
+    self.log.close()
+    init = og.TrainState(0, *setup.init_state(setup.guarded_tx))
+    with og.Checkpointer(
+        self.directory, save_interval_steps=self.config.checkpoint_every,
+        max_to_keep=3,
+    ) as self.checkpointer:
+      return og.fit(
+          setup.guarded_step, init, self.batches,
+          num_steps=self.config.steps, checkpointer=self.checkpointer,
+          recovery=og.RecoveryPolicy(
+              max_rollbacks=self.config.max_rollbacks,
+              skip_extra_batches=self.config.skip_batches,
+          ),
+          progress=False, exit_on_preemption=False, callback=self._on_step,
+      )
 
   def train(self) -> dict[str, Any]:
-    config, setup = self.config, self.setup
-    preempt_step = setup.injector.preempt_step
-    self.listener.start('guarded', config.steps, self.progress.step)
-    noted = set()
+    self.listener.start('guarded', self.config.steps, 0)
     try:
-      while self.progress.step < config.steps:
-        if self.progress.step == preempt_step and not self.progress.preempted:
-          self.preempt()
-        position = self.batches.position
-        batch, fault = setup.injector.apply(
-            self.progress.step + 1, position, next(self.batches)
+      while True:
+        self.preempting = False
+        result = self._fit_once()
+        if not result.preempted:
+          break
+        if not self.preempting:
+          raise Interrupted(
+              f'stopped at step {result.state.step}; its checkpoint is saved'
+          )
+        self.listener.note(
+            'guarded',
+            f'step {result.state.step}: checkpoint saved; the training state'
+            ' is dropped and restored from disk',
         )
-        self.params, self.opt_state, metrics = setup.guarded_step(
-            self.params, self.opt_state, batch
-        )
-        self.progress.step += 1
-        self.progress.iteration += 1
-        metrics = _scalars(metrics)
-        self.progress.skips += metrics['skipped']
-        self.skipped_since_save |= metrics['skipped']
-        record = {
-            'iteration': self.progress.iteration, 'step': self.progress.step,
-            'position': position, 'fault': None if fault is None else fault.name,
-            'rollbacks': self.progress.rollbacks, 'skips': self.progress.skips,
-            'clip_bound': self._clip_bound(metrics), **metrics,
-        }
-        step = self.progress.step
-        if step % config.eval_every == 0 or step == config.steps:
-          record['eval_loss'] = setup.heldout_loss(self.params)
-        self.log.step(record)
-        self.listener.step('guarded', record)
-        _note_fault(self.listener, 'guarded', fault, record, noted)
-        if metrics['diverged']:
-          self.rollback(record)
-        elif step % config.checkpoint_every == 0 or step == config.steps:
-          self.save()
-      self.checkpoints.wait()
     finally:
       self.log.close()
-      self.checkpoints.close()
       self.listener.finish('guarded')
-    final_loss = setup.heldout_loss(self.params)
+    final_loss = self.setup.heldout_loss(result.state.params)
     return {
         'final_loss': final_loss,
-        'finite': math.isfinite(final_loss),
-        'skips': self.progress.skips,
-        'rollbacks': self.progress.rollbacks,
-        'steps': self.progress.step,
-        'iterations': self.progress.iteration,
-        'params_sha256': params_sha256(self.params),
+        'finite': _all_finite(result.state.params, final_loss),
+        'skips': result.events.counts['skipped_step'],
+        'rollbacks': len(result.recovery.rollbacks),
+        'params_sha256': params_sha256(result.state.params),
     }
 
 
@@ -535,9 +485,10 @@ def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
 def run_demo(
     config: DemoConfig,
     out_dir: os.PathLike,
-    listener: Listener = Listener(),
+    listener: Optional[Listener] = None,
 ) -> dict[str, Any]:
   """Runs (or resumes) the demo into ``out_dir``; returns the summary."""
+  listener = listener or Listener()
   out_dir = pathlib.Path(out_dir)
   check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
