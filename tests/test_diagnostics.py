@@ -15,10 +15,11 @@ PARAMS = {'dense': {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
           'head': {'w': jnp.ones((3, 1))}}
 
 
-def _grads(step):
+def _grads(step, scale=1.0):
   key = jax.random.PRNGKey(step)
   return jax.tree.map(
-      lambda p: jax.random.normal(jax.random.fold_in(key, p.size), p.shape),
+      lambda p: scale * jax.random.normal(jax.random.fold_in(key, p.size),
+                                          p.shape),
       PARAMS)
 
 
@@ -32,10 +33,10 @@ def _zero_bias(grads):
                              'b': jnp.zeros_like(grads['dense']['b'])}}
 
 
-def _warm(tx, steps=3):
+def _warm(tx, update, steps=3):
   state = tx.init(PARAMS)
   for step in range(steps):
-    _, state = tx.update(_grads(step), state, PARAMS, value=jnp.array(1.0))
+    _, state = update(_grads(step), state, PARAMS, value=jnp.array(1.0))
   return state
 
 
@@ -54,15 +55,16 @@ def test_leaf_granularity_holds_only_the_faulty_leaf():
   clip = og.clip_by_global_norm(1.0)
   tx = og.guard(optax.adam(0.1), clip=clip, granularity='leaf')
   reference = optax.chain(clip, optax.adam(0.1))
-  state = _warm(tx)
+  update = jax.jit(tx.update)
+  state = _warm(tx, update)
   ref_state = (clip.init(PARAMS), state.inner_state)
   grads = _poison_bias(_grads(7))
 
-  updates, new_state = jax.jit(tx.update)(grads, state, PARAMS,
-                                          value=jnp.array(1.0))
+  updates, new_state = update(grads, state, PARAMS, value=jnp.array(1.0))
   # What the healthy leaves should get: the chain on the gradients with the
   # faulty leaf zeroed (so the clip's norm covers the healthy leaves only).
-  want, want_state = reference.update(_zero_bias(grads), ref_state, PARAMS)
+  want, want_state = jax.jit(reference.update)(_zero_bias(grads), ref_state,
+                                               PARAMS)
   adam, old_adam = new_state.inner_state[0], state.inner_state[0]
 
   np.testing.assert_array_equal(updates['dense']['b'], 0.0)
@@ -86,24 +88,30 @@ def test_leaf_granularity_equals_global_when_all_is_finite():
   by_leaf = og.guard(optax.adam(0.1), clip=og.zclip(warmup_steps=2),
                      granularity='leaf')
   whole = og.guard(optax.adam(0.1), clip=og.zclip(warmup_steps=2))
+  leaf_update, update = jax.jit(by_leaf.update), jax.jit(whole.update)
   leaf_state, state = by_leaf.init(PARAMS), whole.init(PARAMS)
   for step in range(4):
-    leaf_updates, leaf_state = by_leaf.update(_grads(step), leaf_state, PARAMS)
-    updates, state = whole.update(_grads(step), state, PARAMS)
-    chex.assert_trees_all_equal(leaf_updates, updates)
-  chex.assert_trees_all_equal(leaf_state, state)
+    leaf_updates, leaf_state = leaf_update(_grads(step), leaf_state, PARAMS)
+    updates, state = update(_grads(step), state, PARAMS)
+    # The same decisions and norms; the selects in the compiled branch may
+    # change how XLA fuses (and rounds) adam's arithmetic by an ulp.
+    chex.assert_trees_all_close(leaf_updates, updates, rtol=1e-6)
+  chex.assert_trees_all_close(leaf_state, state, rtol=1e-6)
+  chex.assert_trees_all_equal(leaf_state._replace(inner_state=None),
+                              state._replace(inner_state=None))
 
 
 @pytest.mark.parametrize('fault', ['every_leaf', 'loss'])
 def test_leaf_granularity_skips_the_whole_step(fault):
   tx = og.guard(optax.adam(0.1), granularity='leaf')
-  state = _warm(tx)
+  update = jax.jit(tx.update)
+  state = _warm(tx, update)
   grads, loss = _grads(9), jnp.array(1.0)
   if fault == 'every_leaf':
     grads = jax.tree.map(lambda g: g.at[0].set(jnp.inf), grads)
   else:
     loss = jnp.array(jnp.nan)
-  updates, new_state = tx.update(grads, state, PARAMS, value=loss)
+  updates, new_state = update(grads, state, PARAMS, value=loss)
   assert new_state.skipped and new_state.nonfinite
   chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
@@ -175,7 +183,7 @@ def test_vanishing_needs_params():
 
 def test_diagnose_names_exploded_and_nonfinite_leaves():
   tx = og.guard(optax.sgd(0.1), granularity='leaf')
-  grads = _poison_bias(_grads(0))
+  grads = _poison_bias(_grads(0, scale=0.1))
   grads['head']['w'] = jnp.full((3, 1), 50.0)  # norm 86.6 vs param norm 1.73
   _, state = tx.update(grads, tx.init(PARAMS), PARAMS)
   report = og.diagnose(state, PARAMS)
