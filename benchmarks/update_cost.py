@@ -10,6 +10,13 @@ what a variant materialises beyond params and state).
 
     python -m benchmarks.update_cost            # all variants, 7 rounds
     python -m benchmarks.update_cost --rounds 15 bare og_fused og_pure
+    python -m benchmarks.update_cost --train-step 16   # whole train steps
+
+With ``--train-step BATCH`` each variant is a whole train step instead: a
+12-layer tanh MLP on a batch of BATCH rows, gradients computed inside the
+step (there a guard, like any global-norm clip, must hold every gradient
+before the first update, which XLA writes to a fresh temporary buffer; on CPU
+glibc maps and page-faults such a buffer anew every step).
 
 Variants:
   bare             optax.adamw + optax.apply_updates
@@ -66,6 +73,25 @@ def _fused(tx):
       grads, opt_state, params, value=loss)
 
 
+def _mlp_loss(params, batch):
+  hidden = batch['x']
+  for i in range(LAYERS):
+    layer = params[f'layer{i}']
+    hidden = jnp.tanh(hidden @ layer['w'] + layer['b'])
+  return jnp.mean((hidden - batch['y']) ** 2)
+
+
+def _as_train_step(update):
+  """``update`` fed with the gradients of the MLP loss, inside one step."""
+
+  def step(params, opt_state, batch, loss):
+    del loss
+    loss, grads = jax.value_and_grad(_mlp_loss)(params, batch)
+    return update(params, opt_state, grads, loss)
+
+  return step
+
+
 VARIANTS = {
     'bare': lambda: _pure(optax.adamw(1e-3)),
     'optax_clip': lambda: _pure(
@@ -84,8 +110,10 @@ VARIANTS = {
 class _Runner:
   """One compiled variant with its own donated params and state."""
 
-  def __init__(self, name, grads, loss):
+  def __init__(self, name, grads, loss, train_step):
     tx, update = VARIANTS[name]()
+    if train_step:
+      update = _as_train_step(update)
     self.params = _params()
     self.opt_state = tx.init(self.params)
     self.grads, self.loss = grads, loss
@@ -109,12 +137,22 @@ def main():
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--steps', type=int, default=10,
                       help='timed updates per variant and round')
+  parser.add_argument('--train-step', type=int, default=0, metavar='BATCH',
+                      help='time whole train steps on batches of BATCH rows')
   args = parser.parse_args()
   names = ['bare'] + [n for n in args.variants if n != 'bare']
-  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p) + 1e-2 * p,
-                       _params())
+  if args.train_step:
+    rng = np.random.default_rng(0)
+    grads = {  # the batch, in the gradients' place
+        'x': jnp.asarray(rng.normal(size=(args.train_step, WIDTH)),
+                         jnp.float32),
+        'y': jnp.zeros((args.train_step, WIDTH), jnp.float32)}
+  else:
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p) + 1e-2 * p,
+                         _params())
   loss = jnp.float32(1.0)
-  runners = {name: _Runner(name, grads, loss) for name in names}
+  runners = {name: _Runner(name, grads, loss, args.train_step)
+             for name in names}
   for runner in runners.values():
     runner.run(3)  # warm-up: first calls allocate and page in
     runner.times.clear()
@@ -122,8 +160,10 @@ def main():
     for runner in runners.values():
       runner.run(args.steps)
   bare = np.median(runners['bare'].times)
+  what = (f'train steps, batch {args.train_step}' if args.train_step
+          else 'updates')
   print(f'{jax.devices()[0].platform}, {LAYERS} x {WIDTH}^2 fp32 params,'
-        f' {args.rounds} rounds x {args.steps} updates')
+        f' {args.rounds} rounds x {args.steps} {what}')
   print(f'{"variant":20s} {"median ms":>9s} {"ratio":>6s} {"min ms":>7s}'
         f' {"temp MB":>8s}')
   for name, runner in runners.items():
