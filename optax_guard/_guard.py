@@ -226,9 +226,8 @@ def _param_norms(params: Any) -> Any:
   """Per-leaf L2 norms of the floating leaves, accumulated in float32 or wider.
 
   Plain sums of squares, without the overflow-safe second pass of
-  ``norm_stats``: its ``lax.cond`` takes the params as operands, which makes
-  XLA copy them before the fused step updates them in place. Only the
-  vanishing ratio reads these norms, where an overflow is beside the point.
+  ``norm_stats``: only the vanishing ratio reads these norms, and a
+  parameter norm past float32's range is no vanishing gradient.
   """
 
   def norm(x):
@@ -302,7 +301,9 @@ def guard(
   keep their old values, while the healthy leaves update (step counts move
   on). ``grad_norm`` is then the norm of the healthy leaves, ``nonfinite``
   is raised and ``skipped`` is not. The step is skipped whole only for a
-  non-finite loss, a spike, or when no leaf is healthy.
+  non-finite loss, a spike, or when no leaf is healthy. The held slices are
+  chosen with ``jnp.where``, which makes XLA write the new moments to fresh
+  buffers: on CPU a leaf-granular update costs a few times a bare one.
 
   The extra argument ``loss_scale=`` says that the gradients are those of
   the loss times this factor (:func:`optax_guard.dynamic_loss_scale` passes
