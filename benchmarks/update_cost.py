@@ -2,14 +2,16 @@
 
 Every variant is one ``jax.jit`` with params and optimizer state donated,
 on a 13M-parameter fp32 model (12 x 1024^2 weights + biases) with fixed
-gradients. Rounds are interleaved (every variant once per round) so that
-load from other processes hits all variants alike; the report gives the
-median per-update time over all rounds, its ratio to bare adamw, the minimum,
-and XLA's temporary buffer size (``memory_analysis().temp_size_in_bytes``,
-what a variant materialises beyond params and state).
+gradients. Rounds are interleaved (each variant runs ``--steps`` updates per
+round) so that load from other processes hits all variants alike. The report
+gives, per variant, the median time per update over all rounds, the median
+over rounds of its ratio to bare adamw *in the same round* (the robust
+figure on a shared machine), the fastest update, and XLA's temporary buffer
+size (``memory_analysis().temp_size_in_bytes``: what a variant materialises
+beyond params and state).
 
-    python -m benchmarks.update_cost            # all variants, 7 rounds
-    python -m benchmarks.update_cost --rounds 15 bare og_fused og_pure
+    python -m benchmarks.update_cost            # all variants, 30 rounds
+    python -m benchmarks.update_cost --rounds 60 bare og_fused og_pure
     python -m benchmarks.update_cost --train-step 16   # whole train steps
 
 With ``--train-step BATCH`` each variant is a whole train step instead: a
@@ -120,22 +122,24 @@ class _Runner:
     self.compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
         self.params, self.opt_state, grads, loss).compile()
     self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
-    self.times = []
+    self.rounds = []  # per round, the times of its updates
 
   def run(self, steps):
+    times = []
     for _ in range(steps):
       start = time.perf_counter()
       self.params, self.opt_state = self.compiled(
           self.params, self.opt_state, self.grads, self.loss)
       jax.block_until_ready((self.params, self.opt_state))
-      self.times.append(time.perf_counter() - start)
+      times.append(time.perf_counter() - start)
+    self.rounds.append(times)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('variants', nargs='*', default=list(VARIANTS))
-  parser.add_argument('--rounds', type=int, default=7)
-  parser.add_argument('--steps', type=int, default=10,
+  parser.add_argument('--rounds', type=int, default=30)
+  parser.add_argument('--steps', type=int, default=3,
                       help='timed updates per variant and round')
   parser.add_argument('--train-step', type=int, default=0, metavar='BATCH',
                       help='time whole train steps on batches of BATCH rows')
@@ -155,11 +159,11 @@ def main():
              for name in names}
   for runner in runners.values():
     runner.run(3)  # warm-up: first calls allocate and page in
-    runner.times.clear()
+    runner.rounds.clear()
   for _ in range(args.rounds):
     for runner in runners.values():
       runner.run(args.steps)
-  bare = np.median(runners['bare'].times)
+  bare_rounds = [np.median(times) for times in runners['bare'].rounds]
   what = (f'train steps, batch {args.train_step}' if args.train_step
           else 'updates')
   print(f'{jax.devices()[0].platform}, {LAYERS} x {WIDTH}^2 fp32 params,'
@@ -167,9 +171,11 @@ def main():
   print(f'{"variant":20s} {"median ms":>9s} {"ratio":>6s} {"min ms":>7s}'
         f' {"temp MB":>8s}')
   for name, runner in runners.items():
-    median = np.median(runner.times)
-    print(f'{name:20s} {median * 1e3:9.2f} {median / bare:6.2f}'
-          f' {min(runner.times) * 1e3:7.2f} {runner.temp_bytes / 1e6:8.1f}')
+    times = np.concatenate(runner.rounds)
+    ratio = np.median([np.median(times) / bare for times, bare
+                       in zip(runner.rounds, bare_rounds)])
+    print(f'{name:20s} {np.median(times) * 1e3:9.2f} {ratio:6.2f}'
+          f' {times.min() * 1e3:7.2f} {runner.temp_bytes / 1e6:8.1f}')
 
 
 if __name__ == '__main__':
