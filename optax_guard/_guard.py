@@ -176,7 +176,6 @@ class _Check(NamedTuple):
     nonfinite: any NaN/Inf gradient, or a NaN/Inf loss.
     spike: the loss or ``grad_norm`` spiked.
     accept: the step updates (some of) the parameters.
-    param_norms: per-leaf parameter norms (vanishing tracking only).
     unscale: ``1 / loss_scale`` when the gradients arrive scaled, else
       ``None``.
   """
@@ -189,7 +188,6 @@ class _Check(NamedTuple):
   nonfinite: jax.Array
   spike: jax.Array
   accept: jax.Array
-  param_norms: Any
   unscale: Optional[jax.Array]
 
 
@@ -222,6 +220,23 @@ def _unscaled_stats(stats: _numerics.NormStats, unscale: jax.Array):
       leaf_norms=jax.tree.map(scale, stats.leaf_norms),
       finite=jnp.isfinite(global_norm),
   )
+
+
+def _param_norms(params: Any) -> Any:
+  """Per-leaf L2 norms of the floating leaves, accumulated in float32 or wider.
+
+  Plain sums of squares, without the overflow-safe second pass of
+  ``norm_stats``: only the vanishing ratio reads these norms, and a
+  parameter norm past float32's range is no vanishing gradient.
+  """
+
+  def norm(x):
+    if not _numerics.is_float_leaf(x):
+      return None
+    dtype = _numerics.accumulation_dtype(x.dtype)
+    return jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x).astype(dtype))))
+
+  return jax.tree.map(norm, params, is_leaf=_is_none)
 
 
 def _keep_healthy(tree: Any, healthy: Any, held: Any = None) -> Any:
@@ -286,7 +301,9 @@ def guard(
   keep their old values, while the healthy leaves update (step counts move
   on). ``grad_norm`` is then the norm of the healthy leaves, ``nonfinite``
   is raised and ``skipped`` is not. The step is skipped whole only for a
-  non-finite loss, a spike, or when no leaf is healthy.
+  non-finite loss, a spike, or when no leaf is healthy. The held slices are
+  chosen with ``jnp.where``, which makes XLA write the new moments to fresh
+  buffers: on CPU a leaf-granular update costs a few times a bare one.
 
   The extra argument ``loss_scale=`` says that the gradients are those of
   the loss times this factor (:func:`optax_guard.dynamic_loss_scale` passes
@@ -323,8 +340,9 @@ def guard(
     vanishing_ratio: if given, count per leaf the accepted steps in a row
       whose gradient norm is below ``vanishing_ratio`` times the parameter's
       norm (floored at an RMS of ``1e-3``), for :func:`optax_guard.diagnose`.
-      Costs one read of the parameters per step; needs ``params`` in
-      ``update``.
+      Costs a read of the parameters per step (in the fused train step also
+      a copy: XLA does not update in place what it reduces in the same
+      branch); needs ``params`` in ``update``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -420,14 +438,11 @@ def guard(
     spike = jnp.zeros((), jnp.bool_)
     if config is not None:
       spike = ~reject & _is_spike(state.window, config, loss, grad_norm)
-    param_norms = None
-    if vanishing_ratio is not None:
-      if params is None:
-        raise ValueError(
-            'og.guard(vanishing_ratio=...) needs params: call'
-            ' update(updates, state, params).'
-        )
-      param_norms = _numerics.norm_stats(params).leaf_norms
+    if vanishing_ratio is not None and params is None:
+      raise ValueError(
+          'og.guard(vanishing_ratio=...) needs params: call'
+          ' update(updates, state, params).'
+      )
     return _Check(
         stats=stats,
         healthy=healthy,
@@ -437,7 +452,6 @@ def guard(
         nonfinite=nonfinite,
         spike=spike,
         accept=~(reject | spike),
-        param_norms=param_norms,
         unscale=unscale,
     )
 
@@ -478,7 +492,12 @@ def guard(
         new_inner_state, inner_state, updates, found.healthy
     )
 
-  def vanishing_steps(state, found, params):
+  def count_vanishing(steps, found, params):
+    """The vanishing counters after an accepted step, or ``None``.
+
+    Runs inside the accepted branch (a skipped step leaves the counters
+    alone), where XLA can read the params before updating them in place.
+    """
     if vanishing_ratio is None:
       return None
 
@@ -487,20 +506,22 @@ def guard(
         return None
       size = int(jnp.size(param))
       small = grad_norm < vanishing_ratio * floored_param_norm(param_norm, size)
-      counted = found.accept & (True if healthy is None else healthy)
-      return jnp.where(counted, jnp.where(small, steps + 1, 0), steps)
+      counted = jnp.where(small, steps + 1, 0)
+      if healthy is None or healthy is True:
+        return counted
+      return jnp.where(healthy, counted, steps)
 
     healthy = found.healthy
     if healthy is None:
       healthy = jax.tree.map(lambda _: None, found.stats.leaf_norms,
                              is_leaf=_is_none)
     return jax.tree.map(
-        count, state.leaf_vanishing_steps, found.stats.leaf_norms,
-        found.param_norms, params, healthy, is_leaf=_is_none,
+        count, steps, found.stats.leaf_norms, _param_norms(params), params,
+        healthy, is_leaf=_is_none,
     )
 
   def finish(state, found, inner_state, clip_state, clip_threshold,
-             update_norm, params):
+             update_norm, vanishing):
     """The new GuardState once clip and inner ran (or did not)."""
     accept = found.accept
     window = state.window
@@ -535,7 +556,7 @@ def guard(
         total_nonfinite=state.total_nonfinite + as_count(found.nonfinite),
         total_spikes=state.total_spikes + as_count(found.spike),
         diverged=diverged,
-        leaf_vanishing_steps=vanishing_steps(state, found, params),
+        leaf_vanishing_steps=vanishing,
     )
 
   def skipped_outputs():
@@ -551,7 +572,7 @@ def guard(
           extra_args,
       )
       return (new_updates, hold(inner_state, state.inner_state, updates, found),
-              *rest)
+              *rest, count_vanishing(state.leaf_vanishing_steps, found, params))
 
     def rejected():
       zeros = jax.tree.map(
@@ -559,37 +580,35 @@ def guard(
           updates,
           is_leaf=_is_none,
       )
-      return (zeros, state.inner_state, state.clip_state, *skipped_outputs())
+      return (zeros, state.inner_state, state.clip_state, *skipped_outputs(),
+              state.leaf_vanishing_steps)
 
-    new_updates, inner_state, clip_state, clip_threshold, update_norm = (
-        jax.lax.cond(found.accept, accepted, rejected)
-    )
-    new_state = finish(state, found, inner_state, clip_state, clip_threshold,
-                       update_norm, params)
-    return new_updates, new_state
+    new_updates, *outputs = jax.lax.cond(found.accept, accepted, rejected)
+    return new_updates, finish(state, found, *outputs)
 
   def apply_fn(updates, state, params, *, value=None, loss_scale=None,
                **extra_args):
     """``update_fn`` and ``optax.apply_updates`` under one ``lax.cond``."""
     found = check(updates, state, params, value, loss_scale)
 
-    def accepted(params, inner_state, clip_state):
+    def accepted(params, inner_state, clip_state, vanishing):
+      vanishing = count_vanishing(vanishing, found, params)
       new_updates, new_inner_state, *rest = run(
           updates, inner_state, clip_state, params, found, value, extra_args
       )
       return (optax.apply_updates(params, new_updates),
-              hold(new_inner_state, inner_state, updates, found), *rest)
+              hold(new_inner_state, inner_state, updates, found), *rest,
+              vanishing)
 
-    def rejected(params, inner_state, clip_state):
-      return (params, inner_state, clip_state, *skipped_outputs())
+    def rejected(params, inner_state, clip_state, vanishing):
+      return (params, inner_state, clip_state, *skipped_outputs(), vanishing)
 
-    new_params, inner_state, clip_state, clip_threshold, update_norm = (
-        jax.lax.cond(found.accept, accepted, rejected,
-                     params, state.inner_state, state.clip_state)
+    new_params, *outputs = jax.lax.cond(
+        found.accept, accepted, rejected,
+        params, state.inner_state, state.clip_state,
+        state.leaf_vanishing_steps,
     )
-    new_state = finish(state, found, inner_state, clip_state, clip_threshold,
-                       update_norm, params)
-    return new_params, new_state
+    return new_params, finish(state, found, *outputs)
 
   _GUARD_UPDATES.add(update_fn)
   return _apply.with_fused_apply(

@@ -169,22 +169,25 @@ def make_nnx_train_step(
   """
 
   def step(model, optimizer, batch):
-    graph = optimizer.graph
+    # Flax versions before nnx.Optimizer(graph=...) take no graph argument.
+    graph = getattr(optimizer, 'graph', None)
+    state_of = lambda node, *filters: nnx.state(
+        node, *filters, **({} if graph is None else {'graph': graph}))
     grad_fn = _scaled_value_and_grad(
         loss_fn, has_aux, optimizer.opt_state,
         value_and_grad=nnx.value_and_grad,
         argnums=nnx.DiffState(0, optimizer.wrt),
     )
     loss, aux, grads = grad_fn(model, batch)
-    params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
+    params = nnx.as_pure(state_of(model, optimizer.wrt))
     opt_state = nnx.as_pure(optimizer.opt_state)
     new_params, new_opt_state = _apply.update_and_apply(optimizer.tx)(
-        nnx.as_pure(nnx.state(grads, optimizer.wrt, graph=graph)),
+        nnx.as_pure(state_of(grads, optimizer.wrt)),
         opt_state, params, value=loss,
     )
     # As nnx.Optimizer.update does after tx.update and apply_updates.
     nnx.update(model, new_params)
-    nnx.update(optimizer.opt_state, nnx.state(new_opt_state, graph=graph))
+    nnx.update(optimizer.opt_state, state_of(new_opt_state))
     optimizer.step[...] += 1
     return _step_metrics(loss, aux, new_opt_state, has_aux)
 
