@@ -268,7 +268,9 @@ def _faults_md(section) -> str:
             f' steps: the run gave up: {section["error"]}')
   injected = ', '.join(f'{k} {v}' for k, v in section['injected'].items())
   return _table(['measure', 'value'], [
-      ['faults injected', f'{section["injected_total"]} ({injected})'],
+      ['faults injected', f'{section["injected_total"]} ({injected});'
+                          f' {section["bursts"]} bursts of NaN gradients'
+                          ' count as nan_grad'],
       ['steps (each run)', section['num_steps']],
       ['steps skipped by the guard', section['skipped_steps']],
       ['rollbacks to the last good checkpoint', section['rollbacks']],
