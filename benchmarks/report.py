@@ -3,8 +3,6 @@
 import pathlib
 from typing import Any, Iterable, Optional
 
-from benchmarks import checkpointing
-from benchmarks import train_step
 from benchmarks import update_cost as uc
 from benchmarks import workloads as w
 
@@ -115,13 +113,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   found = []
   if section := _ok(results, 'update'):
     found += _update_targets(section)
+  # Imported only once their section ran: they need the demo and Orbax.
+  # pylint: disable=g-import-not-at-top
   if section := _ok(results, 'train_step'):
+    from benchmarks import train_step
     found.append(_ratio_target(
         2, 'demo LM: guarded step ÷ unguarded (plain) step',
         _row(section['rows'], name=train_step.GUARDED), 1.03))
   if section := _ok(results, 'memory'):
     found += _memory_targets(section)
   if section := _ok(results, 'checkpointing'):
+    from benchmarks import checkpointing
     found.append(_ratio_target(
         4, f'{w.format_size(section["state"]["params"])} state: async save'
         ' blocking ÷ sync save',
@@ -257,7 +259,8 @@ def _growth_md(section) -> str:
     change = ('' if row['change'] is None else f'{row["change"]:+.3f}')
     body.append([row['name'], row['baseline']] + cells + [change])
   times = ', '.join(f'{w.format_size(s)}: {t:.3g} ms'
-                    for s, t in zip(sizes, section['bare_ms']))
+                    for s, t in zip(sizes, section['bare_ms'])
+                    if t is not None)
   return (_table(header, body)
           + f'\n\nBare adamw update, median: {times}.')
 

@@ -151,7 +151,6 @@ def growth(update: dict[str, Any]) -> dict[str, Any]:
   bare_ms = []
   for count in counts:
     found = [r['median_ms'] for r in update['rows']
-             if (r['params'], r['group'], r['name']) == (count, 'headline',
-                                                         BARE)]
+             if (r['params'], r['name']) == (count, BARE)]
     bare_ms.append(found[0] if found else None)
   return {'sizes': counts, 'rows': table, 'bare_ms': bare_ms}
