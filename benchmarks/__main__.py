@@ -1,6 +1,6 @@
 """Runs optax_guard's benchmarks and writes BENCHMARKS.md and results.json.
 
-    python -m benchmarks                      # everything, ~15 min on 2 cores
+    python -m benchmarks                      # everything, ~13 min on 2 cores
     python -m benchmarks --only update,memory --sizes 1M,12.6M
     python -m benchmarks --help
 

@@ -162,8 +162,16 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _duration(ms: float) -> str:
+  """``1930.2 -> '1.93 s'``, ``0.39 -> '0.39 ms'``: three significant digits."""
+  if ms >= 1000:
+    return f'{ms / 1000:.3g} s'
+  return f'{ms:.3g} ms'
+
+
 def _ms(row) -> str:
-  return f'{row["median_ms"]:.3g} ms ({row["q1_ms"]:.3g}–{row["q3_ms"]:.3g})'
+  return (f'{_duration(row["median_ms"])} ({_duration(row["q1_ms"])}–'
+          f'{_duration(row["q3_ms"])})')
 
 
 def _ratio(row) -> str:
@@ -258,7 +266,7 @@ def _growth_md(section) -> str:
     cells = [f'{r:.3f}×' if r is not None else '' for r in row['ratios']]
     change = ('' if row['change'] is None else f'{row["change"]:+.3f}')
     body.append([row['name'], row['baseline']] + cells + [change])
-  times = ', '.join(f'{w.format_size(s)}: {t:.3g} ms'
+  times = ', '.join(f'{w.format_size(s)}: {_duration(t)}'
                     for s, t in zip(sizes, section['bare_ms'])
                     if t is not None)
   return (_table(header, body)
