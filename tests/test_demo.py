@@ -51,6 +51,10 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   assert guarded['final_loss'] < 3.0
   assert guarded['rollbacks'] == 1
   assert len(guarded['params_sha256']) == 64
+  # The live counters agree with og.fit's event log.
+  last = _records(demo, 'guarded')[-1]
+  assert (last['skips'], last['rollbacks']) == (
+      guarded['skips'], guarded['rollbacks'])
 
 
 def test_each_fault_hits_both_runs_at_its_printed_step(demo):

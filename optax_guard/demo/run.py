@@ -357,6 +357,7 @@ class GuardedRun:
     self.checkpointer: Optional[og.Checkpointer] = None
     self.preempting = False
     self.noted: set[str] = set()
+    self.skips = self.rollbacks = 0  # For the progress display.
 
   def _clip_bound(self, metrics: dict[str, Any]) -> float:
     """The norm above which ZClip clips the next step."""
@@ -374,15 +375,24 @@ class GuardedRun:
     step = state.step - config.skip_batches if diverged else state.step
     if not self.log.started:
       self.log.start(first_step=step)
+      # Counts for the progress display, from what is logged before `step`.
+      self.skips = sum(r['skipped'] for r in self.log.records())
+      self.rollbacks = sum(
+          e['event'] == 'rollback' for e in logs_lib.events(
+              self.log.out_dir, 'guarded')
+      )
       if step > 1:
         self.log.event('resume', step - 1)
         self.listener.note(
             'guarded', f'resumed from the checkpoint of step {step - 1}'
         )
     fault = self.batches.fault_at(step)
+    self.skips += metrics['skipped']
+    self.rollbacks += diverged
     record = {
         'step': step, 'fault': None if fault is None else fault.name,
-        'clip_bound': self._clip_bound(metrics), **metrics,
+        'clip_bound': self._clip_bound(metrics), 'skips': self.skips,
+        'rollbacks': self.rollbacks, **metrics,
     }
     if step % config.eval_every == 0 or step == config.steps:
       record['eval_loss'] = self.setup.heldout_loss(state.params)
