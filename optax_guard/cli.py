@@ -118,7 +118,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
       f' pydoc_data text, {config.steps} steps, twice: plain optax and'
       ' optax_guard.'
   )
-  console.print('Faults (data positions; the preemption hits the guarded run):')
+  console.print('Faults, at the same steps of both runs:')
   for fault in config.faults:
     console.print(f'  {fault}', highlight=False)
   listener = _RichListener(console)
