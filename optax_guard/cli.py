@@ -76,9 +76,6 @@ class _RichListener:
         f'[{color}]{run:>8}[/] {message}', highlight=False, soft_wrap=True
     )
 
-  def finish(self, run: str) -> None:
-    del run
-
   def stop(self) -> None:
     self.progress.stop()
 
