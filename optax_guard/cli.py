@@ -76,9 +76,6 @@ class _RichListener:
         f'[{color}]{run:>8}[/] {message}', highlight=False, soft_wrap=True
     )
 
-  def finish(self, run: str) -> None:
-    del run
-
   def stop(self) -> None:
     self.progress.stop()
 
@@ -118,7 +115,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
       f' pydoc_data text, {config.steps} steps, twice: plain optax and'
       ' optax_guard.'
   )
-  console.print('Faults (data positions; the preemption hits the guarded run):')
+  console.print('Faults, at the same steps of both runs:')
   for fault in config.faults:
     console.print(f'  {fault}', highlight=False)
   listener = _RichListener(console)

@@ -51,6 +51,10 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   assert guarded['final_loss'] < 3.0
   assert guarded['rollbacks'] == 1
   assert len(guarded['params_sha256']) == 64
+  # The live counters agree with og.fit's event log.
+  last = _records(demo, 'guarded')[-1]
+  assert (last['skips'], last['rollbacks']) == (
+      guarded['skips'], guarded['rollbacks'])
 
 
 def test_each_fault_hits_both_runs_at_its_printed_step(demo):
@@ -133,11 +137,17 @@ def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):
   assert process.poll() is None, 'the demo ended before it could be killed'
   process.send_signal(signal.SIGKILL)
   process.wait()
-  # An unfinished save, as a kill mid-save leaves it.
+  # An unfinished save, as a kill mid-save leaves it, and a flipped bit in
+  # the newest finished checkpoint: both are skipped with a warning.
   (checkpoints / '59.orbax-checkpoint-tmp').mkdir()
+  newest = max(int(p.name) for p in checkpoints.glob('*') if p.name.isdigit())
+  _flip_a_bit(checkpoints / str(newest))
   config = run_lib.DemoConfig(steps=FAST_STEPS)
-  with pytest.warns(og.CorruptCheckpointWarning, match='unfinished save'):
+  with pytest.warns(og.CorruptCheckpointWarning) as warned:
     summary = run_lib.run_demo(config, out)
+  messages = ' '.join(str(w.message) for w in warned)
+  assert 'unfinished save' in messages
+  assert f'step {newest} ' in messages and 'skipped and moved' in messages
   reference = json.loads((demo / 'summary.json').read_text())
   assert summary['guarded'] == reference['guarded']
   assert _records(out, 'guarded') == _records(demo, 'guarded')
@@ -173,15 +183,20 @@ def test_other_settings_or_a_foreign_directory_are_refused(demo, tmp_path,
   assert 'holds no optax_guard checkpoints' in capsys.readouterr().out
 
 
-def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path, capsys):
-  copy = tmp_path / 'checkpoints'
-  shutil.copytree(demo / 'checkpoints', copy)
-  steps = sorted(int(p.name) for p in copy.glob('*') if p.name.isdigit())
-  data_files = sorted((copy / str(steps[-1]) / 'state').glob('**/d/*'))
-  largest = max(data_files, key=lambda p: p.stat().st_size)
+def _flip_a_bit(step_dir: pathlib.Path) -> None:
+  """Flips one bit in the middle of the largest array file."""
+  largest = max((step_dir / 'state').glob('**/d/*'),
+                key=lambda p: p.stat().st_size)
   payload = bytearray(largest.read_bytes())
   payload[len(payload) // 2] ^= 0x10
   largest.write_bytes(bytes(payload))
+
+
+def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path):
+  copy = tmp_path / 'checkpoints'
+  shutil.copytree(demo / 'checkpoints', copy)
+  steps = sorted(int(p.name) for p in copy.glob('*') if p.name.isdigit())
+  _flip_a_bit(copy / str(steps[-1]))
   from optax_guard.demo import checkpoints  # pylint: disable=g-import-not-at-top
   infos = {info.step: info for info in checkpoints.describe(copy)}
   assert not infos[steps[-1]].valid

@@ -90,12 +90,6 @@ class DemoConfig:
     fields['faults'] = [dataclasses.asdict(f) for f in self.faults]
     return fields
 
-  @classmethod
-  def from_json(cls, fields: dict[str, Any]) -> 'DemoConfig':
-    fields = dict(fields)
-    fields['faults'] = tuple(faults_lib.Fault(**f) for f in fields['faults'])
-    return cls(**fields)
-
 
 # ----------------------------------------------------------------------------
 # The model, its optimizers and its steps.
@@ -107,7 +101,6 @@ class Setup:
 
   config: DemoConfig
   corpus: data_lib.Corpus
-  graphdef: nnx.GraphDef
   init_params: Callable[[], nnx.State]
   plain_tx: optax.GradientTransformation
   guarded_tx: optax.GradientTransformation
@@ -205,7 +198,6 @@ def make_setup(config: DemoConfig) -> Setup:
   return Setup(
       config=config,
       corpus=corpus,
-      graphdef=graphdef,
       init_params=init_params,
       plain_tx=plain_tx,
       guarded_tx=guarded_tx,
@@ -258,9 +250,6 @@ class Listener:
   def note(self, run: str, message: str) -> None:
     pass
 
-  def finish(self, run: str) -> None:
-    pass
-
 
 def _fault_note(run: str, fault: faults_lib.Fault, m: dict[str, Any]):
   """One line on what a run did with a fault, or ``None`` if not yet."""
@@ -270,7 +259,8 @@ def _fault_note(run: str, fault: faults_lib.Fault, m: dict[str, Any]):
     elif fault.name == 'poison':
       outcome = 'trained on (plain optax has no way to refuse a batch)'
     else:
-      outcome = f'applied (grad norm {m["grad_norm"]:.3g} clipped to norm 1)'
+      outcome = (f'applied (grad norm {m["grad_norm"]:.3g} clipped to'
+                 f' {m["clip_bound"]:g})')
   elif m['skipped']:
     outcome = 'skipped, optimizer state held bit for bit'
     if fault.name == 'poison':
@@ -321,7 +311,6 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
       _note_fault(listener, 'plain', fault, record, noted)
   finally:
     log.close()
-    listener.finish('plain')
   final_loss = setup.heldout_loss(params)
   return {
       'final_loss': final_loss,
@@ -357,6 +346,7 @@ class GuardedRun:
     self.checkpointer: Optional[og.Checkpointer] = None
     self.preempting = False
     self.noted: set[str] = set()
+    self.skips = self.rollbacks = 0  # For the progress display.
 
   def _clip_bound(self, metrics: dict[str, Any]) -> float:
     """The norm above which ZClip clips the next step."""
@@ -374,15 +364,24 @@ class GuardedRun:
     step = state.step - config.skip_batches if diverged else state.step
     if not self.log.started:
       self.log.start(first_step=step)
+      # Counts for the progress display, from what is logged before `step`.
+      self.skips = sum(r['skipped'] for r in self.log.records())
+      self.rollbacks = sum(
+          e['event'] == 'rollback' for e in logs_lib.events(
+              self.log.out_dir, 'guarded')
+      )
       if step > 1:
         self.log.event('resume', step - 1)
         self.listener.note(
             'guarded', f'resumed from the checkpoint of step {step - 1}'
         )
     fault = self.batches.fault_at(step)
+    self.skips += metrics['skipped']
+    self.rollbacks += diverged
     record = {
         'step': step, 'fault': None if fault is None else fault.name,
-        'clip_bound': self._clip_bound(metrics), **metrics,
+        'clip_bound': self._clip_bound(metrics), 'skips': self.skips,
+        'rollbacks': self.rollbacks, **metrics,
     }
     if step % config.eval_every == 0 or step == config.steps:
       record['eval_loss'] = self.setup.heldout_loss(state.params)
@@ -449,7 +448,6 @@ class GuardedRun:
         )
     finally:
       self.log.close()
-      self.listener.finish('guarded')
     final_loss = self.setup.heldout_loss(result.state.params)
     return {
         'final_loss': final_loss,
@@ -492,7 +490,7 @@ def run_demo(
   out_dir = pathlib.Path(out_dir)
   check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1))
+  _write_json(out_dir / CONFIG_FILE, config.to_json())
   summary_path = out_dir / SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   setup = make_setup(config)
