@@ -29,11 +29,11 @@ import logging
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _log = logging.getLogger('optax_guard')
 
@@ -542,7 +542,8 @@ class Checkpointer:
     if data_iter is not None:
       saved = restored[_DATA]
       if saved is None or saved.get('encoding') == 'none':
-        self._warn(step, 'holds no data-iterator state; iterator left as is')
+        self._warn(step, 'holds no data-iterator state; iterator left as is',
+                   category=UserWarning)
       else:
         data_iter.set_state(_decode_data_state(saved))
     state = TrainState(
@@ -584,10 +585,15 @@ class Checkpointer:
 
   # -- Rejecting --------------------------------------------------------------
 
-  def _warn(self, step: int, reason: str) -> None:
+  def _warn(
+      self,
+      step: int,
+      reason: str,
+      category: type[Warning] = CorruptCheckpointWarning,
+  ) -> None:
     message = f'Checkpoint step {step} in {self._directory}: {reason}.'
     _log.warning(message)
-    warnings.warn(message, CorruptCheckpointWarning, stacklevel=3)
+    warnings.warn(message, category, stacklevel=3)
 
   def _reject(self, step: int, reason: str) -> None:
     """Warns and moves ``step`` out of Orbax's view, deleting nothing."""

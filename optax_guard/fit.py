@@ -198,6 +198,14 @@ def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
+def _committed(tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x: jax.device_put(x, x.sharding)
+      if isinstance(x, jax.Array) and not x.committed else x,
+      tree,
+  )
+
+
 def _progress_bar(enabled: bool, total: int, initial: int):
   if not enabled:
     return None
@@ -220,7 +228,7 @@ def fit(
     exit_on_preemption: bool = True,
     callback: Optional[Callable[[TrainState, dict[str, Any]], None]] = None,
 ) -> FitResult:
-  """Trains until ``state.step == num_steps``, resuming and recovering.
+  """Trains to step ``num_steps`` (or until the data ends), fault-tolerant.
 
   Each loop step draws one batch and runs ``train_step(params, opt_state,
   batch) -> (params, opt_state, metrics)``; ``state.step`` counts batches
@@ -297,6 +305,13 @@ def fit(
 
   if checkpointer is not None:
     state, saved = checkpointer.restore_or_init(state, data_iter=data)
+  # Restored arrays are committed to their devices; committing fresh ones too
+  # means the step compiles once, not again after a resume or rollback.
+  state = state._replace(
+      params=_committed(state.params), opt_state=_committed(state.opt_state),
+      rng=_committed(state.rng),
+  )
+  if checkpointer is not None:
     if saved:
       events.load_state_dict(saved['log'])
       watch.load_state_dict(saved['recovery'])
@@ -326,7 +341,12 @@ def fit(
     if preemption is not None:
       preemption.__enter__()
     while state.step < num_steps:
-      batch = next(data)
+      try:
+        batch = next(data)
+      except StopIteration:
+        _log.warning('The data ran out at step %d of %d.', state.step,
+                     num_steps)
+        break
       params, opt_state, metrics = train_step(
           state.params, state.opt_state, batch
       )
@@ -352,6 +372,8 @@ def fit(
       if callback is not None:
         callback(state, scalars)
       stopping = preemption is not None and preemption.requested
+      if stopping:
+        record('preempted', state.step, signal=preemption.signal_name)
       if rolled_back or stopping or checkpointer is not None and (
           checkpointer.should_save(state.step)
       ):
@@ -366,10 +388,9 @@ def fit(
             rollbacks=len(watch.rollbacks), refresh=False,
         )
       if stopping:
-        record('preempted', state.step, signal=preemption.signal_name)
         preempted = True
         break
-    else:
+    if not preempted:
       save(state, healthy=watch.healthy, force=True)
     if checkpointer is not None:
       checkpointer.wait_until_finished()

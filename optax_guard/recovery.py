@@ -266,8 +266,10 @@ class Recovery:
 
       recovery = og.Recovery(og.RecoveryPolicy(lr_backoff=0.5), checkpointer)
       for batch in data:
-        params, opt_state, metrics = step_fn(params, opt_state, batch)
-        state = og.TrainState(state.step + 1, params, opt_state)
+        params, opt_state, metrics = step_fn(state.params, state.opt_state,
+                                             batch)
+        state = state._replace(step=state.step + 1, params=params,
+                               opt_state=opt_state)
         reason = recovery.observe(state.step, metrics)
         if reason:
           state = recovery.rollback(state, reason, data_iter=data)

@@ -9,7 +9,6 @@ async save has been handed to Orbax (its files are still being written). On
 completion writes the final state and event counts to RESULT_FILE (.npz).
 """
 
-import os
 import sys
 
 import jax

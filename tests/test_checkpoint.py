@@ -2,7 +2,6 @@
 
 import glob
 import os
-import shutil
 import warnings
 
 import jax
@@ -10,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_guard as og
 
@@ -174,9 +174,11 @@ def _truncate(step_dir):
 
 def _flip_bit(step_dir):
   path = _largest_file(step_dir)
-  data = bytearray(open(path, 'rb').read())
-  data[len(data) // 2] ^= 0x01
-  open(path, 'wb').write(bytes(data))
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x01]))
 
 
 def _garble(relative):
