@@ -1,0 +1,1 @@
+"""The ``optax-guard demo``: a real model on real data, broken on purpose."""

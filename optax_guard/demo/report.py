@@ -1,0 +1,208 @@
+"""``report.png``: the demo's two runs, drawn from its logs alone.
+
+Three panels share the step axis: held-out loss, training loss, and the
+gradient norm against the clip threshold. Faults are shaded; skipped steps,
+rollbacks and the preemption resume are marked. Steps a rollback discarded
+are drawn faded, as they no longer lead to the final model.
+"""
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import transforms  # pylint: disable=g-import-not-at-top
+
+from optax_guard.demo import faults as faults_lib
+from optax_guard.demo import logs as logs_lib
+
+REPORT_FILE = 'report.png'
+COLORS = {'plain': '#d62728', 'guarded': '#1f77b4'}
+LABELS = {
+    'plain': 'plain optax (adamw + clip_by_global_norm)',
+    'guarded': 'optax_guard (guard + ZClip + spike skip + checkpoints)',
+}
+FAULT_COLORS = {
+    'spike': '#ff7f0e', 'poison': '#9467bd', 'preempt': '#7f7f7f',
+    'nan': '#8c564b',
+}
+
+
+class NotADemoDirectory(ValueError):
+  """The directory holds no optax-guard demo logs."""
+
+
+def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
+  """The logs of a demo directory; a clear error for anything else."""
+  run_dir = pathlib.Path(run_dir)
+  if not run_dir.is_dir():
+    raise NotADemoDirectory(f'{run_dir} does not exist or is not a directory.')
+  metrics_path = run_dir / logs_lib.METRICS_FILE
+  config_path = run_dir / 'config.json'
+  if not metrics_path.exists() or not config_path.exists():
+    raise NotADemoDirectory(
+        f'{run_dir} is not an optax-guard demo directory (no'
+        f' {logs_lib.METRICS_FILE} or config.json); create one with'
+        ' `optax-guard demo --out DIR`.'
+    )
+  config = json.loads(config_path.read_text())
+  records = logs_lib.read_jsonl(metrics_path)
+  events = logs_lib.events(run_dir)
+  runs = {run: [r for r in records if r['run'] == run] for run in COLORS}
+  if not any(runs.values()):
+    raise NotADemoDirectory(f'{metrics_path} holds no steps yet.')
+  summary_path = run_dir / 'summary.json'
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  return {'config': config, 'runs': runs, 'events': events, 'summary': summary}
+
+
+def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
+  """Splits a run into ``(records, kept)`` pieces at its rollbacks.
+
+  ``kept`` is False for the steps a rollback discarded.
+  """
+  discarded = set()
+  for event in events:
+    if event['event'] == 'rollback':
+      lost = event['from_step'] - event['to_step']
+      discarded.update(
+          range(event['iteration'] - lost + 1, event['iteration'] + 1)
+      )
+  pieces: list[tuple[list[dict[str, Any]], bool]] = []
+  previous_step = None
+  for record in records:
+    kept = record['iteration'] not in discarded
+    new_piece = (
+        not pieces
+        or pieces[-1][1] != kept
+        or (previous_step is not None and record['step'] <= previous_step)
+    )
+    if new_piece:
+      pieces.append(([], kept))
+    pieces[-1][0].append(record)
+    previous_step = record['step']
+  return pieces
+
+
+def _finite(value: Any) -> bool:
+  return value is not None and math.isfinite(value)
+
+
+def _plot_run(axes, run, records, events):
+  color = COLORS[run]
+  loss_ax, train_ax, norm_ax = axes
+  for piece, kept in _segments(records, events):
+    style = dict(color=color, alpha=1.0 if kept else 0.25, linewidth=1.0)
+    steps = [r['step'] for r in piece]
+    train_ax.plot(
+        steps, [r['loss'] if _finite(r['loss']) else math.nan for r in piece],
+        **style,
+    )
+    norm_ax.plot(steps, [r['grad_norm'] for r in piece], **style)
+    norm_ax.plot(
+        steps, [r['clip_bound'] for r in piece], color=color,
+        alpha=style['alpha'], linewidth=1.2, linestyle='--',
+    )
+    evals = [r for r in piece if 'eval_loss' in r]
+    loss_ax.plot(
+        [r['step'] for r in evals], [r['eval_loss'] for r in evals],
+        marker='o', markersize=3, **style,
+    )
+  top = transforms.blended_transform_factory
+  # Where the run turned NaN for good.
+  dead = next((r for r in records if not _finite(r['loss'])
+               and run == 'plain'), None)
+  if dead is not None:
+    for ax in axes:
+      ax.axvline(dead['step'], color=color, linestyle=':', linewidth=1.2)
+    loss_ax.text(
+        dead['step'], 0.5, '  plain run is NaN from here', color=color,
+        transform=top(loss_ax.transData, loss_ax.transAxes), fontsize=8,
+    )
+  skipped = [r for r in records if r.get('skipped')]
+  if skipped:
+    train_ax.plot(
+        [r['step'] for r in skipped], [0.96] * len(skipped), linestyle='none',
+        marker='v', color=color, markersize=5,
+        transform=top(train_ax.transData, train_ax.transAxes),
+        label=f'{run}: skipped step',
+    )
+  for event in events:
+    if event['event'] == 'rollback':
+      train_ax.annotate(
+          '', xy=(event['to_step'], 0.85), xytext=(event['from_step'], 0.85),
+          xycoords=top(train_ax.transData, train_ax.transAxes),
+          arrowprops=dict(arrowstyle='->', color=color, linewidth=1.5),
+      )
+      train_ax.text(
+          event['to_step'], 0.75, f'rollback {event["from_step"]}'
+          f'\u2192{event["to_step"]}', color=color, fontsize=8,
+          transform=top(train_ax.transData, train_ax.transAxes),
+      )
+    elif event['event'] == 'resume':
+      for ax in axes:
+        ax.axvline(event['step'], color=color, linestyle='-.', linewidth=1)
+      train_ax.text(
+          event['step'], 0.65, ' resumed from disk', color=color, fontsize=8,
+          transform=top(train_ax.transData, train_ax.transAxes),
+      )
+
+
+def render(run_dir: os.PathLike, output: os.PathLike = None) -> pathlib.Path:
+  """Draws ``report.png`` (or ``output``) from the logs of ``run_dir``."""
+  logs = load_run_dir(run_dir)
+  output = pathlib.Path(output or pathlib.Path(run_dir) / REPORT_FILE)
+  figure, axes = plt.subplots(
+      3, 1, figsize=(11, 10), sharex=True,
+      gridspec_kw={'height_ratios': [1.2, 1, 1]},
+  )
+  loss_ax, train_ax, norm_ax = axes
+  for fault in logs['config']['faults']:
+    fault = faults_lib.Fault(**fault)
+    for ax in axes:
+      if fault.length > 1:
+        ax.axvspan(fault.start - 0.5, fault.end - 0.5, linewidth=0,
+                   color=FAULT_COLORS[fault.name], alpha=0.15)
+      else:
+        ax.axvline(fault.start, color=FAULT_COLORS[fault.name], alpha=0.6,
+                   linewidth=2)
+    loss_ax.text(
+        fault.start, 1.01, fault.name, color=FAULT_COLORS[fault.name],
+        fontsize=8, transform=transforms.blended_transform_factory(
+            loss_ax.transData, loss_ax.transAxes),
+    )
+  for run, records in logs['runs'].items():
+    if records:
+      events = [e for e in logs['events'] if e['run'] == run]
+      _plot_run(axes, run, records, events)
+  for run in COLORS:
+    label = LABELS[run]
+    if run in logs['summary']:
+      label += f': final held-out loss {logs["summary"][run]["final_loss"]:.3f}'
+    loss_ax.plot([], [], color=COLORS[run], label=label)
+  loss_ax.set_ylabel('held-out loss')
+  loss_ax.set_title(
+      'optax-guard demo: the same model and batches, with faults injected',
+      pad=16,
+  )
+  loss_ax.legend(loc='upper right', fontsize=8)
+  train_ax.set_ylabel('training loss (log)')
+  train_ax.set_yscale('log')
+  train_ax.legend(loc='upper left', fontsize=8)
+  norm_ax.set_ylabel('grad norm (log)')
+  norm_ax.set_yscale('log')
+  norm_ax.plot([], [], color='k', linestyle='--', label='clip threshold')
+  norm_ax.legend(loc='upper left', fontsize=8)
+  norm_ax.set_xlabel('step')
+  norm_ax.set_xlim(0, logs['config']['steps'] + 5)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(output, dpi=110)
+  plt.close(figure)
+  return output

@@ -1,0 +1,406 @@
+"""Fault injection, and a seeded fault campaign that exercises the guards.
+
+Faults ride along with the batches, so one compiled train step serves clean
+and faulty steps alike:
+
+* :class:`FaultInjector` wraps a data iterator and adds ``fault_kind`` and
+  ``fault_scale`` to every batch, following a plan (:func:`plan_faults`);
+  a ``poisoned_batch`` fault is applied right there, to the batch's data;
+* :func:`with_faults` wraps a loss function so that, inside the jitted
+  step, ``nan_grad`` / ``inf_grad`` replace the gradients with NaN / Inf,
+  ``grad_spike`` multiplies them by ``fault_scale`` and ``nan_loss`` makes
+  the loss NaN (gradients untouched).
+
+:func:`run_fault_campaign` trains a small model twice on the same data, once
+clean and once with faults, through :func:`optax_guard.fit` with a guard,
+checkpoints and recovery, and reports what it survived.
+"""
+
+import collections
+import math
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_guard import _clipping
+from optax_guard import _guard
+from optax_guard import _train
+from optax_guard import checkpoint as checkpoint_lib
+from optax_guard import data as data_lib
+from optax_guard import fit as fit_lib
+from optax_guard import recovery as recovery_lib
+
+KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch')
+_CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)}}
+
+
+class Fault(NamedTuple):
+  """One injected fault.
+
+  Attributes:
+    kind: one of :data:`KINDS`.
+    scale: the gradient multiplier of ``grad_spike``, the data multiplier of
+      ``poisoned_batch`` (unused by the others).
+  """
+
+  kind: str
+  scale: float = 1.0
+
+
+def plan_faults(
+    num_steps: int,
+    num_faults: int,
+    *,
+    seed: int = 0,
+    kinds: Sequence[str] = KINDS,
+    scale_range: tuple[float, float] = (1e3, 1e6),
+    first_step: int = 0,
+    bursts: int = 0,
+    burst_length: int = 6,
+) -> dict[int, Fault]:
+  """A seeded plan: which batch (by index) gets which fault.
+
+  ``num_faults`` single faults land on distinct random batches in
+  ``[first_step, num_steps)``, kinds drawn uniformly from ``kinds`` and
+  scales log-uniformly from ``scale_range``. Each of ``bursts`` bursts is
+  ``burst_length`` consecutive ``nan_grad`` faults: enough, with a guard's
+  ``max_consecutive_skips`` at or below it, to make it report ``diverged``.
+
+  Examples:
+    >>> import optax_guard as og
+    >>> plan = og.faults.plan_faults(100, 5, seed=1, kinds=['nan_loss'])
+    >>> len(plan), {f.kind for f in plan.values()}
+    (5, {'nan_loss'})
+
+  Args:
+    num_steps: batches in the run.
+    num_faults: single faults to place.
+    seed: the plan's seed.
+    kinds: the kinds to draw from.
+    scale_range: ``(low, high)`` for spike and poison scales.
+    first_step: no fault before this batch index.
+    bursts: bursts of consecutive ``nan_grad`` faults.
+    burst_length: faults per burst.
+
+  Returns:
+    ``{batch index: Fault}``.
+  """
+  unknown = set(kinds) - set(KINDS)
+  if unknown or not kinds:
+    raise ValueError(f'kinds must be a non-empty subset of {KINDS}, got {kinds}.')
+  low, high = scale_range
+  if not 1 <= low <= high:
+    raise ValueError(f'scale_range must satisfy 1 <= low <= high, got {scale_range}.')
+  free = num_steps - first_step - bursts * (burst_length + 1)
+  if num_faults < 0 or bursts < 0 or burst_length < 1 or free < num_faults:
+    raise ValueError(
+        f'cannot place {num_faults} faults and {bursts} bursts of'
+        f' {burst_length} in steps [{first_step}, {num_steps}).'
+    )
+  rng = np.random.default_rng(seed)
+  plan: dict[int, Fault] = {}
+  # Bursts start in evenly spaced slots so that they never overlap.
+  slot = (num_steps - first_step) // max(bursts, 1)
+  for b in range(bursts):
+    start = first_step + b * slot + int(rng.integers(0, slot - burst_length))
+    for step in range(start, start + burst_length):
+      plan[step] = Fault('nan_grad')
+  candidates = [s for s in range(first_step, num_steps) if s not in plan]
+  for step in rng.choice(candidates, size=num_faults, replace=False):
+    kind = str(rng.choice(list(kinds)))
+    scale = float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    plan[int(step)] = Fault(kind, scale)
+  return dict(sorted(plan.items()))
+
+
+def poison(batch: Mapping[str, Any], scale: float) -> dict[str, Any]:
+  """Multiplies every float array of a batch by ``scale`` (a corrupt shard)."""
+  return {
+      name: value * np.asarray(scale, value.dtype)
+      if np.issubdtype(np.asarray(value).dtype, np.floating) else value
+      for name, value in batch.items()
+  }
+
+
+class FaultInjector:
+  """Wraps a data iterator: adds the fault fields, poisons planned batches.
+
+  Every batch (a dict) gets ``fault_kind`` (int32, 0 for none) and
+  ``fault_scale`` (float32), which :func:`with_faults` reads inside the
+  step. Restorable when the wrapped iterator is: the state is the wrapped
+  state plus the batch index.
+
+  Args:
+    data: an iterator of dict batches.
+    plan: ``{batch index: Fault}``, e.g. from :func:`plan_faults`.
+  """
+
+  def __init__(self, data: Iterator[Mapping[str, Any]], plan: Mapping[int, Fault]):
+    for fault in plan.values():
+      if fault.kind not in KINDS:
+        raise ValueError(f'unknown fault kind {fault.kind!r}; known: {KINDS}.')
+    self._data = data
+    self._plan = dict(plan)
+    self._index = 0
+
+  def __iter__(self) -> 'FaultInjector':
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = dict(next(self._data))
+    fault = self._plan.get(self._index, Fault('none'))
+    self._index += 1
+    if fault.kind == 'poisoned_batch':
+      batch = poison(batch, fault.scale)
+    batch['fault_kind'] = np.int32(_CODES[fault.kind])
+    batch['fault_scale'] = np.float32(fault.scale)
+    return batch
+
+  def injected(self) -> dict[str, int]:
+    """Faults injected so far, by kind."""
+    counts = collections.Counter(
+        f.kind for step, f in self._plan.items() if step < self._index
+    )
+    return {kind: counts[kind] for kind in KINDS}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'data': self._data.get_state(), 'index': self._index}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._data.set_state(state['data'])
+    self._index = int(state['index'])
+
+
+@jax.custom_vjp
+def _corrupt_gradients(params, kind, scale):
+  del kind, scale
+  return params
+
+
+def _corrupt_forward(params, kind, scale):
+  return params, (kind, scale)
+
+
+def _corrupt_backward(residuals, grads):
+  kind, scale = residuals
+
+  def corrupt(g):
+    g = jnp.where(kind == _CODES['grad_spike'], g * scale.astype(g.dtype), g)
+    g = jnp.where(kind == _CODES['nan_grad'], jnp.nan, g)
+    return jnp.where(kind == _CODES['inf_grad'], jnp.inf, g).astype(g.dtype)
+
+  no_grad = np.zeros(np.shape(kind), jax.dtypes.float0)
+  return jax.tree.map(corrupt, grads), no_grad, jnp.zeros_like(scale)
+
+
+_corrupt_gradients.defvjp(_corrupt_forward, _corrupt_backward)
+
+
+def with_faults(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes ``loss_fn(params, batch)`` obey the batch's fault fields.
+
+  The fields are removed before ``loss_fn`` sees the batch. ``nan_grad`` /
+  ``inf_grad`` / ``grad_spike`` act on the gradient of every parameter
+  (through a custom VJP, the forward pass is untouched); ``nan_loss`` makes
+  the loss value NaN with finite gradients.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_guard as og
+    >>> loss = og.faults.with_faults(lambda p, b: jnp.sum(p * b['x']))
+    >>> batch = {'x': jnp.ones(2), 'fault_kind': jnp.int32(3),
+    ...          'fault_scale': jnp.float32(1e3)}  # 3: grad_spike
+    >>> jax.grad(loss)(jnp.zeros(2), batch).tolist()
+    [1000.0, 1000.0]
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` returning the loss (or ``(loss,
+      aux)``: the fault applies to the first element).
+
+  Returns:
+    The wrapped loss function.
+  """
+
+  def faulty_loss(params, batch):
+    batch = dict(batch)
+    kind = jnp.asarray(batch.pop('fault_kind'), jnp.int32)
+    scale = jnp.asarray(batch.pop('fault_scale'), jnp.float32)
+    out = loss_fn(_corrupt_gradients(params, kind, scale), batch)
+    nan_if_asked = jax.lax.stop_gradient(
+        jnp.where(kind == _CODES['nan_loss'], jnp.nan, 0.0)
+    )
+    if isinstance(out, tuple):
+      return (out[0] + nan_if_asked.astype(out[0].dtype),) + tuple(out[1:])
+    return out + nan_if_asked.astype(out.dtype)
+
+  return faulty_loss
+
+
+class CampaignResult(NamedTuple):
+  """What :func:`run_fault_campaign` measured.
+
+  Attributes:
+    injected: faults injected, by kind (bursts count as ``nan_grad``).
+    skipped_steps: steps the guard skipped.
+    rollbacks: rollbacks to the last good checkpoint.
+    skipped_batches: batches skipped by rollbacks.
+    params_always_finite: every parameter was finite after every step of
+      both runs.
+    final_loss: held-out loss of the faulty run.
+    clean_final_loss: held-out loss of the fault-free run on the same data.
+    relative_gap: ``|final_loss - clean_final_loss| / clean_final_loss``.
+  """
+
+  injected: dict[str, int]
+  skipped_steps: int
+  rollbacks: int
+  skipped_batches: int
+  params_always_finite: bool
+  final_loss: float
+  clean_final_loss: float
+  relative_gap: float
+
+
+def _mlp_init(key, sizes):
+  params = {}
+  for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    key, sub = jax.random.split(key)
+    params[f'dense_{i}'] = {
+        'kernel': jax.random.normal(sub, (n_in, n_out)) / math.sqrt(n_in),
+        'bias': jnp.zeros(n_out),
+    }
+  return params
+
+
+def _mlp_apply(params, x):
+  layers = [params[f'dense_{i}'] for i in range(len(params))]
+  for layer in layers[:-1]:
+    x = jnp.tanh(x @ layer['kernel'] + layer['bias'])
+  return x @ layers[-1]['kernel'] + layers[-1]['bias']
+
+
+def _mse(params, batch):
+  return jnp.mean((_mlp_apply(params, batch['x']) - batch['y']) ** 2)
+
+
+def regression_data(seed: int, num_examples: int, dim: int = 8):
+  """A teacher-network regression set: ``{'x', 'y'}`` float32 arrays."""
+  rng = np.random.default_rng(seed)
+  teacher = _mlp_init(jax.random.key(seed), [dim, 16, 1])
+  x = rng.normal(size=(num_examples, dim)).astype(np.float32)
+  y = np.asarray(_mlp_apply(teacher, x)) + 0.1 * rng.normal(
+      size=(num_examples, 1)
+  ).astype(np.float32)
+  return {'x': x, 'y': y.astype(np.float32)}
+
+
+def run_fault_campaign(
+    *,
+    seed: int = 0,
+    num_steps: int = 300,
+    num_faults: int = 30,
+    bursts: int = 1,
+    kinds: Sequence[str] = KINDS,
+    batch_size: int = 64,
+    save_interval_steps: int = 10,
+    guarded: bool = True,
+    checkpoint_dir: Optional[str] = None,
+) -> CampaignResult:
+  """Trains a small MLP with and without injected faults; compares them.
+
+  Both runs use the same data order, the same optimizer (Adam with cosine
+  decay inside ``og.guard(..., clip=og.zclip(), spikes=...,
+  max_consecutive_skips=4)``), checkpoints every ``save_interval_steps`` and
+  a :class:`optax_guard.RecoveryPolicy`. From step 20 on (once the guard's
+  statistics have some history), the faulty run gets ``num_faults`` single
+  faults of ``kinds`` and ``bursts`` bursts of six NaN gradients (each forcing
+  a rollback). The CI test runs a short campaign; benchmarks can run a long
+  one (e.g. ``num_steps=3000, num_faults=300, bursts=10``).
+
+  Examples:
+    >>> import optax_guard as og
+    >>> result = og.faults.run_fault_campaign(
+    ...     seed=0, num_steps=40, num_faults=3, bursts=0)
+    >>> result.params_always_finite, sum(result.injected.values())
+    (True, 3)
+
+  Args:
+    seed: seeds the data, the model and the fault plan.
+    num_steps: training steps of each run.
+    num_faults: single faults to inject.
+    bursts: bursts of consecutive NaN gradients.
+    kinds: fault kinds to draw from.
+    batch_size: examples per batch.
+    save_interval_steps: checkpoint interval (rollback granularity).
+    guarded: ``False`` trains with the bare optimizer (no guard): the
+      baseline showing what the faults do unguarded.
+    checkpoint_dir: where the two runs checkpoint (default: a temporary
+      directory, removed afterwards).
+
+  Returns:
+    A :class:`CampaignResult`.
+  """
+  examples = regression_data(seed, 2048 + 512)
+  train = {name: a[:2048] for name, a in examples.items()}
+  held_out = {name: a[2048:] for name, a in examples.items()}
+  # Decays to zero over the first 80% of the steps: the faulty run, which
+  # applies fewer updates (skips, rolled-back windows), still completes its
+  # schedule.
+  tx = optax.adam(optax.cosine_decay_schedule(3e-2, int(0.8 * num_steps)))
+  if guarded:
+    tx = _guard.guard(
+        tx,
+        clip=_clipping.zclip(warmup_steps=10),
+        spikes={'window': 64, 'sigma': 6.0, 'min_history': 10},
+        max_consecutive_skips=4,
+    )
+  step_fn = _train.make_train_step(with_faults(_mse), tx)
+  all_finite = jax.jit(
+      lambda p: jnp.all(jnp.stack(
+          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]
+      ))
+  )
+  eval_loss = jax.jit(_mse)
+  plan = plan_faults(
+      num_steps, num_faults, seed=seed, kinds=kinds, first_step=20,
+      bursts=bursts,
+  )
+  policy = recovery_lib.RecoveryPolicy(max_rollbacks=bursts + 3)
+
+  def run(run_plan, directory):
+    params = _mlp_init(jax.random.key(seed + 1), [train['x'].shape[1], 32, 1])
+    init = checkpoint_lib.TrainState(0, params, tx.init(params))
+    data = FaultInjector(
+        data_lib.ShuffledBatches(train, batch_size, seed=seed), run_plan
+    )
+    finite = []
+    with checkpoint_lib.Checkpointer(
+        directory, save_interval_steps=save_interval_steps, max_to_keep=2
+    ) as ckpt:
+      result = fit_lib.fit(
+          step_fn, init, data, num_steps=num_steps, checkpointer=ckpt,
+          recovery=policy, progress=False, handle_preemption=False,
+          callback=lambda s, m: finite.append(bool(all_finite(s.params))),
+      )
+    loss = float(eval_loss(result.state.params, held_out))
+    return result, data, all(finite), loss
+
+  with tempfile.TemporaryDirectory() as tmp:
+    root = checkpoint_dir or tmp
+    _, _, clean_finite, clean_loss = run({}, f'{root}/clean')
+    result, data, faulty_finite, loss = run(plan, f'{root}/faulty')
+  rollbacks = result.recovery.rollbacks
+  return CampaignResult(
+      injected=data.injected(),
+      skipped_steps=result.events.counts['skipped_step'],
+      rollbacks=len(rollbacks),
+      skipped_batches=sum(r['skipped_batches'] for r in rollbacks),
+      params_always_finite=clean_finite and faulty_finite,
+      final_loss=loss,
+      clean_final_loss=clean_loss,
+      relative_gap=abs(loss - clean_loss) / clean_loss,
+  )

@@ -1,0 +1,320 @@
+"""Checkpointer: round trips, resharding, retention, corruption fallback."""
+
+import glob
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_guard as og
+
+# A deliberately damaged checkpoint makes Orbax abandon its other pending
+# reads; Python reports those never-awaited coroutines as unraisable.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning'
+)
+
+TX = og.guard(
+    optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+    clip=og.zclip(),
+    spikes={'window': 8},
+    max_consecutive_skips=3,
+)
+
+
+def loss_fn(params, batch):
+  prediction = jnp.tanh(batch['x'] @ params['w'] + params['b'])
+  return jnp.mean((prediction - batch['y']) ** 2)
+
+
+@pytest.fixture(scope='module')
+def train_step():
+  return og.make_train_step(loss_fn, TX)
+
+
+def make_data(seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(256, 64)).astype(np.float32)
+  y = np.tanh(x @ rng.normal(size=(64, 16))).astype(np.float32)
+  return og.ShuffledBatches({'x': x, 'y': y}, batch_size=32, seed=seed)
+
+
+def make_init(seed=0, mesh=None):
+  params = {
+      'w': jax.random.normal(jax.random.key(seed), (64, 16)) * 0.1,
+      'b': jnp.zeros(16),
+  }
+  if mesh is not None:  # first axis split over the mesh
+    params = {k: jax.device_put(v, NamedSharding(mesh, P('x')))
+              for k, v in params.items()}
+  # Under jit, as in a sharded training set-up, every leaf lands on the mesh.
+  opt_state = jax.jit(TX.init)(params)
+  return og.TrainState(0, params, opt_state, jax.random.key(seed + 7))
+
+
+def host(tree):
+  def to_numpy(x):
+    if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(x)
+  return jax.tree.map(to_numpy, tree)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(host(a)), jax.tree.leaves(host(b))):
+    np.testing.assert_array_equal(x, y)
+
+
+def train(step_fn, state, data, steps):
+  for _ in range(steps):
+    params, opt_state, _ = step_fn(state.params, state.opt_state, next(data))
+    state = state._replace(step=state.step + 1, params=params,
+                           opt_state=opt_state)
+  return state
+
+
+def test_round_trip_is_exact(tmp_path, train_step):
+  data = make_data()
+  state = train(train_step, make_init(), data, 5)
+  expected = host(state)
+  data_state = data.get_state()
+  with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+    assert ckpt.save(state, data_iter=data, events={'skips': [3, 4]})
+    # Donated steps right after an async save must not reach the files.
+    train(train_step, state, data, 3)
+    ckpt.wait_until_finished()
+  fresh_data = make_data()
+  with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+    restored, events = ckpt.restore_or_init(make_init(), data_iter=fresh_data)
+  assert restored.step == 5
+  assert events == {'skips': [3, 4]}
+  assert fresh_data.get_state() == data_state
+  assert isinstance(restored.opt_state, og.GuardState)
+  assert jax.tree.structure(restored.opt_state) == jax.tree.structure(
+      state.opt_state
+  )
+  assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+  assert_trees_equal(host(restored), expected)
+
+
+def test_restore_or_init_on_empty_directory_returns_init(tmp_path):
+  init = make_init()
+  with og.Checkpointer(tmp_path / 'new') as ckpt:
+    state, events = ckpt.restore_or_init(init)
+  assert state is init and events == {}
+
+
+def test_sharded_save_on_eight_devices_restores_on_four(tmp_path):
+  devices = np.array(jax.devices())
+  assert devices.size == 8
+  four = Mesh(devices[:4], ('x',))
+  saved = make_init(seed=1, mesh=Mesh(devices, ('x',)))
+  assert len(saved.params['w'].sharding.device_set) == 8
+  saved = saved._replace(
+      step=3, params=jax.tree.map(lambda x: x + 1.5, saved.params)
+  )
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(saved)
+  target = make_init(seed=2, mesh=four)
+  with og.Checkpointer(tmp_path) as ckpt:
+    restored, _ = ckpt.restore_or_init(target)
+  assert restored.step == 3
+  assert_trees_equal(host(restored.params), host(saved.params))
+  assert restored.params['w'].sharding == NamedSharding(four, P('x'))
+  for got, want in zip(jax.tree.leaves(restored.opt_state),
+                       jax.tree.leaves(target.opt_state)):
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+
+
+def test_interval_force_and_existing_step(tmp_path):
+  state = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=10, async_save=False) as c:
+    assert not c.save(state._replace(step=7))
+    assert c.save(state._replace(step=7), force=True)
+    assert c.save(state._replace(step=10))
+    assert not c.save(state._replace(step=10), force=True)  # already saved
+    assert c.all_steps() == [7, 10]
+
+
+def test_last_good_checkpoint_outlives_max_to_keep(tmp_path):
+  state = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2) as c:
+    for step in range(1, 7):
+      c.save(state._replace(step=step), healthy=step in (1, 2))
+    c.wait_until_finished()
+    assert c.all_steps() == [2, 5, 6]
+    assert c.last_good_step() == 2
+  # A new process sees the same (health is read back from Orbax metrics).
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2) as c:
+    assert c.last_good_step() == 2
+    c.save(state._replace(step=7), healthy=False)
+    c.wait_until_finished()
+    assert c.all_steps() == [2, 6, 7]
+    restored, _ = c.restore_last_good(state)
+    assert restored.step == 2
+
+
+def _largest_file(step_dir):
+  files = glob.glob(f'{step_dir}/state/**/d/*', recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  path = _largest_file(step_dir)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_bit(step_dir):
+  path = _largest_file(step_dir)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x01]))
+
+
+def _garble(relative):
+  def corrupt(step_dir):
+    with open(os.path.join(step_dir, relative), 'w') as f:
+      f.write('{"not json')
+  return corrupt
+
+
+def _delete_manifest(step_dir):
+  os.remove(os.path.join(step_dir, 'state', 'manifest.ocdbt'))
+
+
+def _unfinish(step_dir):
+  os.rename(step_dir, f'{step_dir}.orbax-checkpoint-tmp-1234567')
+
+
+CORRUPTIONS = {
+    'truncated data file': (_truncate, r'cannot be read'),
+    'deleted file': (_delete_manifest, r'cannot be read|metadata'),
+    'garbage array metadata': (_garble('state/_METADATA'), r'metadata'),
+    'garbage events json': (_garble('events/metadata'), r'cannot be read'),
+    'garbage metrics json': (_garble('metrics/metrics'), r'metrics'),
+    'flipped bit': (_flip_bit, r'fingerprint mismatch in .*w'),
+    'unfinished save': (_unfinish, r'unfinished save'),
+}
+
+
+def _two_checkpoints(directory, train_step):
+  """Saves steps 10 and 20 of a short run; returns the state at step 10."""
+  data = make_data()
+  with og.Checkpointer(directory, save_interval_steps=10) as ckpt:
+    state = train(train_step, make_init(), data, 10)
+    ckpt.save(state, data_iter=data)
+    at_ten = host(state)
+    state = train(train_step, state, data, 10)
+    ckpt.save(state, data_iter=data)
+  return at_ten
+
+
+@pytest.mark.parametrize('kind', sorted(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, train_step, kind):
+  corrupt, reason = CORRUPTIONS[kind]
+  at_ten = _two_checkpoints(tmp_path, train_step)
+  corrupt(str(tmp_path / '20'))
+  data = make_data()
+  with pytest.warns(og.CorruptCheckpointWarning, match=rf'step 20.*{reason}'):
+    with og.Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+      restored, _ = ckpt.restore_or_init(make_init(), data_iter=data)
+      assert restored.step == 10
+      assert_trees_equal(host(restored), at_ten)
+      assert data.get_state()['position'] == 10 * 32 % 256
+      # Nothing is deleted: the older checkpoint stays, the bad one is set
+      # aside, and training goes on past it.
+      assert 10 in ckpt.all_steps()
+      if kind != 'unfinished save':
+        assert os.listdir(tmp_path / og.checkpoint.QUARANTINE_DIR / '20')
+      state = train(train_step, restored, data, 10)
+      assert ckpt.save(state, data_iter=data)
+      ckpt.wait_until_finished()
+      assert ckpt.all_steps() == [10, 20]
+
+
+def test_non_finite_parameters_are_never_loaded(tmp_path):
+  init = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+    ckpt.save(init._replace(step=10))
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), init.params)
+    ckpt.save(init._replace(step=20, params=bad))
+  with pytest.warns(og.CorruptCheckpointWarning,
+                    match=r"step 20.*non-finite parameter values in params\['b'\]"):
+    with og.Checkpointer(tmp_path) as ckpt:
+      restored, _ = ckpt.restore_or_init(init)
+  assert restored.step == 10
+
+
+def test_every_checkpoint_corrupt_starts_fresh_without_deleting(tmp_path,
+                                                               train_step):
+  _two_checkpoints(tmp_path, train_step)
+  for step in ('10', '20'):
+    _garble('state/_METADATA')(str(tmp_path / step))
+  init = make_init()
+  with pytest.warns(og.CorruptCheckpointWarning) as record:
+    with og.Checkpointer(tmp_path) as ckpt:
+      state, events = ckpt.restore_or_init(init)
+  assert state is init and events == {}
+  assert [str(w.message).split(':')[0] for w in record] == [
+      f'Checkpoint step 20 in {tmp_path}', f'Checkpoint step 10 in {tmp_path}'
+  ]
+  assert sorted(os.listdir(tmp_path / 'corrupted')) == ['10', '20']
+
+
+def test_changed_model_is_an_error_not_corruption(tmp_path):
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(make_init()._replace(step=1))
+  params = {'w': jnp.zeros((64, 17)), 'b': jnp.zeros(17)}
+  other = og.TrainState(0, params, TX.init(params))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', og.CorruptCheckpointWarning)
+    with og.Checkpointer(tmp_path) as ckpt:
+      with pytest.raises(ValueError, match=r'shape changes.*params/w'):
+        ckpt.restore_or_init(other)
+      assert ckpt.all_steps() == [1]
+
+
+def test_explicit_restore_of_corrupt_step_raises(tmp_path, train_step):
+  _two_checkpoints(tmp_path, train_step)
+  _flip_bit(str(tmp_path / '20'))
+  with og.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(og.CorruptCheckpointError, match='step 20'):
+      ckpt.restore(20, make_init())
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match='save_interval_steps'):
+    og.Checkpointer(tmp_path, save_interval_steps=0)
+  with pytest.raises(ValueError, match='max_to_keep'):
+    og.Checkpointer(tmp_path, max_to_keep=0)
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    with pytest.raises(TypeError, match='get_state'):
+      ckpt.save(make_init(), data_iter=iter([1, 2]))
+
+
+def test_shuffled_batches_resume_and_validate():
+  data = make_data(seed=3)
+  for _ in range(9):  # crosses an epoch boundary (8 batches per epoch)
+    next(data)
+  state = data.get_state()
+  expected = [next(data)['x'] for _ in range(10)]
+  again = make_data(seed=3)
+  again.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(again)['x'], want)
+  with pytest.raises(ValueError, match='seed'):
+    make_data(seed=4).set_state(state)
+  with pytest.raises(ValueError, match='batch_size'):
+    og.ShuffledBatches({'x': np.zeros(4)}, batch_size=5)
+  with pytest.raises(ValueError, match='same first dimension'):
+    og.ShuffledBatches({'x': np.zeros(4), 'y': np.zeros(5)}, batch_size=2)
