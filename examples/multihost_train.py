@@ -17,8 +17,9 @@ On CPU (what the tests run, two processes on 127.0.0.1)::
 ``--num-processes 1 --local-devices 8`` runs the same global computation in
 one process. On a GPU or TPU cluster, drop ``--local-devices`` (each process
 sees its own accelerators) and start one process per host with the same
-coordinator address; on TPU pods and under SLURM, ``jax.distributed.
-initialize()`` with no arguments finds all of it by itself.
+coordinator address, or pass ``--coordinator auto`` where
+``jax.distributed.initialize()`` finds the cluster by itself (TPU pods,
+SLURM, Open MPI, Kubernetes).
 """
 
 import argparse
@@ -35,7 +36,8 @@ import optax_guard as og
 def _parse():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--coordinator', default=None,
-                      help='host:port of process 0 (omit for one process)')
+                      help='host:port of process 0, "auto" to let JAX find'
+                      ' the cluster, omitted for one process')
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--process-id', type=int, default=0)
   parser.add_argument('--local-devices', type=int, default=None,
@@ -119,9 +121,12 @@ def main():
     # Before the first use of JAX: this many CPU devices in this process.
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', args.local_devices)
-  if args.num_processes > 1:
-    # CPU collectives across processes go through gloo (the default of
-    # jax_cpu_collectives_implementation); GPUs use NCCL, TPUs their ICI.
+  distributed = args.coordinator is not None
+  # CPU collectives across processes go through gloo (the default of
+  # jax_cpu_collectives_implementation); GPUs use NCCL, TPUs their ICI.
+  if args.coordinator == 'auto':
+    jax.distributed.initialize()
+  elif distributed:
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         num_processes=args.num_processes,
@@ -135,7 +140,7 @@ def main():
     print(f'process {jax.process_index()} of {jax.process_count()}: skipped'
           ' per step', result['metric_skipped'].tolist(), flush=True)
   finally:
-    if args.num_processes > 1:
+    if distributed:
       jax.distributed.shutdown()
 
 
