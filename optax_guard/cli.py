@@ -1,21 +1,27 @@
 """The ``optax-guard`` command: ``demo``, ``report`` and ``inspect``."""
 
 import argparse
+import logging
 import math
 import pathlib
 import sys
 import time
-import warnings
 from typing import Any, Optional, Sequence
 
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn
-from rich.progress import MofNCompleteColumn
-from rich.progress import Progress
-from rich.progress import TextColumn
-from rich.progress import TimeElapsedColumn
-from rich.table import Table
+try:
+  from rich import box
+  from rich.console import Console
+  from rich.logging import RichHandler
+  from rich.progress import BarColumn
+  from rich.progress import MofNCompleteColumn
+  from rich.progress import Progress
+  from rich.progress import TextColumn
+  from rich.progress import TimeElapsedColumn
+  from rich.table import Table
+except ImportError as _error:  # rich comes with the [examples] extra.
+  _MISSING_DEPENDENCY: Optional[ImportError] = _error
+else:
+  _MISSING_DEPENDENCY = None
 
 DEFAULT_OUT = 'optax-guard-demo'
 
@@ -66,10 +72,9 @@ class _RichListener:
 
   def note(self, run: str, message: str) -> None:
     color = 'red' if run == 'plain' else 'blue'
-    self.console.print(f'[{color}]{run:>8}[/] {message}', highlight=False)
-
-  def finish(self, run: str) -> None:
-    del run
+    self.console.print(
+        f'[{color}]{run:>8}[/] {message}', highlight=False, soft_wrap=True
+    )
 
   def stop(self) -> None:
     self.progress.stop()
@@ -110,13 +115,22 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
       f' pydoc_data text, {config.steps} steps, twice: plain optax and'
       ' optax_guard.'
   )
-  console.print('Faults (data positions; the preemption hits the guarded run):')
+  console.print('Faults, at the same steps of both runs:')
   for fault in config.faults:
     console.print(f'  {fault}', highlight=False)
   listener = _RichListener(console)
   started = time.perf_counter()
   try:
     summary = run_lib.run_demo(config, out_dir, listener)
+  except (run_lib.Interrupted, KeyboardInterrupt) as error:
+    listener.stop()
+    console.print(
+        f'[yellow]Interrupted{f" ({error})" if str(error) else ""}. Run the'
+        ' same command again to resume: the guarded run continues from its'
+        ' newest valid checkpoint; the plain run, which has none, starts'
+        ' over.[/]'
+    )
+    return 130
   finally:
     listener.stop()
   report = report_lib.render(out_dir)
@@ -140,24 +154,29 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def _inspect(args: argparse.Namespace, console: Console) -> int:
   from optax_guard.demo import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
 
-  directory = pathlib.Path(args.checkpoint_dir)
-  infos = checkpoints_lib.inspect(directory)
-  table = Table(title=f'checkpoints in {directory}', box=box.SIMPLE_HEAVY)
-  for column in ('checkpoint', 'step', 'valid', 'last good', 'skips',
-                 'nonfinite', 'spikes', 'rollbacks', 'note'):
+  infos = checkpoints_lib.describe(args.checkpoint_dir)
+  table = Table(
+      title=f'checkpoints in {args.checkpoint_dir}', box=box.SIMPLE_HEAVY
+  )
+  for column in ('step', 'valid', 'healthy', 'last good', 'skips',
+                 'rollbacks', 'data', 'problem'):
     table.add_column(column)
   for info in infos:
-    guard = info.guard or {}
-    progress = info.meta or {}
+    data = info.data_state
+    if isinstance(data, dict):
+      data = ' '.join(f'{key}={value}' for key, value in data.items())
     table.add_row(
-        str(info.iteration), _number(progress.get('step')),
-        'yes' if info.valid else '[red]NO[/]',
-        '<-' if info.last_good else '',
-        _number(guard.get('total_skips')), _number(guard.get('total_nonfinite')),
-        _number(guard.get('total_spikes')), _number(progress.get('rollbacks')),
-        info.error or '',
+        str(info.step), 'yes' if info.valid else '[red]NO[/]',
+        'yes' if info.healthy else 'no', 'yes' if info.last_good else '',
+        _number(info.skipped_steps), _number(info.rollbacks), _number(data),
+        info.problem or '',
     )
   console.print(table)
+  console.print(
+      'last good: the newest valid checkpoint saved while training was'
+      ' healthy, the target of a rollback. skips and rollbacks count the'
+      ' guard events up to each checkpoint.'
+  )
   return 0
 
 
@@ -187,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
       '--faults', nargs='+', metavar='FAULT',
       help='faults to inject: NAME or NAME@STEP (poison@START-END for a'
       ' window) with NAME in spike, poison, preempt, nan; "none" for none'
-      ' (default: all four, at 30%%, 45%%, 62%% and 80%% of the run)',
+      ' (default: all four, at 30%%, 45%%, 70%% and 80%% of the run)',
   )
   demo.set_defaults(handler=_demo)
 
@@ -210,16 +229,40 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _missing_extra(error: ImportError) -> int:
+  print(
+      f'optax-guard: {error.name or error} is not installed; the command needs'
+      " the examples extra: pip install 'optax-guard[examples]'",
+      file=sys.stderr,
+  )
+  return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the ``optax-guard`` console script."""
   args = build_parser().parse_args(argv)
+  if _MISSING_DEPENDENCY is not None:
+    return _missing_extra(_MISSING_DEPENDENCY)
   console = Console()
+  # optax_guard's own warnings (a preemption signal, a skipped checkpoint,
+  # a rollback) print above the progress bars.
+  logger = logging.getLogger('optax_guard')
+  handler = RichHandler(console=console, show_time=False, show_path=False)
+  logger.addHandler(handler)
+  propagate, logger.propagate = logger.propagate, False
   try:
     return args.handler(args, console)
+  except ModuleNotFoundError as error:
+    if error.name in ('matplotlib', 'tensorboardX'):
+      return _missing_extra(error)
+    raise
   except ValueError as error:  # Bad options or a foreign directory.
     console.print(f'[red]optax-guard {args.command}: {error}[/]',
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     return 2
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ SPIKE_FACTOR = 1e4
 
 DESCRIPTIONS = {
     'spike': f'{SPIKE_FACTOR:.0e}x gradient spike (loss weights scaled)',
-    'poison': 'poisoned data: a growing share of the targets replaced by noise',
+    'poison': 'poisoned data: 50% to 100% of the characters replaced by noise',
     'preempt': 'simulated preemption (the guarded run restarts from disk)',
     'nan': 'NaN batch (one loss weight is NaN)',
 }
@@ -56,7 +56,7 @@ def default_faults(steps: int) -> tuple[Fault, ...]:
   return (
       Fault('spike', round(0.3 * steps)),
       Fault('poison', round(0.45 * steps), max(12, steps // 12)),
-      Fault('preempt', round(0.62 * steps)),
+      Fault('preempt', round(0.7 * steps)),
       Fault('nan', round(0.8 * steps)),
   )
 
@@ -73,7 +73,7 @@ def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
     >>> from optax_guard.demo.faults import parse_faults
     >>> for fault in parse_faults(['nan@30', 'poison@10-19'], steps=50):
     ...   print(fault)
-    steps 10-19: poisoned data: a growing share of the targets replaced by noise
+    steps 10-19: poisoned data: 50% to 100% of the characters replaced by noise
     step 30: NaN batch (one loss weight is NaN)
   """
   if list(specs) == ['none']:
@@ -157,9 +157,9 @@ class FaultyBatches:
     elif fault.name == 'spike':
       weights *= SPIKE_FACTOR
     elif fault.name == 'poison':
-      # The share of noise grows over the window, from 1/length to all, like
+      # The share of noise grows over the window, from a half to all, like
       # a data source going bad.
-      share = (step + 1 - fault.start) / fault.length
+      share = 0.5 + 0.5 * (step + 1 - fault.start) / fault.length
       rng = np.random.default_rng((self.seed, step, 1))
       noisy = rng.random(tokens.shape) < share
       noise = rng.integers(0, self.vocab_size, tokens.shape, dtype=np.int32)

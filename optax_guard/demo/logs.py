@@ -92,6 +92,13 @@ class RunLog:
         purge_step=first_step if first_step > 1 else None,
     )
 
+  def records(self) -> list[dict[str, Any]]:
+    """This run's step records so far."""
+    return [
+        r for r in read_jsonl(self.out_dir / METRICS_FILE)
+        if r['run'] == self.run
+    ]
+
   @property
   def started(self) -> bool:
     return self._metrics is not None

@@ -46,9 +46,9 @@ class TinyTransformer(nnx.Module):
     >>> from flax import nnx
     >>> from optax_guard.demo.model import ModelConfig, TinyTransformer
     >>> import jax.numpy as jnp
-    >>> model = TinyTransformer(ModelConfig(vocab_size=10, seq_len=8),
-    ...                         rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+    >>> config = ModelConfig(vocab_size=10, seq_len=8)
+    >>> model = nnx.jit(lambda: TinyTransformer(config, rngs=nnx.Rngs(0)))()
+    >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 8), jnp.int32)).shape
     (2, 8, 10)
   """
 

@@ -62,28 +62,24 @@ def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
 
 
 def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
-  """Splits a run into ``(records, kept)`` pieces at its rollbacks.
+  """Splits a run into ``(records, kept)`` pieces of consecutive steps.
 
-  ``kept`` is False for the steps a rollback discarded.
+  ``kept`` is False for the steps whose updates a rollback undid (from the
+  restored checkpoint to the step that diverged).
   """
-  discarded = set()
+  undone = set()
   for event in events:
     if event['event'] == 'rollback':
-      lost = event['from_step'] - event['to_step']
-      discarded.update(
-          range(event['iteration'] - lost + 1, event['iteration'] + 1)
-      )
+      undone.update(range(event['to_step'] + 1, event['step'] + 1))
   pieces: list[tuple[list[dict[str, Any]], bool]] = []
   previous_step = None
   for record in records:
-    kept = record['iteration'] not in discarded
-    new_piece = (
-        not pieces
-        or pieces[-1][1] != kept
-        or (previous_step is not None and record['step'] <= previous_step)
-    )
-    if new_piece:
-      pieces.append(([], kept))
+    kept = record['step'] not in undone
+    if (not pieces or pieces[-1][1] != kept
+        or record['step'] != previous_step + 1):
+      # Overlap by one step so that the line stays joined where it is.
+      joined = pieces and record['step'] == previous_step + 1
+      pieces.append(([pieces[-1][0][-1]] if joined else [], kept))
     pieces[-1][0].append(record)
     previous_step = record['step']
   return pieces
@@ -97,7 +93,7 @@ def _plot_run(axes, run, records, events):
   color = COLORS[run]
   loss_ax, train_ax, norm_ax = axes
   for piece, kept in _segments(records, events):
-    style = dict(color=color, alpha=1.0 if kept else 0.25, linewidth=1.0)
+    style = {'color': color, 'alpha': 1.0 if kept else 0.25, 'linewidth': 1.0}
     steps = [r['step'] for r in piece]
     train_ax.plot(
         steps, [r['loss'] if _finite(r['loss']) else math.nan for r in piece],
@@ -108,11 +104,22 @@ def _plot_run(axes, run, records, events):
         steps, [r['clip_bound'] for r in piece], color=color,
         alpha=style['alpha'], linewidth=1.2, linestyle='--',
     )
-    evals = [r for r in piece if 'eval_loss' in r]
-    loss_ax.plot(
-        [r['step'] for r in evals], [r['eval_loss'] for r in evals],
-        marker='o', markersize=3, **style,
-    )
+    if not kept:
+      undone_evals = [r for r in piece if 'eval_loss' in r]
+      loss_ax.plot(
+          [r['step'] for r in undone_evals],
+          [r['eval_loss'] for r in undone_evals], linestyle='none',
+          marker='o', markersize=3, **style,
+      )
+  # One line through the evaluations of the model that carried on.
+  evals = [
+      r for piece, kept in _segments(records, events) if kept
+      for r in piece if 'eval_loss' in r
+  ]
+  loss_ax.plot(
+      [r['step'] for r in evals], [r['eval_loss'] for r in evals],
+      marker='o', markersize=3, color=color, linewidth=1.0,
+  )
   top = transforms.blended_transform_factory
   # Where the run turned NaN for good.
   dead = next((r for r in records if not _finite(r['loss'])
@@ -135,13 +142,15 @@ def _plot_run(axes, run, records, events):
   for event in events:
     if event['event'] == 'rollback':
       train_ax.annotate(
-          '', xy=(event['to_step'], 0.85), xytext=(event['from_step'], 0.85),
+          '', xy=(event['to_step'], 0.85), xytext=(event['step'], 0.85),
           xycoords=top(train_ax.transData, train_ax.transAxes),
-          arrowprops=dict(arrowstyle='->', color=color, linewidth=1.5),
+          arrowprops={'arrowstyle': '->', 'color': color, 'linewidth': 1.5},
       )
       train_ax.text(
-          event['to_step'], 0.75, f'rollback {event["from_step"]}'
-          f'\u2192{event["to_step"]}', color=color, fontsize=8,
+          event['to_step'], 0.72,
+          f'rollback to step {event["to_step"]},\nbatches'
+          f' {event["step"] + 1}-{event["resume_step"]} skipped',
+          color=color, fontsize=8,
           transform=top(train_ax.transData, train_ax.transAxes),
       )
     elif event['event'] == 'resume':

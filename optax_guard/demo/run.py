@@ -8,6 +8,7 @@ from the newest valid checkpoint after a preemption or a crash.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -53,7 +54,6 @@ class DemoConfig:
   learning_rate: float = 3e-3
   weight_decay: float = 0.01
   clip_norm: float = 1.0
-  checkpoint_every: int = 25
   eval_every: int = 25
   eval_batches: int = 4
   max_consecutive_skips: int = 6
@@ -66,6 +66,10 @@ class DemoConfig:
       object.__setattr__(
           self, 'faults', faults_lib.default_faults(self.steps)
       )
+
+  @property
+  def checkpoint_every(self) -> int:
+    return max(5, min(25, self.steps // 12))
 
   @property
   def warmup_steps(self) -> int:
@@ -86,12 +90,6 @@ class DemoConfig:
     fields['faults'] = [dataclasses.asdict(f) for f in self.faults]
     return fields
 
-  @classmethod
-  def from_json(cls, fields: dict[str, Any]) -> 'DemoConfig':
-    fields = dict(fields)
-    fields['faults'] = tuple(faults_lib.Fault(**f) for f in fields['faults'])
-    return cls(**fields)
-
 
 # ----------------------------------------------------------------------------
 # The model, its optimizers and its steps.
@@ -103,13 +101,21 @@ class Setup:
 
   config: DemoConfig
   corpus: data_lib.Corpus
-  graphdef: nnx.GraphDef
   init_params: Callable[[], nnx.State]
   plain_tx: optax.GradientTransformation
   guarded_tx: optax.GradientTransformation
   plain_step: Callable[..., Any]
   guarded_step: Callable[..., Any]
   heldout_loss: Callable[[nnx.State], float]
+
+  def init_state(self, tx: optax.GradientTransformation):
+    """Fresh ``(params, opt_state)``, committed to the device.
+
+    Arrays restored from a checkpoint are committed too; the same placement
+    lets the train step compiled for one serve the other.
+    """
+    params = self.init_params()
+    return jax.device_put((params, tx.init(params)), jax.devices()[0])
 
   def batches(self) -> faults_lib.FaultyBatches:
     """The training batches, with the configured faults, from the start."""
@@ -135,7 +141,10 @@ def _plain_step(loss_fn, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=2)
 def make_setup(config: DemoConfig) -> Setup:
+  """Builds (once per config in a process: the steps stay compiled) the
+  data, model and steps."""
   corpus = data_lib.load_corpus()
   model_config = model_lib.ModelConfig(
       vocab_size=corpus.vocab_size, seq_len=config.seq_len,
@@ -147,6 +156,8 @@ def make_setup(config: DemoConfig) -> Setup:
       )
   )
 
+  # One compiled initialization instead of one small compile per layer.
+  @jax.jit
   def init_params() -> nnx.State:
     model = model_lib.TinyTransformer(
         model_config, rngs=nnx.Rngs(config.seed)
@@ -187,7 +198,6 @@ def make_setup(config: DemoConfig) -> Setup:
   return Setup(
       config=config,
       corpus=corpus,
-      graphdef=graphdef,
       init_params=init_params,
       plain_tx=plain_tx,
       guarded_tx=guarded_tx,
@@ -203,6 +213,11 @@ def params_sha256(params: nnx.State) -> str:
   for leaf in jax.tree.leaves(params):
     digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
   return digest.hexdigest()
+
+
+def _all_finite(params: nnx.State, loss: float) -> bool:
+  leaves = jax.device_get(jax.tree.leaves(params))
+  return math.isfinite(loss) and all(np.isfinite(x).all() for x in leaves)
 
 
 def _scalars(metrics: dict[str, jax.Array]) -> dict[str, Any]:
@@ -235,9 +250,6 @@ class Listener:
   def note(self, run: str, message: str) -> None:
     pass
 
-  def finish(self, run: str) -> None:
-    pass
-
 
 def _fault_note(run: str, fault: faults_lib.Fault, m: dict[str, Any]):
   """One line on what a run did with a fault, or ``None`` if not yet."""
@@ -247,7 +259,8 @@ def _fault_note(run: str, fault: faults_lib.Fault, m: dict[str, Any]):
     elif fault.name == 'poison':
       outcome = 'trained on (plain optax has no way to refuse a batch)'
     else:
-      outcome = f'applied (grad norm {m["grad_norm"]:.3g} clipped to norm 1)'
+      outcome = (f'applied (grad norm {m["grad_norm"]:.3g} clipped to'
+                 f' {m["clip_bound"]:g})')
   elif m['skipped']:
     outcome = 'skipped, optimizer state held bit for bit'
     if fault.name == 'poison':
@@ -277,8 +290,7 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
   config = setup.config
   log = logs_lib.RunLog(out_dir, 'plain')
   log.start(first_step=1)
-  params = setup.init_params()
-  opt_state = setup.plain_tx.init(params)
+  params, opt_state = setup.init_state(setup.plain_tx)
   batches = setup.batches()
   listener.start('plain', config.steps, 0)
   noted = set()
@@ -299,14 +311,10 @@ def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
       _note_fault(listener, 'plain', fault, record, noted)
   finally:
     log.close()
-    listener.finish('plain')
   final_loss = setup.heldout_loss(params)
   return {
       'final_loss': final_loss,
-      'finite': bool(
-          math.isfinite(final_loss)
-          and all(jnp.isfinite(x).all() for x in jax.tree.leaves(params))
-      ),
+      'finite': _all_finite(params, final_loss),
       'skips': 0,
       'rollbacks': 0,
   }
@@ -338,6 +346,7 @@ class GuardedRun:
     self.checkpointer: Optional[og.Checkpointer] = None
     self.preempting = False
     self.noted: set[str] = set()
+    self.skips = self.rollbacks = 0  # For the progress display.
 
   def _clip_bound(self, metrics: dict[str, Any]) -> float:
     """The norm above which ZClip clips the next step."""
@@ -355,15 +364,24 @@ class GuardedRun:
     step = state.step - config.skip_batches if diverged else state.step
     if not self.log.started:
       self.log.start(first_step=step)
+      # Counts for the progress display, from what is logged before `step`.
+      self.skips = sum(r['skipped'] for r in self.log.records())
+      self.rollbacks = sum(
+          e['event'] == 'rollback' for e in logs_lib.events(
+              self.log.out_dir, 'guarded')
+      )
       if step > 1:
         self.log.event('resume', step - 1)
         self.listener.note(
             'guarded', f'resumed from the checkpoint of step {step - 1}'
         )
     fault = self.batches.fault_at(step)
+    self.skips += metrics['skipped']
+    self.rollbacks += diverged
     record = {
         'step': step, 'fault': None if fault is None else fault.name,
-        'clip_bound': self._clip_bound(metrics), **metrics,
+        'clip_bound': self._clip_bound(metrics), 'skips': self.skips,
+        'rollbacks': self.rollbacks, **metrics,
     }
     if step % config.eval_every == 0 or step == config.steps:
       record['eval_loss'] = self.setup.heldout_loss(state.params)
@@ -381,10 +399,12 @@ class GuardedRun:
           f' rolled back to the last good checkpoint (step {to_step}),'
           f' skipping batches {step + 1}-{state.step}',
       )
-    if step == self.batches.preempt_step:
-      self.log.event('preempt', step)
+    preempt_step = self.batches.preempt_step
+    # A rollback may skip past the planned step: then it comes right after.
+    if preempt_step is not None and step <= preempt_step <= state.step:
+      self.log.event('preempt', state.step)
       self.listener.note(
-          'guarded', f'step {step}: SIGTERM (simulated preemption)'
+          'guarded', f'step {state.step}: SIGTERM (simulated preemption)'
       )
       self.preempting = True
       signal.raise_signal(signal.SIGTERM)
@@ -394,8 +414,7 @@ class GuardedRun:
     setup = self.setup
     self.batches = setup.batches()
     self.log.close()
-    params = setup.init_params()
-    init = og.TrainState(0, params, setup.guarded_tx.init(params))
+    init = og.TrainState(0, *setup.init_state(setup.guarded_tx))
     with og.Checkpointer(
         self.directory, save_interval_steps=self.config.checkpoint_every,
         max_to_keep=3,
@@ -429,11 +448,10 @@ class GuardedRun:
         )
     finally:
       self.log.close()
-      self.listener.finish('guarded')
     final_loss = self.setup.heldout_loss(result.state.params)
     return {
         'final_loss': final_loss,
-        'finite': math.isfinite(final_loss),
+        'finite': _all_finite(result.state.params, final_loss),
         'skips': result.events.counts['skipped_step'],
         'rollbacks': len(result.recovery.rollbacks),
         'params_sha256': params_sha256(result.state.params),
@@ -465,13 +483,14 @@ def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
 def run_demo(
     config: DemoConfig,
     out_dir: os.PathLike,
-    listener: Listener = Listener(),
+    listener: Optional[Listener] = None,
 ) -> dict[str, Any]:
   """Runs (or resumes) the demo into ``out_dir``; returns the summary."""
+  listener = listener or Listener()
   out_dir = pathlib.Path(out_dir)
   check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1))
+  _write_json(out_dir / CONFIG_FILE, config.to_json())
   summary_path = out_dir / SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   setup = make_setup(config)
