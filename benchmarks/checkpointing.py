@@ -20,7 +20,6 @@ import pathlib
 import tempfile
 from typing import Any, Callable, Optional
 
-import jax
 
 import optax_guard as og
 from benchmarks import timing
@@ -86,10 +85,7 @@ class _Chunk:
     self.setup = setup
     self.batch = batch
     self.checkpointer = checkpointer
-    params = setup.init_params()
-    self.state = og.TrainState(
-        0, params, jax.jit(setup.guarded_tx.init)(params)
-    )
+    self.state = og.TrainState(0, *setup.init_state(setup.guarded_tx))
 
   def __call__(self):
     if self.checkpointer is not None:

@@ -23,6 +23,7 @@ from flax import nnx
 import optax_guard as og
 from benchmarks import timing
 from benchmarks import workloads as w
+from optax_guard.demo import data as data_lib
 from optax_guard.demo import model as model_lib
 from optax_guard.demo import run as demo_run
 
@@ -42,10 +43,28 @@ LM_CONFIGS = {
 
 @functools.cache
 def demo_setup(lm: str) -> tuple[demo_run.Setup, dict[str, jax.Array]]:
-  """The demo's setup for ``LM_CONFIGS[lm]`` and its first batch (memoised,
-  so that checkpointing reuses the steps compiled here)."""
+  """The demo's setup for ``LM_CONFIGS[lm]`` and its first clean batch
+  (memoised, so that checkpointing reuses the steps compiled here)."""
   setup = demo_run.make_setup(LM_CONFIGS[lm])
-  return setup, jax.device_put(next(setup.batches()))
+  config = setup.config
+  batches = data_lib.BatchIterator(
+      setup.corpus.train, batch_size=config.batch_size,
+      seq_len=config.seq_len, seed=config.seed,
+  )
+  return setup, jax.device_put(next(batches), jax.devices()[0])
+
+
+def _graphdef(setup: demo_run.Setup) -> nnx.GraphDef:
+  """The demo model's structure, built as :func:`demo_run.make_setup` does."""
+  config = setup.config
+  model_config = model_lib.ModelConfig(
+      vocab_size=setup.corpus.vocab_size, seq_len=config.seq_len,
+      width=config.width, depth=config.depth, heads=config.heads,
+  )
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(0))
+  ))
+  return graphdef
 
 
 def describe(setup: demo_run.Setup, lm: str) -> dict[str, Any]:
@@ -69,7 +88,7 @@ class _NnxStepper:
   """Runs :func:`og.make_nnx_train_step` on its own model and optimizer."""
 
   def __init__(self, setup: demo_run.Setup, batch):
-    self.model = nnx.merge(setup.graphdef, setup.init_params())
+    self.model = nnx.merge(_graphdef(setup), setup.init_params())
     self.optimizer = nnx.Optimizer(self.model, setup.guarded_tx, wrt=nnx.Param)
     self.step = og.make_nnx_train_step(_nnx_loss)
     self.batch = batch
@@ -79,7 +98,7 @@ class _NnxStepper:
 
 
 def _candidates(setup: demo_run.Setup, batch) -> list[timing.Candidate]:
-  loss_fn = model_lib.make_loss_fn(setup.graphdef)
+  loss_fn = model_lib.make_loss_fn(_graphdef(setup))
   config = setup.config
   bare_tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
   steps = [
@@ -89,8 +108,7 @@ def _candidates(setup: demo_run.Setup, batch) -> list[timing.Candidate]:
   ]
   candidates = []
   for name, step, tx, baseline in steps:
-    params = setup.init_params()
-    opt_state = jax.jit(tx.init)(params)
+    params, opt_state = setup.init_state(tx)
     candidates.append(timing.Candidate(
         name, w.Stepper(step, params, opt_state, batch), baseline
     ))
