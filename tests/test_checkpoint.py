@@ -6,6 +6,9 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import numpy as np
 import optax
 import pytest
@@ -78,6 +81,66 @@ def train(step_fn, state, data, steps):
     state = state._replace(step=state.step + 1, params=params,
                            opt_state=opt_state)
   return state
+
+
+def _reference_fingerprint(x) -> int:
+  """``sum(bits[i] * (2 * i + 1)) mod 2**32`` over the row-major index, in
+  NumPy from the raw bytes (complex: real and imaginary parts interleaved)."""
+  x = np.asarray(x)
+  if x.dtype == np.bool_:
+    bits = x.astype(np.uint64)
+  else:
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+    bits = x.view(unsigned[min(x.dtype.itemsize, 8)]).astype(np.uint64)
+  bits = bits.reshape(-1)
+  weights = (2 * np.arange(bits.size, dtype=np.uint64) + 1) % 2**32
+  return int(np.sum(bits * weights % 2**32) % 2**32)
+
+
+_FINGERPRINTED = {
+    'f32 3-d': np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32),
+    'f32 scalar': np.float32(-2.5),
+    'bf16': np.linspace(-3, 3, 5).astype(jnp.bfloat16),
+    'f16 2-d': np.random.default_rng(1).normal(size=(3, 7)).astype(np.float16),
+    'int8': np.arange(-3, 4, dtype=np.int8),
+    'bool': np.eye(4, dtype=bool),
+    'complex64': (np.arange(6) + 1j * np.arange(6, 12)).astype(
+        np.complex64).reshape(3, 2),
+    # Large bit patterns and many columns: the sums wrap around 2**32.
+    'u32 wrapping': np.random.default_rng(2).integers(
+        0, 2**32, size=(5, 1000), dtype=np.uint32),
+}
+
+
+@pytest.mark.parametrize('name', list(_FINGERPRINTED))
+def test_fingerprint_is_the_position_weighted_sum_of_the_bits(name):
+  x = _FINGERPRINTED[name]
+  (value,) = og.checkpoint.fingerprint({'x': jnp.asarray(x)}).values()
+  assert value == _reference_fingerprint(x)
+
+
+def test_fingerprint_of_a_prng_key_is_that_of_its_key_data():
+  key = jax.random.key(3)
+  (value,) = og.checkpoint.fingerprint([key]).values()
+  assert value == _reference_fingerprint(jax.random.key_data(key))
+
+
+@pytest.mark.parametrize('spec', [P('x'), P(None, 'x')])
+def test_fingerprint_does_not_depend_on_the_sharding(spec):
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  mesh = Mesh(np.array(jax.devices()[:8]), ('x',))
+  sharded = jax.device_put(x, NamedSharding(mesh, spec))
+  assert og.checkpoint.fingerprint([sharded]) == og.checkpoint.fingerprint([x])
+
+
+@settings(max_examples=40, deadline=None)
+@given(index=st.integers(0, 3 * 5 * 7 - 1), bit=st.integers(0, 31))
+def test_any_flipped_bit_changes_the_fingerprint(index, bit):
+  x = np.random.default_rng(4).normal(size=(3, 5, 7)).astype(np.float32)
+  flipped = x.copy()
+  flipped.reshape(-1).view(np.uint32)[index] ^= np.uint32(1 << bit)
+  assert (og.checkpoint.fingerprint([jnp.asarray(flipped)])
+          != og.checkpoint.fingerprint([jnp.asarray(x)]))
 
 
 def test_round_trip_is_exact(tmp_path, train_step):
