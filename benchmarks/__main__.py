@@ -2,6 +2,7 @@
 
     python -m benchmarks                      # everything, ~13 min on 2 cores
     python -m benchmarks --only update,memory --sizes 1M,12.6M
+    python -m benchmarks --render benchmarks/results.json   # notes edited
     python -m benchmarks --help
 
 Sections: update (item 1), train_step (2), memory (3), checkpointing (4),
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
       f' {",".join(FAMILIES)} (default: all)')
   parser.add_argument(
       '--repeats', type=_positive(int), default=15,
-      help='timed rounds per comparison (default: 15)')
+      help='timed rounds of each update comparison (default: 15)')
+  parser.add_argument(
+      '--step-rounds', type=_positive(int), default=60,
+      help='timed rounds of the whole train step on the demo LM, whose target'
+      ' (1.03) is within the noise of fewer (default: 60)')
   parser.add_argument(
       '--warmup', type=_positive(int), default=2,
       help='untimed calls of each candidate first (default: 2)')
@@ -121,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--seed', type=int, default=0, help='seed of the fault campaign')
   parser.add_argument(
+      '--render', type=pathlib.Path, metavar='RESULTS_JSON',
+      help='measure nothing: rewrite BENCHMARKS.md from a results.json (and'
+      ' the current benchmarks/NOTES.md), e.g. after editing the notes')
+  parser.add_argument(
       '--out', type=pathlib.Path,
       help='directory for BENCHMARKS.md and results.json (default:'
       ' BENCHMARKS.md at the repository root, benchmarks/results.json)')
@@ -138,7 +147,7 @@ def _section_runners(args) -> dict[str, Callable[[Callable], dict[str, Any]]]:
 
   def train_step(say):
     from benchmarks import train_step as section  # pylint: disable=g-import-not-at-top
-    return section.run(lm=args.lm, rounds=args.repeats, warmup=args.warmup,
+    return section.run(lm=args.lm, rounds=args.step_rounds, warmup=args.warmup,
                        min_sample_s=args.min_sample_ms / 1e3, say=say)
 
   def memory(say):
@@ -190,6 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   else:
     markdown_path = args.out / 'BENCHMARKS.md'
     json_path = args.out / 'results.json'
+  if args.render is not None:
+    _write(json.loads(args.render.read_text()), markdown_path, json_path)
+    print(f'benchmarks: rendered {markdown_path} from {args.render}')
+    return 0
   start = time.perf_counter()
   results = {
       'command': shlex.join(['python', '-m', 'benchmarks', *argv]),

@@ -202,23 +202,28 @@ def _update_md(section) -> str:
                  + _timing_table(rows, ('group', lambda r: r['group'])))
     comparisons = section['comparisons'].get(str(count), {})
     if comparisons:
-      parts.append('Between candidates of one group, same rounds:\n\n' + '\n'.join(
-          f'* {uc.COMPARISONS[key][0]} ÷ {uc.COMPARISONS[key][1]}:'
-          f' **{c["ratio"]:.3f}×** ({c["ratio_q1"]:.3f}–{c["ratio_q3"]:.3f})'
-          for key, c in comparisons.items()))
+      parts.append(_comparisons_md(comparisons, uc.COMPARISONS))
   return '\n\n'.join(parts)
 
 
+def _comparisons_md(comparisons, names) -> str:
+  """Ratios between two candidates of one measurement, same rounds."""
+  return 'Between candidates, same rounds:\n\n' + '\n'.join(
+      f'* {names[key][0]} ÷ {names[key][1]}: **{c["ratio"]:.3f}×**'
+      f' ({c["ratio_q1"]:.3f}–{c["ratio_q3"]:.3f})'
+      for key, c in comparisons.items())
+
+
 def _train_step_md(section) -> str:
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+
   model = section['model']
-  bare = section['guarded_over_bare']
   return (
       f'Model: {model["params"]:,} params (width {model["width"]}, depth'
       f' {model["depth"]}, {model["heads"]} heads), batch'
       f' {model["batch_size"]} × {model["seq_len"]} characters.\n\n'
-      + _timing_table(section['rows'])
-      + f'\n\nGuarded step ÷ bare adamw step, same rounds: **{bare["ratio"]:.3f}×**'
-        f' ({bare["ratio_q1"]:.3f}–{bare["ratio_q3"]:.3f}).'
+      + _timing_table(section['rows']) + '\n\n'
+      + _comparisons_md(section['comparisons'], train_step.COMPARISONS)
   )
 
 

@@ -16,12 +16,14 @@ import pytest
 from benchmarks import __main__ as runner
 from benchmarks import report
 from benchmarks import timing
+from benchmarks import train_step
 from benchmarks import update_cost
 from benchmarks import workloads
 
 TINY = [
     '--sizes', '20k', '--groups', 'headline', '--layers', '1',
-    '--repeats', '2', '--warmup', '1', '--min-sample-ms', '1', '--lm', 'tiny',
+    '--repeats', '2', '--step-rounds', '2', '--warmup', '1',
+    '--min-sample-ms', '1', '--lm', 'tiny',
     '--checkpoint-size', '20k', '--checkpoint-rounds', '1', '--faults', '2',
 ]
 
@@ -86,7 +88,14 @@ def test_other_sections_hold_their_measurements(run):
       assert _positive(row['median_ms'])
       if row['baseline'] is not None:
         assert _positive(row['ratio'])
-  assert sections['train_step']['model']['lm'] == 'tiny'
+  step = sections['train_step']
+  assert step['model']['lm'] == 'tiny'
+  assert {r['name'] for r in step['rows']} == {
+      train_step.PLAIN, train_step.GUARDED, train_step.BARE,
+      train_step.GUARDED_NNX, train_step.GUARDED_NNX_OPTIMIZER}
+  assert set(step['comparisons']) == set(train_step.COMPARISONS)
+  for comparison in step['comparisons'].values():
+    assert _positive(comparison['ratio'])
   faults = sections['faults']
   assert faults['survived'] and faults['params_always_finite']
   assert faults['injected_total'] >= 2
@@ -113,6 +122,16 @@ def test_markdown_has_machine_targets_and_every_section(run):
   assert results['machine']['cpu'] in markdown
   assert results['machine']['versions']['jax'] in markdown
   assert '*Skipped' not in markdown and '*Failed' not in markdown
+
+
+def test_render_rewrites_the_markdown_from_saved_results(run, tmp_path):
+  _, results, markdown = run
+  saved = tmp_path / 'saved.json'
+  saved.write_text(json.dumps(results))
+  out = tmp_path / 'out'
+  assert runner.main(['--render', str(saved), '--out', str(out)]) == 0
+  assert (out / 'BENCHMARKS.md').read_text() == markdown
+  assert json.loads((out / 'results.json').read_text()) == results
 
 
 def test_growth_alone_is_skipped_with_a_reason(tmp_path):
