@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
       '--checkpoint-size', type=_size, default=_size('100M'),
       help='parameters of the state saved by checkpointing (default: 100M)')
   parser.add_argument(
-      '--checkpoint-rounds', type=_positive(int), default=5,
-      help='timed rounds of the checkpointing comparisons (default: 5)')
+      '--checkpoint-rounds', type=_positive(int), default=10,
+      help='timed rounds of the checkpointing comparisons (default: 10)')
   parser.add_argument(
       '--checkpoint-dir',
       help='where checkpointing writes (default: a temporary directory)')

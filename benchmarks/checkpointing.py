@@ -15,6 +15,7 @@ Two measurements, each interleaved:
 """
 
 import contextlib
+import inspect
 import itertools
 import pathlib
 import tempfile
@@ -134,5 +135,7 @@ def run(*, count: int, layers: int, lm: str, rounds: int, warmup: int,
       'save_rows': saves.rows(),
       'demo': train_step.describe(setup, lm),
       'save_every': SAVE_EVERY,
+      'default_interval': inspect.signature(og.Checkpointer).parameters[
+          'save_interval_steps'].default,
       'train_rows': training.rows(),
   }

@@ -252,14 +252,25 @@ def _memory_md(section) -> str:
 
 
 def _checkpointing_md(section) -> str:
+  from benchmarks import checkpointing  # pylint: disable=g-import-not-at-top
+
   state = section['state']
+  chunk = _row(section['train_rows'], name=checkpointing.TRAIN)
+  saving = _row(section['train_rows'], name=checkpointing.TRAIN_SAVING)
+  every, default = section['save_every'], section['default_interval']
+  per_save_ms = (saving['ratio'] - 1) * chunk['median_ms']
   return (
       f'State: {w.format_size(state["params"])} params with og.guard(adamw)'
       f' state, {w.format_bytes(state["bytes"])}.\n\n'
       + _timing_table(section['save_rows'])
       + f'\n\nDemo LM ({section["demo"]["params"]:,} params), chunks of'
-        f' {section["save_every"]} guarded steps:\n\n'
-      + _timing_table(section['train_rows']))
+        f' {every} guarded steps:\n\n'
+      + _timing_table(section['train_rows'])
+      + f'\n\nOne save costs the training loop {_duration(per_save_ms)}'
+        f' (median ratio − 1, times a chunk): {saving["ratio"] - 1:+.2%} of'
+        f' step time when saving every {every} steps,'
+        f' {(saving["ratio"] - 1) * every / default:+.2%} at og.Checkpointer\'s'
+        f' default interval of {default} steps.')
 
 
 def _growth_md(section) -> str:
