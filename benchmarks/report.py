@@ -389,8 +389,10 @@ _METHOD = '''\
   MLP matrices, biases and norm scales, plus an embedding) of the given
   total size in fp32; gradients are fixed; every step is one `jax.jit` with
   params and optimizer state donated. Candidates run in groups of at most
-  five so that at 100M no more than five copies of the state are alive;
-  each group has its own baseline.
+  six so that at 100M no more than six copies of the state are alive;
+  each group has its own baseline. The floor candidate is bare adamw
+  under a `lax.cond` on one finiteness check of the gradients: what any
+  guard that decides before updating must pay.
 * Memory is XLA's own accounting of the compiled step (no run needed);
   donation is checked on the compiled step and, at the smallest size, by
   running it and checking that the arrays passed in were consumed.'''

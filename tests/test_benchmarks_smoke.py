@@ -7,7 +7,10 @@ and the markdown hold what they should, and that the numbers are sane.
 import json
 import math
 
+import chex
 import jax
+import jax.numpy as jnp
+import optax
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -19,6 +22,7 @@ from benchmarks import timing
 from benchmarks import train_step
 from benchmarks import update_cost
 from benchmarks import workloads
+from optax_guard import _apply
 
 TINY = [
     '--sizes', '20k', '--groups', 'headline', '--layers', '1',
@@ -53,7 +57,7 @@ def test_update_rows_have_sane_times_and_ratios(run):
   assert [r['name'] for r in rows] == [
       update_cost.BARE, update_cost.OPTAX_CLIP,
       update_cost.OPTAX_APPLY_IF_FINITE, update_cost.GUARD_PURE,
-      update_cost.GUARD_FUSED,
+      update_cost.GUARD_FUSED, update_cost.FLOOR,
   ]
   for row in rows:
     assert row['params'] == 20_000 and row['rounds'] == 2
@@ -64,6 +68,7 @@ def test_update_rows_have_sane_times_and_ratios(run):
       assert row['ratio_q1'] <= row['ratio'] <= row['ratio_q3']
   comparison = run[1]['sections']['update']['comparisons']['20000']
   assert _positive(comparison['guard_pure_over_apply_if_finite']['ratio'])
+  assert _positive(comparison['guard_fused_over_floor']['ratio'])
 
 
 def test_memory_rows_verify_donation(run):
@@ -101,7 +106,7 @@ def test_other_sections_hold_their_measurements(run):
   assert faults['injected_total'] >= 2
   growth = sections['growth']
   assert growth['sizes'] == [20_000]
-  assert [r['change'] for r in growth['rows']] == [None] * 4
+  assert [r['change'] for r in growth['rows']] == [None] * 5
 
 
 def test_targets_cover_every_item(run):
@@ -199,6 +204,26 @@ def test_measure_interleaves_every_candidate_every_round():
   # Warm-up once each, then rounds in rotated order.
   assert calls == list('abc' 'abc' 'bca' 'cab')
   assert all(len(s) == 3 for s in timings.seconds.values())
+
+
+def test_floor_is_adamw_that_holds_non_finite_steps():
+  params = {'w': jnp.arange(3.0), 'b': jnp.ones(2)}
+  grads = {'w': jnp.array([0.1, -0.2, 0.3]), 'b': jnp.array([1.0, 2.0])}
+  bare, floor = workloads.adamw(), workloads.guard_floor()
+  updates, bare_state = bare.update(grads, bare.init(params), params)
+  fused = _apply.update_and_apply(floor)
+  new_params, state = fused(grads, floor.init(params), params)
+  chex.assert_trees_all_equal(new_params, optax.apply_updates(params, updates))
+  chex.assert_trees_all_equal(state, bare_state)
+  pure_updates, pure_state = floor.update(grads, floor.init(params), params)
+  chex.assert_trees_all_equal((pure_updates, pure_state), (updates, bare_state))
+
+  poisoned = {'w': grads['w'].at[1].set(jnp.nan), 'b': grads['b']}
+  held_params, held_state = fused(poisoned, state, new_params)
+  chex.assert_trees_all_equal((held_params, held_state), (new_params, state))
+  zeros, held_state = floor.update(poisoned, state, new_params)
+  chex.assert_trees_all_equal(held_state, state)
+  assert all(not x.any() for x in jax.tree.leaves(zeros))
 
 
 @settings(max_examples=50, deadline=None)
