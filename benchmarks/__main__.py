@@ -14,6 +14,7 @@ written after every section, so an interrupted run keeps what it measured.
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
 import sys
@@ -185,7 +186,8 @@ def _write(results: dict[str, Any], markdown_path: pathlib.Path,
   json_path.parent.mkdir(parents=True, exist_ok=True)
   markdown_path.parent.mkdir(parents=True, exist_ok=True)
   json_path.write_text(json.dumps(results, indent=1) + '\n')
-  markdown_path.write_text(report.markdown(results))
+  markdown_path.write_text(report.markdown(
+      results, os.path.relpath(json_path, markdown_path.parent)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -121,6 +121,7 @@ def test_markdown_has_machine_targets_and_every_section(run):
   _, results, markdown = run
   titles = [f'## {title}' for title in report.SECTION_TITLES.values()]
   assert markdown.startswith('# Benchmarks\n')
+  assert 'numbers are also in `results.json`' in markdown  # Beside it.
   assert 'One save costs the training loop' in markdown
   assert results['sections']['checkpointing']['default_interval'] == 1000
   for heading in ['## Machine', '## Targets', *titles,
