@@ -232,7 +232,8 @@ class Checkpointer:
 
   Args:
     directory: where the step directories live (local path or any path Orbax
-      supports, e.g. ``gs://``).
+      supports, e.g. ``gs://``); a relative path is taken from the current
+      working directory.
     save_interval_steps: :meth:`save` writes only on multiples of this
       (unless ``force``).
     max_to_keep: how many of the newest checkpoints to keep (``None``: all).
@@ -256,7 +257,8 @@ class Checkpointer:
   ):
     _check_positive_int('save_interval_steps', save_interval_steps)
     _check_positive_int('max_to_keep', max_to_keep, allow_none=True)
-    self._directory = epath.Path(directory)
+    # Orbax refuses relative paths (its OCDBT store needs absolute ones).
+    self._directory = epath.Path(directory).absolute()
     self._verify = verify
     policies = [ocp.checkpoint_managers.preservation_policy.LatestN(max_to_keep)]
     if keep_last_good:

@@ -4,6 +4,7 @@ import glob
 import os
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 from hypothesis import given
@@ -165,6 +166,24 @@ def test_round_trip_is_exact(tmp_path, train_step):
   )
   assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
   assert_trees_equal(host(restored), expected)
+
+
+def test_relative_directory_is_taken_from_the_working_directory(
+    tmp_path, monkeypatch, train_step):
+  # As `optax-guard demo` passes its default --out, optax-guard-demo/...
+  monkeypatch.chdir(tmp_path)
+  state = make_init()
+  batch = next(make_data())
+  params, opt_state, _ = train_step(state.params, state.opt_state, batch)
+  state = og.TrainState(1, params, opt_state, state.rng)
+  with og.Checkpointer('runs/checkpoints', save_interval_steps=1) as ckpt:
+    assert ckpt.save(state)
+    ckpt.wait_until_finished()  # Orbax refused relative paths here.
+    assert ckpt.directory == tmp_path / 'runs' / 'checkpoints'
+  with og.Checkpointer('runs/checkpoints', save_interval_steps=1) as ckpt:
+    restored, _ = ckpt.restore_or_init(make_init())
+  assert restored.step == 1
+  chex.assert_trees_all_equal(restored.params, state.params)
 
 
 def test_restore_or_init_on_empty_directory_returns_init(tmp_path):

@@ -30,9 +30,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
-  out = tmp_path_factory.mktemp('demo')
-  assert cli.main(['demo', '--steps', str(FAST_STEPS), '--out', str(out)]) == 0
-  return out
+  # A relative --out, as the default one: Orbax itself takes absolute paths.
+  parent = tmp_path_factory.mktemp('demo')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.chdir(parent)
+    assert cli.main(['demo', '--steps', str(FAST_STEPS), '--out', 'run']) == 0
+  return parent / 'run'
 
 
 def _records(out, run):
@@ -107,10 +110,13 @@ def test_report_png_is_rendered_and_rerendered(demo, capsys):
   assert 'Wrote' in capsys.readouterr().out
 
 
-def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys):
-  assert cli.main(['inspect', str(demo / 'checkpoints')]) == 0
+def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
+                                                          monkeypatch):
+  monkeypatch.chdir(demo.parent)  # A relative path, as the README gives it.
+  assert cli.main(['inspect', 'run/checkpoints']) == 0
   table = capsys.readouterr().out
   assert str(FAST_STEPS) in table and 'yes' in table
+  assert 'unreadable' not in table
 
 
 def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):

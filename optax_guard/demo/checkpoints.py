@@ -139,7 +139,7 @@ def describe(directory: os.PathLike) -> list[CheckpointInfo]:
   Raises:
     ValueError: if ``directory`` is missing or holds no checkpoints.
   """
-  path = epath.Path(directory)
+  path = epath.Path(directory).absolute()  # Orbax reads absolute paths only.
   if not path.is_dir():
     raise ValueError(f'{directory} does not exist or is not a directory.')
   unfinished = {
