@@ -91,8 +91,9 @@ def _reference_fingerprint(x) -> int:
   if x.dtype == np.bool_:
     bits = x.astype(np.uint64)
   else:
-    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
-    bits = x.view(unsigned[min(x.dtype.itemsize, 8)]).astype(np.uint64)
+    # Narrow types widen; wider ones split into uint32 words, as _as_bits.
+    unsigned = {1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)
+    bits = x.view(unsigned).astype(np.uint64)
   bits = bits.reshape(-1)
   weights = (2 * np.arange(bits.size, dtype=np.uint64) + 1) % 2**32
   return int(np.sum(bits * weights % 2**32) % 2**32)
