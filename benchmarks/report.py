@@ -1,7 +1,7 @@
 """Targets checked against the results, and ``BENCHMARKS.md`` rendered."""
 
 import pathlib
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from benchmarks import update_cost as uc
 from benchmarks import workloads as w
@@ -251,14 +251,33 @@ def _memory_md(section) -> str:
                 'guard state', 'donated', 'within target'], body))
 
 
-def _checkpointing_md(section) -> str:
+class SaveCost(NamedTuple):
+  """What one async save costs the training loop of the demo."""
+
+  milliseconds: float  # Median ratio − 1, times a chunk of steps.
+  share_measured: float  # Of step time, saving every `save_every` steps.
+  share_default: float  # Of step time, at og.Checkpointer's default interval.
+
+
+def save_cost(section) -> SaveCost:
+  """:class:`SaveCost` from the checkpointing section's results."""
   from benchmarks import checkpointing  # pylint: disable=g-import-not-at-top
 
-  state = section['state']
   chunk = _row(section['train_rows'], name=checkpointing.TRAIN)
   saving = _row(section['train_rows'], name=checkpointing.TRAIN_SAVING)
+  overhead = saving['ratio'] - 1
+  return SaveCost(
+      milliseconds=overhead * chunk['median_ms'],
+      share_measured=overhead,
+      share_default=overhead * section['save_every']
+      / section['default_interval'],
+  )
+
+
+def _checkpointing_md(section) -> str:
+  state = section['state']
   every, default = section['save_every'], section['default_interval']
-  per_save_ms = (saving['ratio'] - 1) * chunk['median_ms']
+  cost = save_cost(section)
   return (
       f'State: {w.format_size(state["params"])} params with og.guard(adamw)'
       f' state, {w.format_bytes(state["bytes"])}.\n\n'
@@ -266,10 +285,10 @@ def _checkpointing_md(section) -> str:
       + f'\n\nDemo LM ({section["demo"]["params"]:,} params), chunks of'
         f' {every} guarded steps:\n\n'
       + _timing_table(section['train_rows'])
-      + f'\n\nOne save costs the training loop {_duration(per_save_ms)}'
-        f' (median ratio − 1, times a chunk): {saving["ratio"] - 1:+.2%} of'
+      + f'\n\nOne save costs the training loop {_duration(cost.milliseconds)}'
+        f' (median ratio − 1, times a chunk): {cost.share_measured:+.2%} of'
         f' step time when saving every {every} steps,'
-        f' {(saving["ratio"] - 1) * every / default:+.2%} at og.Checkpointer\'s'
+        f' {cost.share_default:+.2%} at og.Checkpointer\'s'
         f' default interval of {default} steps.')
 
 

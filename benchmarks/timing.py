@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -75,6 +75,23 @@ class Timings:
     ratios = np.asarray(self.seconds[name]) / np.asarray(self.seconds[baseline])
     return Spread.of(ratios)
 
+  def ratio_fields(self, name: str, baseline: str) -> dict[str, float]:
+    """``ratio``, ``ratio_q1`` and ``ratio_q3`` of ``name`` over ``baseline``,
+    JSON-ready."""
+    ratio = self.ratio(name, baseline)
+    return {'ratio': ratio.median, 'ratio_q1': ratio.q1, 'ratio_q3': ratio.q3}
+
+  def comparisons(
+      self, pairs: Mapping[str, tuple[str, str]]
+  ) -> dict[str, dict[str, float]]:
+    """:meth:`ratio_fields` of every ``key: (name, other)`` pair of which
+    both candidates were measured here."""
+    return {
+        key: self.ratio_fields(name, other)
+        for key, (name, other) in pairs.items()
+        if name in self.seconds and other in self.seconds
+    }
+
   def rows(self) -> list[dict[str, Any]]:
     """One JSON-ready row per candidate, ratios against its baseline."""
     rows = []
@@ -90,8 +107,7 @@ class Timings:
           'baseline': self.baselines[name],
       }
       if self.baselines[name] is not None:
-        ratio = self.ratio(name, self.baselines[name])
-        row.update(ratio=ratio.median, ratio_q1=ratio.q1, ratio_q3=ratio.q3)
+        row.update(self.ratio_fields(name, self.baselines[name]))
       rows.append(row)
     return rows
 

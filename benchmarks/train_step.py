@@ -144,13 +144,8 @@ def run(*, lm: str, rounds: int, warmup: int, min_sample_s: float,
       _candidates(setup, batch), rounds=rounds, warmup=warmup,
       min_sample_s=min_sample_s, progress=lambda line: say(f'{lm} LM: {line}'),
   )
-  comparisons = {}
-  for key, (name, other) in COMPARISONS.items():
-    spread = timings.ratio(name, other)
-    comparisons[key] = {'ratio': spread.median, 'ratio_q1': spread.q1,
-                        'ratio_q3': spread.q3}
   return {
       'model': describe(setup, lm),
       'rows': timings.rows(),
-      'comparisons': comparisons,
+      'comparisons': timings.comparisons(COMPARISONS),
   }

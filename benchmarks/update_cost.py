@@ -38,8 +38,9 @@ def groups(
   ``nnx.Optimizer.update`` takes) and in the fused update-and-apply form
   that :func:`og.make_train_step` uses, with bare ``adamw``, with optax's
   own compositions and with the floor of any guard
-  (:func:`workloads.guard_floor`). The train-step group runs whole steps of a loss whose
-  gradient is the fixed gradient tree, through :func:`og.make_train_step`
+  (:func:`workloads.guard_floor`). The train-step group runs whole steps of
+  a loss whose gradient is the fixed gradient tree, through
+  :func:`og.make_train_step`
   and through the same bare step written by hand. The single guards follow,
   three a group, each in the form :func:`og.make_train_step` would run it.
   """
@@ -72,10 +73,6 @@ def groups(
         + [(name, w.FUSED, factory, BARE) for name, factory in chunk],
     ))
   return result
-
-
-def _spread(spread: timing.Spread) -> dict[str, float]:
-  return {'ratio': spread.median, 'ratio_q1': spread.q1, 'ratio_q3': spread.q3}
 
 
 # Ratios between two non-baseline candidates of one group, same rounds.
@@ -114,9 +111,7 @@ def run_size(count: int, *, families: Sequence[str], layers: int,
     )
     for row in timings.rows():
       rows.append({'params': count, 'group': group, **row})
-    for key, (name, other) in COMPARISONS.items():
-      if name in timings.seconds and other in timings.seconds:
-        comparisons[key] = _spread(timings.ratio(name, other))
+    comparisons.update(timings.comparisons(COMPARISONS))
     del candidates, timings  # Free this group's states before the next.
   return rows, comparisons
 

@@ -193,6 +193,10 @@ def test_ratios_pair_samples_of_the_same_round():
   assert timings.ratio('other', 'base') == timing.Spread(1.0, 0.75, 1.5)
   other = timings.rows()[1]
   assert (other['ratio'], other['median_ms']) == (1.0, 2000.0)
+  # Pairs with a candidate not measured here are left out.
+  assert timings.comparisons({'kept': ('other', 'base'),
+                              'dropped': ('other', 'absent')}) == {
+      'kept': {'ratio': 1.0, 'ratio_q1': 0.75, 'ratio_q3': 1.5}}
 
 
 def test_measure_interleaves_every_candidate_every_round():

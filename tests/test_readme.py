@@ -36,7 +36,7 @@ def test_readme_quotes_the_committed_benchmark_results():
   """Every number of "What it costs" is the one in benchmarks/results.json,
   formatted as BENCHMARKS.md formats it: rerun the benchmarks and this test
   says which README numbers to update."""
-  from benchmarks import checkpointing  # pylint: disable=g-import-not-at-top
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step
   from benchmarks import update_cost as uc
   from benchmarks import workloads as w
@@ -66,12 +66,7 @@ def test_readme_quotes_the_committed_benchmark_results():
   guarded = next(r for r in step['rows'] if r['name'] == train_step.GUARDED)
   memory = next(r for r in results['memory']['rows']
                 if (r['params'], r['name']) == (sizes[-1], uc.GUARD_FUSED))
-  saves = results['checkpointing']
-  saving = next(r for r in saves['train_rows']
-                if r['name'] == checkpointing.TRAIN_SAVING)
   faults = results['faults']
-  per_default_interval = (saving['ratio'] - 1) * saves['save_every'] / (
-      saves['default_interval'])
   expected = {
       'plain optax step': f'{guarded["ratio"]:.3f}×',
       'bare `adamw` step':
@@ -79,7 +74,8 @@ def test_readme_quotes_the_committed_benchmark_results():
       '`nnx.Optimizer.update`':
           f'{step["comparisons"]["nnx_pure_over_nnx_fused"]["ratio"]:.3f}×',
       'extra memory': w.format_bytes(memory['extra_peak_bytes']),
-      'one async save costs': f'{per_default_interval:+.2%}',
+      'one async save costs':
+          f'{report.save_cost(results["checkpointing"]).share_default:+.2%}',
       'fault campaign': f'{faults["injected_total"]},'
                         f' {0 if faults["params_always_finite"] else "some"}',
   }
