@@ -1,6 +1,6 @@
 """Item 6: the fault campaign in long form, 1,000 injected faults.
 
-:func:`og.faults.run_fault_campaign` trains a small model twice on the same
+:func:`testing.run_fault_campaign` trains a small model twice on the same
 data, clean and with faults, through :func:`og.fit` with the guard,
 checkpoints and the recovery policy. Here it runs at the proportions its
 docstring suggests for a long campaign (3,000 steps, 300 faults, 10 bursts):
@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import optax_guard as og
+from optax_guard import testing
 
 STEPS_PER_FAULT = 10
 FAULTS_PER_BURST = 30
@@ -30,7 +31,7 @@ def run(*, num_faults: int, seed: int,
               'num_steps': num_steps, 'seed': seed}
   start = time.perf_counter()
   try:
-    result = og.faults.run_fault_campaign(
+    result = testing.run_fault_campaign(
         seed=seed, num_steps=num_steps, num_faults=num_faults, bursts=bursts
     )
   except og.TrainingDiverged as error:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_guard as og
-from optax_guard import _apply
+from optax_guard.transforms import fused as _apply
 
 LAYERS = 8
 _SIZE = re.compile(r'^(?P<number>\d+(\.\d+)?([eE]\d+)?)(?P<unit>[kKmMgG]?)$')

@@ -9,7 +9,7 @@ features; no download). The loop shows the pieces a custom loop uses:
 * ``og.Checkpointer``: resume from the newest valid checkpoint, the data
   iterator (``og.ShuffledBatches``) saved with the model, a save every 25
   steps marked healthy or not;
-* two faults injected with ``og.faults``: a 10,000x gradient spike and a
+* two faults injected with ``optax_guard.testing``: a 10,000x gradient spike and a
   NaN gradient, both skipped with the optimizer state held bit for bit.
 
 Stop it at any point (``--stop-after N`` does so on purpose) and run it
@@ -32,6 +32,7 @@ from sklearn import datasets
 from sklearn import model_selection
 
 import optax_guard as og
+from optax_guard import testing
 
 
 def load_data(seed: int):
@@ -95,11 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   # The faults ride along with the batches (by batch index) and act on the
   # gradients inside the one compiled step.
   faults = {
-      args.steps // 3 - 1: og.faults.Fault('grad_spike', 1e4),
-      2 * args.steps // 3 - 1: og.faults.Fault('nan_grad'),
+      args.steps // 3 - 1: testing.Fault('grad_spike', 1e4),
+      2 * args.steps // 3 - 1: testing.Fault('nan_grad'),
   }
-  train_step = og.make_train_step(og.faults.with_faults(loss_fn), tx)
-  batches = og.faults.FaultInjector(
+  train_step = og.make_train_step(testing.with_faults(loss_fn), tx)
+  batches = testing.FaultInjector(
       og.ShuffledBatches(train, batch_size=32, seed=args.seed), faults
   )
   params = init_params(jax.random.key(args.seed))

@@ -21,7 +21,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
-import optax_guard as og  # pylint: disable=g-import-not-at-top
+import optax_guard as og
+from optax_guard import testing  # pylint: disable=g-import-not-at-top
 
 
 class AnnouncingCheckpointer(og.Checkpointer):
@@ -35,12 +36,12 @@ class AnnouncingCheckpointer(og.Checkpointer):
 
 
 def main(directory, result_file, num_steps):
-  data_arrays = og.faults.regression_data(seed=0, num_examples=512)
-  plan = og.faults.plan_faults(
+  data_arrays = testing.regression_data(seed=0, num_examples=512)
+  plan = testing.plan_faults(
       num_steps, 3, seed=5, kinds=['grad_spike', 'nan_loss'], first_step=8,
       bursts=1, burst_length=4,
   )
-  data = og.faults.FaultInjector(
+  data = testing.FaultInjector(
       og.ShuffledBatches(data_arrays, batch_size=16, seed=0), plan
   )
   tx = og.guard(
@@ -48,7 +49,7 @@ def main(directory, result_file, num_steps):
       clip=og.zclip(warmup_steps=5),
       max_consecutive_skips=3,
   )
-  loss_fn = og.faults.with_faults(
+  loss_fn = testing.with_faults(
       lambda p, b: jnp.mean((jnp.tanh(b['x'] @ p['w1']) @ p['w2'] - b['y'])
                             ** 2)
   )

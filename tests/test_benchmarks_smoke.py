@@ -22,7 +22,7 @@ from benchmarks import timing
 from benchmarks import train_step
 from benchmarks import update_cost
 from benchmarks import workloads
-from optax_guard import _apply
+from optax_guard.transforms import fused as _apply
 
 TINY = [
     '--sizes', '20k', '--groups', 'headline', '--layers', '1',

@@ -17,6 +17,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_guard as og
+from optax_guard.host import checkpoint as checkpoint_lib
+from optax_guard.host.checkpoint import CorruptCheckpointError
+from optax_guard.host.checkpoint import CorruptCheckpointWarning
+from optax_guard.transforms.guard import GuardState
 
 # A deliberately damaged checkpoint makes Orbax abandon its other pending
 # reads; Python reports those never-awaited coroutines as unraisable.
@@ -117,13 +121,13 @@ _FINGERPRINTED = {
 @pytest.mark.parametrize('name', list(_FINGERPRINTED))
 def test_fingerprint_is_the_position_weighted_sum_of_the_bits(name):
   x = _FINGERPRINTED[name]
-  (value,) = og.checkpoint.fingerprint({'x': jnp.asarray(x)}).values()
+  (value,) = checkpoint_lib.fingerprint({'x': jnp.asarray(x)}).values()
   assert value == _reference_fingerprint(x)
 
 
 def test_fingerprint_of_a_prng_key_is_that_of_its_key_data():
   key = jax.random.key(3)
-  (value,) = og.checkpoint.fingerprint([key]).values()
+  (value,) = checkpoint_lib.fingerprint([key]).values()
   assert value == _reference_fingerprint(jax.random.key_data(key))
 
 
@@ -132,7 +136,7 @@ def test_fingerprint_does_not_depend_on_the_sharding(spec):
   x = jax.random.normal(jax.random.key(0), (8, 16))
   mesh = Mesh(np.array(jax.devices()[:8]), ('x',))
   sharded = jax.device_put(x, NamedSharding(mesh, spec))
-  assert og.checkpoint.fingerprint([sharded]) == og.checkpoint.fingerprint([x])
+  assert checkpoint_lib.fingerprint([sharded]) == checkpoint_lib.fingerprint([x])
 
 
 @settings(max_examples=40, deadline=None)
@@ -141,8 +145,8 @@ def test_any_flipped_bit_changes_the_fingerprint(index, bit):
   x = np.random.default_rng(4).normal(size=(3, 5, 7)).astype(np.float32)
   flipped = x.copy()
   flipped.reshape(-1).view(np.uint32)[index] ^= np.uint32(1 << bit)
-  assert (og.checkpoint.fingerprint([jnp.asarray(flipped)])
-          != og.checkpoint.fingerprint([jnp.asarray(x)]))
+  assert (checkpoint_lib.fingerprint([jnp.asarray(flipped)])
+          != checkpoint_lib.fingerprint([jnp.asarray(x)]))
 
 
 def test_round_trip_is_exact(tmp_path, train_step):
@@ -161,7 +165,7 @@ def test_round_trip_is_exact(tmp_path, train_step):
   assert restored.step == 5
   assert events == {'skips': [3, 4]}
   assert fresh_data.get_state() == data_state
-  assert isinstance(restored.opt_state, og.GuardState)
+  assert isinstance(restored.opt_state, GuardState)
   assert jax.tree.structure(restored.opt_state) == jax.tree.structure(
       state.opt_state
   )
@@ -308,7 +312,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, train_step, kind):
   at_ten = _two_checkpoints(tmp_path, train_step)
   corrupt(str(tmp_path / '20'))
   data = make_data()
-  with pytest.warns(og.CorruptCheckpointWarning, match=rf'step 20.*{reason}'):
+  with pytest.warns(CorruptCheckpointWarning, match=rf'step 20.*{reason}'):
     with og.Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
       restored, _ = ckpt.restore_or_init(make_init(), data_iter=data)
       assert restored.step == 10
@@ -318,7 +322,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, train_step, kind):
       # aside, and training goes on past it.
       assert 10 in ckpt.all_steps()
       if kind != 'unfinished save':
-        assert os.listdir(tmp_path / og.checkpoint.QUARANTINE_DIR / '20')
+        assert os.listdir(tmp_path / checkpoint_lib.QUARANTINE_DIR / '20')
       state = train(train_step, restored, data, 10)
       assert ckpt.save(state, data_iter=data)
       ckpt.wait_until_finished()
@@ -331,7 +335,7 @@ def test_non_finite_parameters_are_never_loaded(tmp_path):
     ckpt.save(init._replace(step=10))
     bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), init.params)
     ckpt.save(init._replace(step=20, params=bad))
-  with pytest.warns(og.CorruptCheckpointWarning,
+  with pytest.warns(CorruptCheckpointWarning,
                     match=r"step 20.*non-finite parameter values in params\['b'\]"):
     with og.Checkpointer(tmp_path) as ckpt:
       restored, _ = ckpt.restore_or_init(init)
@@ -344,7 +348,7 @@ def test_every_checkpoint_corrupt_starts_fresh_without_deleting(tmp_path,
   for step in ('10', '20'):
     _garble('state/_METADATA')(str(tmp_path / step))
   init = make_init()
-  with pytest.warns(og.CorruptCheckpointWarning) as record:
+  with pytest.warns(CorruptCheckpointWarning) as record:
     with og.Checkpointer(tmp_path) as ckpt:
       state, events = ckpt.restore_or_init(init)
   assert state is init and events == {}
@@ -360,7 +364,7 @@ def test_changed_model_is_an_error_not_corruption(tmp_path):
   params = {'w': jnp.zeros((64, 17)), 'b': jnp.zeros(17)}
   other = og.TrainState(0, params, TX.init(params))
   with warnings.catch_warnings():
-    warnings.simplefilter('error', og.CorruptCheckpointWarning)
+    warnings.simplefilter('error', CorruptCheckpointWarning)
     with og.Checkpointer(tmp_path) as ckpt:
       with pytest.raises(ValueError, match=r'shape changes.*params/w'):
         ckpt.restore_or_init(other)
@@ -371,7 +375,7 @@ def test_explicit_restore_of_corrupt_step_raises(tmp_path, train_step):
   _two_checkpoints(tmp_path, train_step)
   _flip_bit(str(tmp_path / '20'))
   with og.Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(og.CorruptCheckpointError, match='step 20'):
+    with pytest.raises(CorruptCheckpointError, match='step 20'):
       ckpt.restore(20, make_init())
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import optax_guard as og
+from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard import cli
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
@@ -149,7 +150,7 @@ def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):
   newest = max(int(p.name) for p in checkpoints.glob('*') if p.name.isdigit())
   _flip_a_bit(checkpoints / str(newest))
   config = run_lib.DemoConfig(steps=FAST_STEPS)
-  with pytest.warns(og.CorruptCheckpointWarning) as warned:
+  with pytest.warns(CorruptCheckpointWarning) as warned:
     summary = run_lib.run_demo(config, out)
   messages = ' '.join(str(w.message) for w in warned)
   assert 'unfinished save' in messages

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import optax_guard as og
-from optax_guard import faults
+from optax_guard import testing as faults
 
 
 @pytest.fixture(scope='module')

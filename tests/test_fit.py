@@ -13,7 +13,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import optax_guard as og
-from optax_guard import faults
+from optax_guard import testing as faults
 
 TX = og.guard(
     optax.inject_hyperparams(optax.adam)(learning_rate=0.05),

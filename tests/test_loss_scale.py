@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import optax_guard as og
+from optax_guard.transforms.guard import GuardState
 
 PARAMS = {'w': jnp.ones(3, jnp.float32)}
 FINITE = {'w': jnp.array([1.0, -2.0, 0.5], jnp.float32)}
@@ -75,11 +76,11 @@ def test_gradients_are_unscaled_and_overflow_rolls_back_exactly():
 def test_a_guard_inside_is_used_as_is():
   guarded = og.dynamic_loss_scale(og.guard(optax.adam(0.1), clip=og.zclip()))
   state = guarded.init(PARAMS)
-  assert isinstance(state.inner_state, og.GuardState)
-  assert not isinstance(state.inner_state.inner_state, og.GuardState)
+  assert isinstance(state.inner_state, GuardState)
+  assert not isinstance(state.inner_state.inner_state, GuardState)
   assert {'zclip_mean', 'loss_scale', 'grad_norm'} <= set(og.metrics(state))
   wrapped = og.dynamic_loss_scale(optax.adam(0.1)).init(PARAMS)
-  assert isinstance(wrapped.inner_state, og.GuardState)
+  assert isinstance(wrapped.inner_state, GuardState)
 
 
 def test_loss_scale_reads_any_state():

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optax_guard as og
+from optax_guard.transforms.numerics import norm_stats
 
 
 class GlobalNormTest(chex.TestCase):
@@ -54,14 +55,14 @@ class GlobalNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_nan_and_inf_are_reported(self):
-    stats = self.variant(og.norm_stats)(
+    stats = self.variant(norm_stats)(
         {'a': jnp.array([1.0, jnp.nan]), 'b': jnp.array([jnp.inf])}
     )
     self.assertTrue(np.isnan(stats.global_norm))
     self.assertFalse(stats.finite)
     self.assertTrue(np.isnan(stats.leaf_norms['a']))
     self.assertEqual(stats.leaf_norms['b'], np.inf)
-    inf_only = self.variant(og.norm_stats)({'b': jnp.array([jnp.inf, 1.0])})
+    inf_only = self.variant(norm_stats)({'b': jnp.array([jnp.inf, 1.0])})
     self.assertEqual(inf_only.global_norm, np.inf)
     self.assertFalse(inf_only.finite)
 
@@ -74,7 +75,7 @@ class GlobalNormTest(chex.TestCase):
         'none': None,
         'h': jnp.array([12.0], jnp.float16),
     }
-    stats = self.variant(og.norm_stats)(tree)
+    stats = self.variant(norm_stats)(tree)
     self.assertEqual(stats.global_norm, 13.0)
     self.assertEqual(stats.leaf_norms['w'], 5.0)
     self.assertEqual(stats.leaf_norms['h'], 12.0)

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import optax_guard as og
-from optax_guard import faults
+from optax_guard.host.recovery import Recovery
+from optax_guard import testing as faults
 
 LR = 0.05
 TX = og.guard(
@@ -76,7 +77,7 @@ def observe(recovery, step, loss, skipped=False, consecutive=0,
 
 
 def test_guard_divergence_is_a_reason():
-  recovery = og.Recovery()
+  recovery = Recovery()
   assert observe(recovery, 4, 1.0, skipped=True, consecutive=2) is None
   assert not recovery.healthy
   reason = observe(recovery, 5, 1.0, skipped=True, consecutive=3,
@@ -86,14 +87,14 @@ def test_guard_divergence_is_a_reason():
 
 
 def test_loss_above_its_moving_average_is_a_reason():
-  recovery = og.Recovery(og.RecoveryPolicy(
+  recovery = Recovery(og.RecoveryPolicy(
       loss_factor=3.0, loss_patience=3, loss_warmup_steps=4,
       loss_ema_decay=0.5,
   ))
   for step in range(1, 5):  # warm-up: not armed, only non-finite is high
     assert observe(recovery, step, 10.0 if step == 2 else 1.0) is None
   assert recovery.loss_ema == 2.125  # 1, then 5.5, 3.25, 2.125
-  recovery = og.Recovery(og.RecoveryPolicy(
+  recovery = Recovery(og.RecoveryPolicy(
       loss_factor=3.0, loss_patience=3, loss_warmup_steps=4,
       loss_ema_decay=0.5,
   ))
@@ -127,7 +128,7 @@ def test_rollback_restores_last_good_and_skips_the_window(tmp_path,
     ckpt.save(state, data_iter=data, healthy=False)
     state = train(train_step, state, data, 3)
     position = data.get_state()
-    recovery = og.Recovery(policy, ckpt)
+    recovery = Recovery(policy, ckpt)
     rolled = recovery.rollback(state, 'loss blew up', data_iter=data)
   assert rolled.step == 23 + 2
   assert jax.tree.structure(rolled.opt_state) == jax.tree.structure(
@@ -150,7 +151,7 @@ def test_gives_up_after_max_rollbacks_with_a_report(tmp_path):
   init = make_init()
   with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
     ckpt.save(init._replace(step=1))
-    recovery = og.Recovery(og.RecoveryPolicy(max_rollbacks=1), ckpt)
+    recovery = Recovery(og.RecoveryPolicy(max_rollbacks=1), ckpt)
     recovery.rollback(init._replace(step=5), 'first')
     # A step whose gradient is NaN in 'v' only.
     grads = {'w': jnp.full((8, 8), 0.5), 'v': jnp.full((8, 1), jnp.nan)}
@@ -177,7 +178,7 @@ def test_no_healthy_checkpoint_means_giving_up(tmp_path):
   with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
     ckpt.save(init._replace(step=1), healthy=False)
     with pytest.raises(og.TrainingDiverged, match='no healthy checkpoint'):
-      og.Recovery(og.RecoveryPolicy(), ckpt).rollback(init, 'why')
+      Recovery(og.RecoveryPolicy(), ckpt).rollback(init, 'why')
 
 
 def test_scale_hyperparam_finds_the_learning_rate_anywhere():

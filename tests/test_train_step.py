@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import optax_guard as og
-from optax_guard import _apply
+from optax_guard.transforms import fused as _apply
 
 NAN_STEP, SPIKE_STEP, STEPS = 5, 7, 9
 

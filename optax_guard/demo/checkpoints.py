@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from optax_guard import checkpoint as checkpoint_lib
+from optax_guard.host import checkpoint as checkpoint_lib
 
 _JSON_ITEMS = ('data_iterator', 'events', 'integrity')
 

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 import optax_guard as og
+from optax_guard.host.fit import FitResult
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
 from optax_guard.demo import logs as logs_lib
@@ -409,7 +410,7 @@ class GuardedRun:
       self.preempting = True
       signal.raise_signal(signal.SIGTERM)
 
-  def _fit_once(self) -> og.FitResult:
+  def _fit_once(self) -> FitResult:
     """One process lifetime: resume from disk, train until done or signal."""
     setup = self.setup
     self.batches = setup.batches()

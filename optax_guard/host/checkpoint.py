@@ -145,9 +145,9 @@ def fingerprint(tree: Any) -> dict[str, int]:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import optax_guard as og
-    >>> a = og.checkpoint.fingerprint({'w': jnp.arange(4.0)})
-    >>> b = og.checkpoint.fingerprint({'w': jnp.arange(4.0).at[3].set(3.0001)})
+    >>> from optax_guard.host.checkpoint import fingerprint
+    >>> a = fingerprint({'w': jnp.arange(4.0)})
+    >>> b = fingerprint({'w': jnp.arange(4.0).at[3].set(3.0001)})
     >>> list(a), a == b
     (["['w']"], False)
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from optax_guard import _apply
-from optax_guard import _loss_scale
-from optax_guard import _metrics
+from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import loss_scale as _loss_scale
+from optax_guard.transforms import metrics as _metrics
 
 
 def _guard_metrics(opt_state: Any) -> dict[str, jax.Array]:

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_guard import _apply
-from optax_guard import _clipping
-from optax_guard import _numerics
+from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import clipping as _clipping
+from optax_guard.transforms import numerics as _numerics
 
 _GRANULARITIES = ('global', 'leaf')
 

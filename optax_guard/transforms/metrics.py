@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optax_guard import _clipping
-from optax_guard import _guard
-from optax_guard import _loss_scale
+from optax_guard.transforms import clipping as _clipping
+from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import loss_scale as _loss_scale
 
 _CONTRACT_DEFAULTS = {
     'clip_threshold': jnp.inf,

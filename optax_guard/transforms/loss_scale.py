@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from optax_guard import _apply
-from optax_guard import _guard
+from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import guard as _guard
 
 
 class LossScaleState(NamedTuple):

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from optax_guard import _guard
-from optax_guard import checkpoint as checkpoint_lib
+from optax_guard.transforms import guard as _guard
+from optax_guard.host import checkpoint as checkpoint_lib
 
 _log = logging.getLogger('optax_guard')
 
@@ -164,7 +164,8 @@ def worst_leaves(opt_state: Any, k: int = 5) -> list[tuple[str, float]]:
     >>> state = tx.init(params)
     >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([jnp.inf, 0.0])}
     >>> _, state = tx.update(grads, state, params)
-    >>> og.worst_leaves(state)
+    >>> from optax_guard.host.recovery import worst_leaves
+    >>> worst_leaves(state)
     [("['b']", inf), ("['a']", 5.0)]
 
   Args:
@@ -264,7 +265,7 @@ class Recovery:
 
     .. code-block:: python
 
-      recovery = og.Recovery(og.RecoveryPolicy(lr_backoff=0.5), checkpointer)
+      recovery = Recovery(og.RecoveryPolicy(lr_backoff=0.5), checkpointer)
       for batch in data:
         params, opt_state, metrics = step_fn(state.params, state.opt_state,
                                              batch)

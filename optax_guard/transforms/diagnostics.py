@@ -8,8 +8,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from optax_guard import _guard
-from optax_guard import _numerics
+from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import numerics as _numerics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_guard import _numerics
+from optax_guard.transforms import numerics as _numerics
 
 _ZCLIP_MODES = ('zscore', 'percentile')
 _ZCLIP_CLIP_OPTIONS = ('adaptive_scaling', 'mean')

@@ -83,9 +83,9 @@ def norm_stats(tree: Any) -> NormStats:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import optax_guard as og
+    >>> from optax_guard.transforms.numerics import norm_stats
     >>> grads = {'w': jnp.full((1000,), 300.0, jnp.float16)}
-    >>> float(og.norm_stats(grads).global_norm)  # optax.tree.norm gives inf
+    >>> float(norm_stats(grads).global_norm)  # optax.tree.norm gives inf
     9486.8330078125
 
   Args:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Seque
 import jax
 import numpy as np
 
-from optax_guard import checkpoint as checkpoint_lib
-from optax_guard import recovery as recovery_lib
+from optax_guard.host import checkpoint as checkpoint_lib
+from optax_guard.host import recovery as recovery_lib
 
 _log = logging.getLogger('optax_guard')
 
@@ -38,8 +38,8 @@ class PreemptionHandler:
 
   Examples:
     >>> import os, signal
-    >>> import optax_guard as og
-    >>> with og.PreemptionHandler() as preemption:
+    >>> from optax_guard.host.fit import PreemptionHandler
+    >>> with PreemptionHandler() as preemption:
     ...   os.kill(os.getpid(), signal.SIGTERM)
     ...   preemption.requested, preemption.signal_name
     (True, 'SIGTERM')

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_guard import _clipping
-from optax_guard import _guard
-from optax_guard import _train
-from optax_guard import checkpoint as checkpoint_lib
-from optax_guard import data as data_lib
-from optax_guard import fit as fit_lib
-from optax_guard import recovery as recovery_lib
+from optax_guard.transforms import clipping as _clipping
+from optax_guard.transforms import guard as _guard
+from optax_guard import train_step as _train
+from optax_guard.host import checkpoint as checkpoint_lib
+from optax_guard.host import data as data_lib
+from optax_guard.host import fit as fit_lib
+from optax_guard.host import recovery as recovery_lib
 
 KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch')
 _CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)}}
@@ -71,8 +71,8 @@ def plan_faults(
   ``max_consecutive_skips`` at or below it, to make it report ``diverged``.
 
   Examples:
-    >>> import optax_guard as og
-    >>> plan = og.faults.plan_faults(100, 5, seed=1, kinds=['nan_loss'])
+    >>> from optax_guard import testing
+    >>> plan = testing.plan_faults(100, 5, seed=1, kinds=['nan_loss'])
     >>> len(plan), {f.kind for f in plan.values()}
     (5, {'nan_loss'})
 
@@ -210,8 +210,8 @@ def with_faults(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> import optax_guard as og
-    >>> loss = og.faults.with_faults(lambda p, b: jnp.sum(p * b['x']))
+    >>> from optax_guard import testing
+    >>> loss = testing.with_faults(lambda p, b: jnp.sum(p * b['x']))
     >>> batch = {'x': jnp.ones(2), 'fault_kind': jnp.int32(3),
     ...          'fault_scale': jnp.float32(1e3)}  # 3: grad_spike
     >>> jax.grad(loss)(jnp.zeros(2), batch).tolist()
@@ -322,8 +322,8 @@ def run_fault_campaign(
   one (e.g. ``num_steps=3000, num_faults=300, bursts=10``).
 
   Examples:
-    >>> import optax_guard as og
-    >>> result = og.faults.run_fault_campaign(
+    >>> from optax_guard import testing
+    >>> result = testing.run_fault_campaign(
     ...     seed=0, num_steps=40, num_faults=3, bursts=0)
     >>> result.params_always_finite, sum(result.injected.values())
     (True, 3)

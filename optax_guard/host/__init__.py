@@ -1,0 +1,1 @@
+"""Host layer: checkpoints, recovery, the training loop and data iterators."""
