@@ -462,6 +462,15 @@ def _finite_metrics(metrics: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   return record
 
 
+def _check_json(name: str, value: Any) -> None:
+  try:
+    json.dumps(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f'{name} must be JSON-serializable for the checkpoint, got {e}.'
+    ) from e
+
+
 class Checkpointer:
   """Saves and restores training state with Orbax, surviving bad checkpoints.
 
@@ -688,6 +697,8 @@ class Checkpointer:
 
     Raises:
       ValueError: when opened with ``read_only=True``.
+      TypeError: when ``events`` or the iterator state is not JSON (nothing
+        is written).
     """
     if self._read_only:
       raise ValueError(
@@ -701,13 +712,19 @@ class Checkpointer:
     if not force and not self._manager.should_save(step):
       return False
     tree = _state_tree(state)
+    data_state = _encode_data_state(data_iter)
+    events = dict(events or {})
+    # Orbax would fail in its background thread, after the arrays are
+    # written; failing here leaves nothing half-written.
+    _check_json('events', events)
+    _check_json('the data iterator state', data_state)
     integrity = {'fingerprints': fingerprint(tree) if self._verify else None}
     return self._manager.save(
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(tree),
-            _DATA: ocp.args.JsonSave(_encode_data_state(data_iter)),
-            _EVENTS: ocp.args.JsonSave(dict(events or {})),
+            _DATA: ocp.args.JsonSave(data_state),
+            _EVENTS: ocp.args.JsonSave(events),
             _INTEGRITY: ocp.args.JsonSave(integrity),
         }),
         metrics=record,
