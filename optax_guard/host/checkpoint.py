@@ -945,45 +945,27 @@ class Checkpointer:
     return _cast_like(arrays, tree), restored
 
   def _restore_orbax_items(self, step, target, items):
-    """A plain Orbax step: read each ``from_orbax`` location."""
-    missing = sorted({loc.split('/')[0] for loc in self._from_orbax.values()}
-                     - items)
+    """A plain Orbax step: check, then read each ``from_orbax`` location."""
+    locations = {field: [k for k in loc.split('/') if k]
+                 for field, loc in self._from_orbax.items()}
+    missing = sorted({item for item, *_ in locations.values()} - items)
     if missing:
       raise ValueError(
           f'Checkpoint step {step} in {self._directory} has no item'
           f' {missing} named in from_orbax; its items are {sorted(items)}.'
       )
-    locations = {field: [k for k in loc.split('/') if k]
-                 for field, loc in self._from_orbax.items()}
-    metadata = {}
+    targets = {field: getattr(target, field) for field in locations}
     with ocp.PyTreeCheckpointer() as reader:
-      for field, (item, *keys) in locations.items():
-        path = self._directory / str(step) / item
-        try:
-          tree = reader.metadata(path).item_metadata.tree
-        except Exception as e:  # pylint: disable=broad-except
-          raise _Unusable(f'unreadable metadata of {item!r}'
-                          f' ({_first_line(e)})') from e
-        for depth, key in enumerate(keys):
-          if not isinstance(tree, Mapping) or key not in tree:
-            raise ValueError(
-                f'Checkpoint step {step} in {self._directory}: from_orbax'
-                f' {field!r} names {"/".join([item, *keys[:depth + 1]])},'
-                ' which is not saved (keys there:'
-                f' {sorted(tree) if isinstance(tree, Mapping) else tree}).'
-            )
-          tree = tree[key]
-        metadata[field] = tree
-      targets = {f: getattr(target, f) for f in locations}
-      casts = self._check_tree(step, {
-          (f, *k): leaf for f in locations
-          for k, leaf in ocp.tree.to_flat_dict(metadata[f]).items()
-      }, targets)
-      abstract = _abstract(targets, casts)
+      saved = {}
+      for field, location in locations.items():
+        metadata = self._orbax_metadata(reader, step, field, location)
+        for key, leaf in ocp.tree.to_flat_dict(metadata).items():
+          saved[(field, *key)] = leaf
+      abstract = _abstract(targets, self._check_tree(step, saved, targets))
       arrays = {}
       for field, (item, *keys) in locations.items():
         wanted = abstract[field]
-        for key in reversed(keys):
+        for key in reversed(keys):  # the subtree, where it was saved
           wanted = {key: wanted}
         try:
           restored = reader.restore(
@@ -1001,6 +983,26 @@ class Checkpointer:
           restored = restored[key]
         arrays[field] = restored
     return _cast_like(arrays, targets)
+
+  def _orbax_metadata(self, reader, step, field, location):
+    """The saved leaf metadata at ``location``: ``[item, key, ...]``."""
+    item, *keys = location
+    try:
+      tree = reader.metadata(
+          self._directory / str(step) / item).item_metadata.tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Unusable(
+          f'unreadable metadata of {item!r} ({_first_line(e)})') from e
+    for depth, key in enumerate(keys):
+      if not isinstance(tree, Mapping) or key not in tree:
+        raise ValueError(
+            f'Checkpoint step {step} in {self._directory}: from_orbax'
+            f' {field!r} names {"/".join(location[:depth + 2])}, which is not'
+            ' saved (keys there:'
+            f' {sorted(tree) if isinstance(tree, Mapping) else tree}).'
+        )
+      tree = tree[key]
+    return tree
 
   def _check_tree(self, step: int, saved: Mapping[Any, Any], tree: Any):
     """Raises ValueError naming each difference; returns the dtype casts."""
