@@ -10,8 +10,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optax_guard as og
+from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard.transforms.guard import GuardState
 
@@ -30,13 +33,18 @@ def make_state(step=0, dtype=jnp.float32, seed=0, tx=TX):
   return og.TrainState(step, params, tx.init(params))
 
 
+@jax.jit
+def _one_update(params, opt_state):
+  grads = jax.tree.map(lambda x: x * 0.5 + 0.25, params)
+  updates, opt_state = TX.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def trained(step, seed=0):
   """A state whose optimizer moments are not zero (one real update)."""
   state = make_state(step, seed=seed)
-  grads = jax.tree.map(lambda x: x * 0.5 + 0.25, state.params)
-  updates, opt_state = TX.update(grads, state.opt_state, state.params)
-  return state._replace(params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+  params, opt_state = _one_update(state.params, state.opt_state)
+  return state._replace(params=params, opt_state=opt_state)
 
 
 def assert_bitwise(a, b):
@@ -44,13 +52,6 @@ def assert_bitwise(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def no_corruption_warnings():
-  context = warnings.catch_warnings()
-  context.__enter__()
-  warnings.simplefilter('error', CorruptCheckpointWarning)
-  return context
 
 
 # -- 1. A changed tree is the user's change -----------------------------------
@@ -287,3 +288,35 @@ def test_best_metric_arguments(tmp_path):
     with pytest.raises(ValueError, match="other than 'healthy'"):
       ckpt.save(make_state(1), metrics={'healthy': 1.0})
     assert ckpt.best_step() is None
+
+
+_DTYPES = st.sampled_from([np.float32, np.float16, jnp.bfloat16, np.int32])
+_LEAVES = st.dictionaries(
+    st.sampled_from(['a', 'b', 'c', 'd', 'e']),
+    st.tuples(st.lists(st.integers(1, 4), max_size=2), _DTYPES),
+    min_size=1,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(saved=_LEAVES, target=_LEAVES, cast_dtypes=st.booleans())
+def test_tree_differences_name_exactly_the_changed_leaves(saved, target,
+                                                           cast_dtypes):
+  as_metadata = {(k,): jax.ShapeDtypeStruct(tuple(s), d)
+                 for k, (s, d) in saved.items()}
+  as_target = {(k,): np.zeros(s, d) for k, (s, d) in target.items()}
+  differences, casts = checkpoint_lib._tree_differences(
+      as_metadata, as_target, cast_dtypes)
+  named = [line.split(':')[0] for line in differences]
+  floating = lambda d: jnp.issubdtype(d, jnp.floating)
+  castable = {
+      k for k in set(saved) & set(target)
+      if saved[k][0] == target[k][0] and saved[k][1] != target[k][1]
+      and floating(saved[k][1]) and floating(target[k][1])
+  }
+  changed = {k for k in set(saved) | set(target)
+             if saved.get(k) != target.get(k)}
+  expected = changed - castable if cast_dtypes else changed
+  assert named == sorted(expected)
+  assert casts == ({(k,): np.dtype(saved[k][1]) for k in castable}
+                   if cast_dtypes else {})

@@ -81,11 +81,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import filelock
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 _log = logging.getLogger('optax_guard')
 
@@ -1049,12 +1049,14 @@ class Checkpointer:
     self._warn(
         step, f'{reason}; skipped and moved to {destination} (nothing deleted)'
     )
+    multihost = jax.process_count() > 1
+    if multihost:  # Every process has named the same destination.
+      ocp.multihost.sync_global_processes(f'og_quarantine_{step}_named')
     if jax.process_index() == 0 and path.exists():
       destination.parent.mkdir(parents=True, exist_ok=True)
       path.rename(destination)
-    if jax.process_count() > 1:
-      # No process lists the steps again before the move is done.
-      ocp.multihost.sync_global_processes(f'og_quarantine_{step}')
+    if multihost:  # No process lists the steps again before the move.
+      ocp.multihost.sync_global_processes(f'og_quarantine_{step}_moved')
     if hasattr(self, '_manager'):
       self._manager.reload()
 
