@@ -777,10 +777,10 @@ class Checkpointer:
         named) or another layout (see ``from_orbax``).
     """
     self._manager.wait_until_finished()
-    try:
-      return self._restore(step, target, data_iter)
-    except _Unusable as e:
-      raise CorruptCheckpointError(step, e.reason) from None
+    restored, reason = self._read_agreed(step, target)
+    if reason is not None:
+      raise CorruptCheckpointError(step, reason)
+    return self._set_data_state(step, restored, data_iter)
 
   def restore_or_init(
       self, init: TrainState, *, data_iter: Any = None
@@ -858,13 +858,39 @@ class Checkpointer:
     """The first of ``steps`` that restores; damaged ones are moved aside."""
     self._manager.wait_until_finished()
     for step in steps:
-      try:
-        return self._restore(step, target, data_iter)
-      except _Unusable as e:
-        self._reject(step, e.reason)
+      restored, reason = self._read_agreed(step, target)
+      if reason is None:
+        return self._set_data_state(step, restored, data_iter)
+      self._reject(step, reason)
     return None
 
-  def _restore(self, step, target, data_iter):
+  def _read_agreed(self, step, target):
+    """``(restored, None)`` or ``(None, reason)``, alike on every process."""
+    try:
+      restored, reason = self._read(step, target), None
+    except _Unusable as e:
+      restored, reason = None, e.reason
+    if jax.process_count() > 1:
+      # A read that failed on one process alone (its cache, a flaky mount)
+      # must not let the processes resume from different steps.
+      failed = multihost_utils.process_allgather(np.int32(reason is not None))
+      if np.any(failed) and reason is None:
+        restored, reason = None, 'unusable on another process'
+    return restored, reason
+
+  def _set_data_state(self, step, restored, data_iter):
+    """Hands the saved iterator state to ``data_iter``; ``(state, events)``."""
+    state, events, data_state = restored
+    if data_iter is not None:
+      if data_state is None or data_state.get('encoding') == 'none':
+        self._warn(step, 'holds no data-iterator state; iterator left as is',
+                   category=UserWarning)
+      else:
+        data_iter.set_state(_decode_data_state(data_state))
+    return state, events
+
+  def _read(self, step, target):
+    """``(state, events, data_state)`` of ``step``, checked; no effects."""
     items = self._items_on_disk(step)
     if _STATE not in items:
       others = sorted(items - _OG_ITEMS)
@@ -889,19 +915,13 @@ class Checkpointer:
         raise _Unusable(
             f'non-finite parameter values in params{jax.tree_util.keystr(path)}'
         )
-    if data_iter is not None:
-      if saved[_DATA] is None or saved[_DATA].get('encoding') == 'none':
-        self._warn(step, 'holds no data-iterator state; iterator left as is',
-                   category=UserWarning)
-      else:
-        data_iter.set_state(_decode_data_state(saved[_DATA]))
     state = TrainState(
         step=step,
         params=arrays['params'],
         opt_state=arrays.get('opt_state', target.opt_state),
         rng=arrays.get('rng', target.rng),
     )
-    return state, dict(saved[_EVENTS] or {})
+    return state, dict(saved[_EVENTS] or {}), saved[_DATA]
 
   def _items_on_disk(self, step: int) -> set[str]:
     try:
