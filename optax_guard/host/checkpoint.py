@@ -284,7 +284,10 @@ def _lock_directory(directory: epath.Path) -> Optional[filelock.BaseFileLock]:
   lock, holder = None, ''
   if jax.process_index() == 0 and '://' not in str(directory):
     directory.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(os.fspath(directory / LOCK_FILE), timeout=0)
+    # Not thread-local: close() may run on another thread than __init__.
+    lock = filelock.FileLock(
+        os.fspath(directory / LOCK_FILE), timeout=0, thread_local=False
+    )
     try:
       lock.acquire()
     except filelock.Timeout:
