@@ -1,4 +1,4 @@
-"""og.batches: grain pipelines over in-memory arrays, restorable through og.Checkpointer."""
+"""og.batches: grain pipelines of in-memory arrays, restored by Checkpointer."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import sys
 
 import grain
 import hypothesis
-from hypothesis import strategies as st
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
 import optax_guard as og
 from optax_guard.host import data as data_lib
