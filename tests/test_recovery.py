@@ -31,7 +31,7 @@ def train_step():
 
 def make_data(plan=None):
   arrays = faults.regression_data(seed=1, num_examples=256)
-  return faults.FaultInjector(og.ShuffledBatches(arrays, 16, seed=1),
+  return faults.FaultInjector(og.batches(arrays, 16, seed=1),
                               plan or {})
 
 
