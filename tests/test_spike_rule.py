@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from benchmarks import spikes as harness
 from optax_guard.transforms import _spike_rule_candidate as rule
@@ -115,3 +116,23 @@ def test_comparison_on_fixed_seeds():
   assert ours.caught >= maxtext.caught
   assert ours.false_skips <= maxtext.false_skips
   assert ours.shift_skips_max <= rule.spike_config().shift_after
+
+
+SMALL = spike_peers.ours(window=8, min_history=3, shift_after=3)
+RUN_SMALL = jax.jit(lambda l, g: spike_peers.run(SMALL, l, g))
+VALUES = st.one_of(st.floats(0.5, 2.0), st.floats(1e3, 1e6),
+                   st.sampled_from([np.nan, np.inf]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(VALUES, VALUES), min_size=40, max_size=40))
+def test_never_more_than_shift_after_spike_skips_in_a_row(steps):
+  losses, norms = np.array(steps, np.float32).T
+  skips = np.asarray(RUN_SMALL(losses, norms))
+  finite = np.isfinite(losses) & np.isfinite(norms)
+  assert skips[~finite].all()
+  run = longest = 0
+  for skipped in skips[finite]:
+    run = run + 1 if skipped else 0
+    longest = max(longest, run)
+  assert longest <= 3
