@@ -16,8 +16,9 @@ buffer of its last ``window`` admitted values. A value is *high* when, once
    accepted as the start of a new level, and the buffer of every signal that
    was high during the run is rebuilt from the run's raw values and this
    one (repeated to fill the window). So the rule never skips more than
-   ``shift_after`` spike steps in a row, and a permanent shift costs exactly
-   ``shift_after`` skips. A shift and a burst look alike until then: a
+   ``shift_after`` spike steps in a row, and a permanent shift costs
+   ``shift_after`` skips (more only when the rebuilt buffer, ``shift_after +
+   1`` values, underestimates the new spread: keep ``shift_after >= 8``). A shift and a burst look alike until then: a
    burst longer than ``shift_after`` steps has its tail accepted (and
    becomes the buffer's level until normal values replace it). The default
    ``min(16, window // 4)`` is longer than the bursts seen in practice (a few
@@ -115,9 +116,11 @@ def spike_config(
     sigma: how many standard deviations above the mean is a spike (``> 0``).
     min_history: values needed before the check is armed; default
       ``max(2, window // 2 - 1)``.
-    shift_after: consecutive skips of a signal after which its next high
-      value is accepted as a new level; default
-      ``max(1, min(16, window // 4))``.
+    shift_after: spike skips in a row after which the next high step is
+      accepted as the start of a new level (the longest burst caught whole);
+      default ``max(1, min(16, window // 4))``. The guard's
+      ``max_consecutive_skips`` should exceed it, or a level shift raises
+      ``diverged``.
     rebase_down: also rebuild a signal's buffer after ``shift_after + 1``
       values in a row below ``mean - sigma * std``.
 
@@ -265,7 +268,7 @@ def _record_signal(signal: SignalWindow, config: SpikeConfig,
   # With winsorize, a high value of a skipped step enters as the threshold it
   # crossed; an in-range value of a skipped step never enters. A low value
   # (rebase_down) waits in `pending` until its run ends or makes a new level.
-  flagged = spike & check.high if config.winsorize else jnp.zeros((), bool)
+  flagged = spike & check.high if config.winsorize else jnp.zeros((), jnp.bool_)
   low_held = accepted & check.low
   admitted = signal._replace(
       values=signal.values.at[signal.slot].set(
