@@ -66,7 +66,7 @@ def _spike(loss, norm, labels, rng, t):
 
 
 def _positions(rng, count, start, stop, gap):
-  """``count`` increasing positions in ``[start, stop)`` at least ``gap`` apart."""
+  """``count`` sorted positions in ``[start, stop)``, ``gap`` or more apart."""
   free = stop - start - gap * (count - 1)
   offsets = np.sort(rng.choice(free, count, replace=False))
   return start + offsets + gap * np.arange(count)

@@ -199,7 +199,7 @@ def previous(window: int = 128, sigma: float = 6.0) -> Rule:
 
 
 def ours(**options) -> Rule:
-  """The candidate rule of :mod:`optax_guard.transforms._spike_rule_candidate`."""
+  """The candidate rule (``optax_guard.transforms._spike_rule_candidate``)."""
   config = candidate.spike_config(**options)
 
   def step(window, loss, grad_norm):

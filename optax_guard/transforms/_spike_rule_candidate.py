@@ -18,9 +18,10 @@ buffer of its last ``window`` admitted values. A value is *high* when, once
    one (repeated to fill the window). So the rule never skips more than
    ``shift_after`` spike steps in a row, and a permanent shift costs
    ``shift_after`` skips (more only when the rebuilt buffer, ``shift_after +
-   1`` values, underestimates the new spread: keep ``shift_after >= 8``). A shift and a burst look alike until then: a
-   burst longer than ``shift_after`` steps has its tail accepted (and
-   becomes the buffer's level until normal values replace it). The default
+   1`` values, underestimates the new spread: keep ``shift_after >= 8``).
+   A shift and a burst look alike until then: a burst longer than
+   ``shift_after`` steps has its tail accepted (and becomes the buffer's
+   level until normal values replace it). The default
    ``min(16, window // 4)`` is longer than the bursts seen in practice (a few
    bad batches) and than what the peers catch, and far below ``window // 2``.
 3. **Non-finite values never count.** A step with a NaN/Inf loss or gradient
@@ -106,8 +107,9 @@ def spike_config(
 
   Examples:
     >>> from optax_guard.transforms._spike_rule_candidate import spike_config
-    >>> spike_config()
-    SpikeConfig(window=128, sigma=6.0, min_history=63, shift_after=16, rebase_down=True, winsorize=False)
+    >>> config = spike_config()
+    >>> config.min_history, config.shift_after, config.rebase_down
+    (63, 16, True)
     >>> spike_config(window=32).shift_after
     8
 
@@ -268,7 +270,9 @@ def _record_signal(signal: SignalWindow, config: SpikeConfig,
   # With winsorize, a high value of a skipped step enters as the threshold it
   # crossed; an in-range value of a skipped step never enters. A low value
   # (rebase_down) waits in `pending` until its run ends or makes a new level.
-  flagged = spike & check.high if config.winsorize else jnp.zeros((), jnp.bool_)
+  flagged = spike & check.high
+  if not config.winsorize:
+    flagged = jnp.zeros((), jnp.bool_)
   low_held = accepted & check.low
   admitted = signal._replace(
       values=signal.values.at[signal.slot].set(
