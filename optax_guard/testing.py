@@ -375,7 +375,7 @@ def run_fault_campaign(
     params = _mlp_init(jax.random.key(seed + 1), [train['x'].shape[1], 32, 1])
     init = checkpoint_lib.TrainState(0, params, tx.init(params))
     data = FaultInjector(
-        data_lib.ShuffledBatches(train, batch_size, seed=seed), run_plan
+        data_lib.batches(train, batch_size, seed=seed), run_plan
     )
     finite = []
     with checkpoint_lib.Checkpointer(

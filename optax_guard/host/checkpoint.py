@@ -26,7 +26,7 @@ The items:
 * ``state``: params, optimizer state (guard states included) and RNG key,
   written with ``StandardSave`` (async by default, sharded arrays as they are);
 * ``data_iterator``: the state of any iterator with ``get_state()`` /
-  ``set_state()`` (grain's iterators, :class:`optax_guard.ShuffledBatches`);
+  ``set_state()`` (grain's iterators, e.g. :func:`optax_guard.batches`);
 * ``events``: a small JSON dict of guard events (whatever the caller passes;
   :func:`optax_guard.fit` stores its event log and recovery state there);
 * ``integrity``: a fingerprint of every array, checked on restore, so that a
@@ -227,7 +227,7 @@ def _encode_data_state(data_iter: Any) -> dict[str, Any]:
   if not callable(getattr(data_iter, 'get_state', None)):
     raise TypeError(
         f'{type(data_iter).__name__} has no get_state(): a checkpoint needs a'
-        ' restorable iterator (grain, or optax_guard.ShuffledBatches).'
+        ' restorable iterator (a grain iterator, e.g. optax_guard.batches).'
     )
   state = data_iter.get_state()
   if isinstance(state, bytes):  # grain's DataLoader iterators return bytes.
