@@ -42,7 +42,7 @@ class ShuffledBatches:
           'arrays must be a non-empty dict of arrays with the same first'
           f' dimension, got leading sizes {sizes}.'
       )
-    self._size = next(iter(sizes.values()))
+    self._size = int(next(iter(self._arrays.values())).shape[0])
     if not isinstance(batch_size, int) or not 1 <= batch_size <= self._size:
       raise ValueError(
           f'batch_size must be an int in [1, {self._size}], got'

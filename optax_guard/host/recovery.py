@@ -330,7 +330,8 @@ class Recovery:
       return None
     armed = self._ema_count >= policy.loss_warmup_steps
     high = not math.isfinite(loss) or (
-        armed and loss > policy.loss_factor * self._ema
+        armed and self._ema is not None
+        and loss > policy.loss_factor * self._ema
     )
     if high:
       self._loss_streak += 1
