@@ -143,7 +143,8 @@ class FaultInjector:
     for fault in plan.values():
       if fault.kind not in KINDS:
         raise ValueError(f'unknown fault kind {fault.kind!r}; known: {KINDS}.')
-    self._data = data
+    # Duck-typed: restorable when the wrapped iterator has get/set_state.
+    self._data: Any = data
     self._plan = dict(plan)
     self._index = 0
 
