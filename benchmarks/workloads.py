@@ -142,28 +142,20 @@ def guard_floor() -> optax.GradientTransformationExtraArgs:
   def finite(grads):
     return jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
 
-  def update(grads, state, params=None, **extra_args):
-    del extra_args
-    return jax.lax.cond(
-        finite(grads), lambda: inner.update(grads, state, params),
-        lambda: (jax.tree.map(jnp.zeros_like, grads), state),
-    )
-
-  def apply(grads, state, params, **extra_args):
+  def update(grads, state, params=None, *, fuse_apply=False, **extra_args):
     del extra_args
 
     def accepted(params, state):
       updates, state = inner.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
+      return (optax.apply_updates(params, updates) if fuse_apply else updates,
+              state)
 
-    return jax.lax.cond(
-        finite(grads), accepted, lambda params, state: (params, state),
-        params, state,
-    )
+    def rejected(params, state):
+      return params if fuse_apply else jax.tree.map(jnp.zeros_like, grads), state
 
-  return _apply.with_fused_apply(
-      optax.GradientTransformationExtraArgs(inner.init, update), apply
-  )
+    return jax.lax.cond(finite(grads), accepted, rejected, params, state)
+
+  return _apply.FusedGradientTransformation(inner.init, update)
 
 
 def optax_clip() -> optax.GradientTransformation:
