@@ -187,6 +187,11 @@ def single_guards() -> dict[str, Callable[[], optax.GradientTransformation]]:
   }
 
 
+# Every jitted step keeps unused arguments: the guard's last-step telemetry
+# is overwritten without being read, and a pruned argument is not donated
+# (its buffer would outlive the call), as in og.make_train_step.
+
+
 def make_update_step(tx: optax.GradientTransformation):
   """``step(params, opt_state, grads, loss) -> (params, opt_state)``: the
   optimizer alone, jitted, params and state donated."""
@@ -196,7 +201,7 @@ def make_update_step(tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 def make_fused_update_step(tx: optax.GradientTransformation):
@@ -209,7 +214,7 @@ def make_fused_update_step(tx: optax.GradientTransformation):
   def step(params, opt_state, grads, loss):
     return apply(grads, opt_state, params, value=loss)
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 def linear_loss(params, grads) -> jax.Array:
@@ -227,7 +232,7 @@ def make_bare_train_step(loss_fn, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 class Stepper:

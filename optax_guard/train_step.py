@@ -189,7 +189,10 @@ def make_train_step(
     params, opt_state = apply(grads, opt_state, params, value=loss)
     return params, opt_state, _step_metrics(loss, aux, opt_state, has_aux)
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  # keep_unused: the guard's last-step telemetry is overwritten without being
+  # read; jit would prune it from the arguments and not donate its buffers.
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                 keep_unused=True)
 
 
 def make_nnx_train_step(
