@@ -244,10 +244,11 @@ class Rollback(Event):
     return range(self.to_step + 1, self.resume_step + 1)
 
   def __str__(self) -> str:
+    # Worded as the recovery's own warning: batch indices, then steps.
     return (
         f'step {self.step}: {self.reason} -> rolled back to step'
-        f' {self.to_step}; the batches of steps {self.to_step + 1}-'
-        f'{self.resume_step} are dropped'
+        f' {self.to_step}, skipping batches {self.to_step}..'
+        f'{self.resume_step - 1} (steps {self.to_step + 1}-{self.resume_step})'
     )
 
 
