@@ -82,16 +82,19 @@ class PreemptionHandler:
     self._previous.clear()
 
 
-def _json_number(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
   """``value`` as strict JSON: non-finite floats become ``'nan'``/``'inf'``."""
   if isinstance(value, float) and not math.isfinite(value):
     return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  if isinstance(value, Mapping):
+    return {key: _json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(item) for item in value]
   return value
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
-  safe = {key: _json_number(value) for key, value in record.items()}
-  return json.dumps(safe, allow_nan=False) + '\n'
+  return json.dumps(_json_safe(record), allow_nan=False) + '\n'
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
@@ -198,8 +201,8 @@ class Event:
   """Something :func:`fit` did or saw at a loop step.
 
   The subclasses are the kinds :func:`fit` emits; each is passed to the
-  ``callback`` of its step, written to ``events.jsonl`` and counted in the
-  :class:`EventLog` under its ``kind``.
+  ``callback`` of its step and, except :class:`Saved`, written to
+  ``events.jsonl`` and counted in the :class:`EventLog` under its ``kind``.
 
   Attributes:
     step: the loop step (batches drawn) it belongs to.
@@ -238,6 +241,8 @@ class Rollback(Event):
   to_step: int
   resume_step: int
   reason: str
+  skipped_batches: int = 0
+  worst_leaves: tuple[tuple[str, float], ...] = ()
 
   @property
   def dropped_steps(self) -> range:
@@ -418,8 +423,11 @@ class _Loop:
     self.step_events: list[Event] = []
 
   def record(self, event: Event) -> None:
-    self.events.add(event)
+    """Passes ``event`` to the callback; logs and counts it unless a save."""
     self.step_events.append(event)
+    if isinstance(event, Saved):
+      return  # Saves go to the callback only: the logs hold what happened.
+    self.events.add(event)
     if self.logger is not None:
       self.logger.log_event(event)
 
@@ -612,7 +620,8 @@ def fit(
     loop.logger = RunLogger(log_dir, tensorboard=tensorboard,
                             start_step=state.step)
     for event in loop.step_events:
-      loop.logger.log_event(event)
+      if isinstance(event, Resumed):
+        loop.logger.log_event(event)
   preemption = PreemptionHandler() if handle_preemption else None
   bar = _Progress(num_steps, state.step, progress_every) if progress else None
   preempted = False
@@ -682,8 +691,12 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
     diverged_step = state.step
     state = watch.rollback(state, reason, data_iter=loop.data,
                            metrics=scalars)
-    loop.record(Rollback(diverged_step, to_step=watch.rollbacks[-1]['to_step'],
-                         resume_step=state.step, reason=reason))
+    done = watch.rollbacks[-1]
+    loop.record(Rollback(
+        diverged_step, to_step=done['to_step'], resume_step=state.step,
+        reason=reason, skipped_batches=state.step - done['to_step'],
+        worst_leaves=tuple(map(tuple, done.get('worst_leaves', ()))),
+    ))
   elif reason is not None:
     loop.record(Diverged(state.step, reason))
   stopping = preemption is not None and preemption.requested
