@@ -169,6 +169,8 @@ class RunLogger:
     """Appends one step's scalar metrics."""
     self._metrics.write(_json_line({'step': step, 'time': time.time(),
                                     **metrics}))
+    # On disk before the next step: a killed run keeps what it logged.
+    self._metrics.flush()
     if self._writer is not None:
       for name, value in metrics.items():
         if math.isfinite(value):
@@ -180,6 +182,7 @@ class RunLogger:
     """Appends one event."""
     record = {'time': time.time(), **event.to_json()}
     self._events.write(_json_line(record))
+    self._events.flush()
     if self._writer is not None:
       self._writer.add_text(f'events/{event.kind}', str(event), event.step)
 
