@@ -17,15 +17,17 @@ SPIKE_SCALE = 1e4
 POISON_SCALE = 30.0
 
 DESCRIPTIONS = {
-    'spike': f'{SPIKE_SCALE:.0e}x gradient spike',
+    'spike': f'{SPIKE_SCALE:.0e}x gradient spike (loss weights scaled)',
     'poison': f'corrupt data shard (loss weights x{POISON_SCALE:g})',
     'preempt': 'simulated preemption (SIGTERM; the run restarts from disk)',
-    'nan': 'NaN gradients',
+    'nan': 'NaN batch (loss weights NaN)',
 }
+# All three break the batch's data (its float loss weights), so the steps
+# are the plain ones: no fault code in the compiled step.
 _KINDS = {
-    'spike': testing.Fault('grad_spike', SPIKE_SCALE),
+    'spike': testing.Fault('poisoned_batch', SPIKE_SCALE),
     'poison': testing.Fault('poisoned_batch', POISON_SCALE),
-    'nan': testing.Fault('nan_grad'),
+    'nan': testing.Fault('poisoned_batch', float('nan')),
 }
 _SPEC = re.compile(r'^(?P<name>[a-z]+)(@(?P<start>\d+)(-(?P<end>\d+))?)?$')
 

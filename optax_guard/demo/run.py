@@ -6,7 +6,7 @@ with ZClip and spike skipping, Orbax checkpoints, rollback to the last good
 checkpoint when the guard reports ``diverged`` and resume from the newest
 valid checkpoint after a preemption or a crash. Both runs are
 :func:`optax_guard.fit` calls over the same batches and faults
-(:mod:`optax_guard.testing`); this module adds only the model, the data, the
+(:class:`optax_guard.testing.FaultInjector`); this module adds only the model, the data, the
 fault schedule and what to show.
 """
 
@@ -100,9 +100,10 @@ class Setup:
   steps: dict[str, Callable[..., Any]]
   heldout_loss: Callable[[nnx.State], jax.Array]
 
-  def init_state(self, run: str) -> og.TrainState:
+  def init_state(self, tx: optax.GradientTransformation):
+    """Fresh ``(params, opt_state)`` for ``tx``."""
     params = self.init_params()
-    return og.TrainState(0, params, self.txs[run].init(params))
+    return params, tx.init(params)
 
   def batches(self) -> testing.FaultInjector:
     """The training batches with the configured faults, from the start."""
@@ -163,7 +164,7 @@ def make_setup(config: DemoConfig) -> Setup:
           max_consecutive_skips=config.max_consecutive_skips,
       ),
   }
-  loss_fn = testing.with_faults(model_lib.make_loss_fn(graphdef))
+  loss_fn = model_lib.make_loss_fn(graphdef)
   heldout = data_lib.windows(corpus.heldout, config.seq_len)['tokens']
   heldout = jnp.asarray(heldout[:config.eval_batches * config.batch_size])
 
@@ -263,7 +264,8 @@ def _fit(setup: Setup, run: str, out_dir: pathlib.Path, watcher: _Watcher,
          checkpointer: Optional[og.Checkpointer] = None) -> Any:
   config = setup.config
   return og.fit(
-      setup.steps[run], setup.init_state(run), setup.batches(),
+      setup.steps[run], og.TrainState(0, *setup.init_state(setup.txs[run])),
+      setup.batches(),
       num_steps=config.steps, checkpointer=checkpointer,
       recovery=checkpointer and og.RecoveryPolicy(
           max_rollbacks=config.max_rollbacks,
