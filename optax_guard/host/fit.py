@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Seque
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host import recovery as recovery_lib
@@ -36,12 +37,24 @@ class PreemptionHandler:
   usual. The previous handlers come back on exit. Outside the main thread,
   where Python cannot install handlers, it does nothing.
 
+  Under ``jax.distributed`` a signal usually reaches one process, yet every
+  process must stop at the same step (the save is collective):
+  :meth:`reached` gives the same answer on every process. With JAX's
+  preemption service (``jax_enable_preemption_service``, on by default)
+  SIGTERM is left to JAX's own notifier, which tells every process, and
+  :meth:`reached` is ``multihost_utils.reached_preemption_sync_point``: a
+  local check each step, true on every process at the same step, about a
+  second after the signal (the step Orbax's
+  ``CheckpointManager.reached_preemption`` names too). A SIGINT is passed on
+  to that notifier as a SIGTERM. Without the service, :meth:`reached`
+  gathers every process's :attr:`requested` (one small collective per call).
+
   Examples:
     >>> import os, signal
     >>> from optax_guard.host.fit import PreemptionHandler
     >>> with PreemptionHandler() as preemption:
     ...   os.kill(os.getpid(), signal.SIGTERM)
-    ...   preemption.requested, preemption.signal_name
+    ...   preemption.reached(step=1), preemption.signal_name
     (True, 'SIGTERM')
 
   Args:
@@ -55,6 +68,7 @@ class PreemptionHandler:
     self.requested = False
     self.signal_name: Optional[str] = None
     self._previous: dict[int, Any] = {}
+    self._jax_notifier = False
 
   def _handle(self, signum, frame):
     del frame
@@ -66,11 +80,41 @@ class PreemptionHandler:
         'Received %s: finishing the current step, saving, then stopping.',
         self.signal_name,
     )
+    if self._jax_notifier:  # JAX's notifier tells the other processes.
+      signal.raise_signal(signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after ``step``: the same answer on every process.
+
+    Call it once per loop step, with increasing steps, on every process.
+
+    Args:
+      step: the loop step just finished.
+
+    Returns:
+      Whether a stop was requested (anywhere, under ``jax.distributed``) and
+      this is the step to save and stop at.
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    if self._jax_notifier:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    else:
+      reached = bool(np.any(
+          multihost_utils.process_allgather(np.int32(self.requested))))
+    if reached and self.signal_name is None:
+      self.signal_name = 'preemption notice'
+    return reached
 
   def __enter__(self) -> 'PreemptionHandler':
+    self._jax_notifier = jax.process_count() > 1 and bool(
+        jax.config.jax_enable_preemption_service
+    )
     if threading.current_thread() is threading.main_thread():
       for signum in self.signals:
-        self._previous[signum] = signal.signal(signum, self._handle)
+        # Replacing JAX's C++ SIGTERM handler would silence its notifier.
+        if not (self._jax_notifier and signum == signal.SIGTERM):
+          self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -250,7 +294,8 @@ def fit(
   On SIGTERM or SIGINT (``handle_preemption``) the current step finishes,
   the state is saved, and the process exits with status 0
   (``exit_on_preemption``; otherwise :func:`fit` returns with
-  ``preempted=True``).
+  ``preempted=True``). Under ``jax.distributed`` a signal to any one process
+  stops every process after the same step (see :class:`PreemptionHandler`).
 
   Examples:
     >>> import numpy as np
@@ -371,7 +416,7 @@ def fit(
         record('diverged', state.step, reason=reason)
       if callback is not None:
         callback(state, scalars)
-      stopping = preemption is not None and preemption.requested
+      stopping = preemption is not None and preemption.reached(state.step)
       if stopping:
         record('preempted', state.step, signal=preemption.signal_name)
       if rolled_back or stopping or checkpointer is not None and (
