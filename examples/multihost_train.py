@@ -180,8 +180,8 @@ def train(steps: int = 6, nan_step: int = 3, nan_row: int = -1) -> dict:
 def _fault(preempt_at, crash_at):
   """A ``fit`` callback that injects the requested faults after a step."""
 
-  def callback(state, metrics):
-    del metrics
+  def callback(state, metrics, events):
+    del metrics, events
     if state.step == preempt_at and jax.process_index() == (
         min(1, jax.process_count() - 1)):
       os.kill(os.getpid(), signal.SIGTERM)  # this process alone

@@ -30,9 +30,10 @@ from typing import Any, Iterator, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
+from optax_guard.transforms import diagnostics as _diagnostics
 from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import states as _states
 from optax_guard.host import checkpoint as checkpoint_lib
 
 _log = logging.getLogger('optax_guard')
@@ -163,51 +164,13 @@ class TrainingDiverged(RuntimeError):
     self.report = report
 
 
-def _pure(opt_state: Any) -> Any:
-  if isinstance(opt_state, nnx.Optimizer):
-    opt_state = opt_state.opt_state
-  return nnx.as_pure(opt_state)
-
-
-def worst_leaves(opt_state: Any, k: int = 5) -> list[tuple[str, float]]:
-  """The ``k`` leaves with the largest last gradient norm, non-finite first.
-
-  Reads ``leaf_norms`` of every :class:`optax_guard.GuardState` in
-  ``opt_state`` (the norms of the last step's raw gradients).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optax_guard as og
-    >>> tx = og.guard(optax.sgd(0.1))
-    >>> params = {'a': jnp.zeros(2), 'b': jnp.zeros(2)}
-    >>> state = tx.init(params)
-    >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([jnp.inf, 0.0])}
-    >>> _, state = tx.update(grads, state, params)
-    >>> from optax_guard.host.recovery import worst_leaves
-    >>> worst_leaves(state)
-    [("['b']", inf), ("['a']", 5.0)]
-
-  Args:
-    opt_state: an optimizer state holding a guard state.
-    k: how many leaves to return.
-
-  Returns:
-    ``[(key path, norm), ...]``, largest first; empty without a guard.
-  """
-  guards = [
-      node for node in jax.tree.leaves(
-          _pure(opt_state), is_leaf=lambda x: isinstance(x, _guard.GuardState)
-      )
-      if isinstance(node, _guard.GuardState)
-  ]
-  found = []
-  for guard_state in guards:
-    norms = jax.device_get(guard_state.leaf_norms)
-    for path, norm in jax.tree_util.tree_flatten_with_path(norms)[0]:
-      found.append((jax.tree_util.keystr(path), float(norm)))
-  rank = lambda item: math.inf if math.isnan(item[1]) else item[1]
-  return sorted(found, key=rank, reverse=True)[:k]
+def _worst_leaves(state: Any, k: int = 5) -> list[tuple[str, float]]:
+  """The ``k`` leaves with the largest last gradient norm, non-finite first
+  (:attr:`optax_guard.transforms.diagnostics.Diagnosis.worst`); empty
+  without a guard."""
+  if not _states.find_states(state.opt_state, _guard.GuardState):
+    return []
+  return list(_diagnostics.diagnose(state.opt_state, state.params).worst[:k])
 
 
 def scale_hyperparam(
@@ -433,7 +396,7 @@ class Recovery:
           ' consecutive skipped steps'
       )
     policy = self.policy
-    armed = (policy.loss_factor is not None
+    armed = (policy.loss_factor is not None and self._ema is not None
              and self._ema_count >= policy.loss_warmup_steps)
     high = not finite or (armed and loss > policy.loss_factor * self._ema)
     if high:
@@ -500,7 +463,7 @@ class Recovery:
       TrainingDiverged: after ``max_rollbacks`` rollbacks, or when no
         healthy checkpoint is usable.
     """
-    worst = worst_leaves(state.opt_state)
+    worst = _worst_leaves(state)
     scalars = {
         k: _scalar(v) for k, v in (metrics or {}).items()
         if jnp.ndim(v) == 0
