@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / 'examples' / 'multihost_train.py'
 STEPS = 12
 NAN_STEPS = ('5', '6')  # batch indices: loop steps 6 and 7
-TIMEOUT_S = 120
+TIMEOUT_S = 300  # per launch; a loaded 2-core machine needs ~80 s
 
 
 def _free_port() -> int:
@@ -37,10 +37,10 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _launch(directory, out_prefix, *args, steps=STEPS):
+def _launch(directory, out_prefix, *args, steps=STEPS, env=None):
   """Runs both processes to the end; ``(return codes, outputs, results)``."""
   coordinator = f'127.0.0.1:{_free_port()}'
-  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  env = {**os.environ, 'PYTHONPATH': str(REPO), **(env or {})}
   env.pop('XLA_FLAGS', None)  # --local-devices sets the device count
   processes = [
       subprocess.Popen(
@@ -136,3 +136,16 @@ def test_crash_and_damage_resume_to_the_bits_of_the_whole_run(runs):
     for key in whole:
       if key.startswith('param_'):
         np.testing.assert_array_equal(resumed[key], whole[key])
+
+
+def test_without_jax_preemption_service_both_stop_at_the_signalled_step(
+    tmp_path):
+  # The gathered flags decide: the signal comes in the callback of step 3,
+  # after that step's check, so the next step's check stops both.
+  codes, outputs, results = _launch(
+      tmp_path / 'run', tmp_path / 'run', '--preempt-at', '3',
+      env={'JAX_ENABLE_PREEMPTION_SERVICE': 'false'})
+  assert codes == [0, 0], outputs
+  assert [int(r['step']) for r in results] == [4, 4]
+  assert all(bool(r['preempted']) for r in results)
+  assert [r['checkpoint_steps'].tolist() for r in results] == [[0, 2, 4]] * 2

@@ -501,13 +501,15 @@ class _Loop:
     events, self.step_events = tuple(self.step_events), []
     return events
 
-  def save(self, state: TrainState, *, healthy: bool, force: bool) -> bool:
+  def save(self, state: TrainState, *, healthy: bool, force: bool,
+           metrics: Optional[Mapping[str, float]] = None) -> bool:
     if self.checkpointer is None:
       return False
     saved = self.checkpointer.save(
         state, data_iter=self.data, healthy=healthy, force=force,
         events={'log': self.events.state_dict(),
                 'recovery': self.watch.state_dict()},
+        metrics=metrics,
     )
     if saved:
       self.record(Saved(state.step, healthy))
@@ -647,8 +649,11 @@ def fit(
     exit_on_preemption: raise ``SystemExit(0)`` after the preemption save.
     eval_fn: called as ``eval_fn(state)`` every ``eval_every`` steps and at
       ``num_steps``; its scalars join the step's metrics (logged, passed to
-      ``callback``).
-    eval_every: steps between two ``eval_fn`` calls.
+      ``callback``) and, when the step is saved, the checkpoint's metrics
+      (so that ``Checkpointer(best_metric=...)`` keeps the best one).
+    eval_every: steps between two ``eval_fn`` calls (with the
+      checkpointer's ``save_interval_steps`` a multiple of it, every
+      regularly saved step is evaluated).
     callback: called as ``callback(state, metrics, events)`` after every
       step, with the scalar metrics as Python numbers and the step's
       :class:`Event` records (:class:`SkippedStep`, :class:`Rollback`,
@@ -748,10 +753,12 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   state = state._replace(step=state.step + 1, params=params,
                          opt_state=opt_state)
   scalars = _host_scalars(metrics)
+  evaluated = {}
   if eval_fn is not None and (
       state.step % eval_every == 0 or state.step == num_steps
   ):
-    scalars.update(_host_scalars(eval_fn(state)))
+    evaluated = _host_scalars(eval_fn(state))
+    scalars.update(evaluated)
   if loop.logger is not None:
     loop.logger.log_metrics(state.step, scalars)
   if scalars.get('skipped'):
@@ -780,7 +787,8 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   ):
     # A rolled-back state is the last good one: healthy by definition.
     loop.save(state, healthy=rolled_back or watch.healthy,
-              force=rolled_back or stopping)
+              force=rolled_back or stopping,
+              metrics=None if rolled_back else evaluated)
   if callback is not None:
     callback(state, scalars, loop.take_events())
     # The callback may itself send the signal (a simulated preemption).
