@@ -130,7 +130,7 @@ class PreemptionHandler:
 
   def __enter__(self) -> 'PreemptionHandler':
     self._jax_notifier = jax.process_count() > 1 and bool(
-        jax.config.jax_enable_preemption_service
+        jax.config.values['jax_enable_preemption_service']
     )
     if threading.current_thread() is threading.main_thread():
       for signum in self.signals:
