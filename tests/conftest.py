@@ -15,8 +15,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests that pin their own `max_examples` keep it under either profile.
 import hypothesis  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# No shrinking in `ci`: every example compiles a train step, so shrinking a
+# failure could take minutes; rerun with `long` for a minimal example.
 hypothesis.settings.register_profile(
     'ci', max_examples=20, deadline=None, derandomize=True,
+    phases=(hypothesis.Phase.explicit, hypothesis.Phase.reuse,
+            hypothesis.Phase.generate),
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.register_profile(
