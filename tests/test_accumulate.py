@@ -9,8 +9,7 @@ import pytest
 
 import optax_guard as og
 from optax_guard.transforms import fused as _fused
-from optax_guard.transforms.accumulate import accumulate
-from optax_guard.transforms.accumulate import AccumulateState
+from optax_guard.transforms.accumulate import AccumulateState, accumulate
 from optax_guard.transforms.guard import GuardState
 
 PARAMS = {'w': jnp.array([1.0, -2.0, 3.0]), 'b': jnp.zeros(2)}

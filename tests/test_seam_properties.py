@@ -30,18 +30,17 @@ import functools
 
 import chex
 import hypothesis
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import strategies as st
 
 import optax_guard as og
 from optax_guard.transforms import fused as _fused
-from optax_guard.transforms.accumulate import accumulate
-from optax_guard.transforms.accumulate import AccumulateState
+from optax_guard.transforms.accumulate import AccumulateState, accumulate
 from optax_guard.transforms.clipping import ClipStats
 from optax_guard.transforms.guard import GuardState
 
@@ -181,7 +180,10 @@ def fault_schedules(draw):
 
 
 def _gradient(params_tree, step: int, fault: str, target: int):
-  """Clean gradients that vary by step, with ``fault`` in one float leaf."""
+  """Clean gradients that vary by step, with ``fault`` in one float leaf.
+
+  Built in NumPy: eager JAX ops would compile a kernel per new leaf shape.
+  """
   paths = _float_paths(params_tree)
   target_path = paths[target % len(paths)]
   scale = {'spike': 1e3}.get(fault, 1.0)
@@ -190,23 +192,22 @@ def _gradient(params_tree, step: int, fault: str, target: int):
     if leaf is None:
       return None
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-      return jnp.zeros_like(leaf)
+      return np.zeros(leaf.shape, leaf.dtype)
     key = jax.tree_util.keystr(path)
     # Alternating signs; every third element zero (Adam with eps=0 divides
     # 0 by 0 there).
-    index = jnp.arange(leaf.size)
-    value = (0.5 + 0.25 * step) * scale * jnp.where(
-        index % 3 == 2, 0.0, 1.0 - 2.0 * (index % 2)).reshape(leaf.shape)
+    index = np.arange(leaf.size)
+    value = (0.5 + 0.25 * step) * scale * np.where(
+        index % 3 == 2, 0.0, 1.0 - 2.0 * (index % 2))
     if key == target_path and fault in ('nan', 'inf'):
-      value = value.at[(0,) * leaf.ndim].set(
-          jnp.nan if fault == 'nan' else jnp.inf)
+      value[0] = np.nan if fault == 'nan' else np.inf
     if key == "['l0_f32']" and fault == 'huge':
       value = value * 1e30  # finite in float32; Adam's nu overflows
-    return value.astype(leaf.dtype)
+    return np.asarray(value.reshape(leaf.shape), leaf.dtype)
 
   grads = jax.tree_util.tree_map_with_path(grad, params_tree)
-  loss = jnp.nan if fault == 'nan_loss' else 1.0 + step * scale
-  return grads, jnp.asarray(loss, jnp.float32)
+  loss = np.nan if fault == 'nan_loss' else 1.0 + step * scale
+  return grads, np.float32(loss)
 
 
 # ---------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def _assert_params_close(got, want):
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(composition, tree_spec):
   outer, inner, _, _ = composition
   tx = _composition(*composition)
@@ -282,8 +283,14 @@ def _compiled(composition, tree_spec):
     return optax.apply_updates(params, updates), state
 
   fused = _fused.update_and_apply(tx)
-  return (tx, params, jax.jit(pure),
-          jax.jit(lambda g, s, p, v: fused(g, s, p, value=v)))
+
+  # Both forms in one program: one compilation per example instead of two.
+  @jax.jit
+  def both(grads, state, params, value):
+    return (pure(grads, state, params, value),
+            fused(grads, state, params, value=value))
+
+  return params, jax.jit(tx.init)(params), both
 
 
 def _fast_params(params):
@@ -294,14 +301,13 @@ def _fast_params(params):
                   faults=fault_schedules())
 def test_seam_invariants_hold_after_every_step(composition, tree_spec, faults):
   outer, _, spikes, _ = composition
-  tx, params, pure, fused = _compiled(composition, tree_spec)
-  state = tx.init(params)
+  params, state, both = _compiled(composition, tree_spec)
   accepted_clean = 0  # accepted steps, for when a spike can be called
   window_clean = True  # no huge gradient entered the spike window
   for step, (fault, target) in enumerate(faults):
     grads, loss = _gradient(_fast_params(params), step, fault, target)
-    new_params, new_state = pure(grads, state, params, loss)
-    fused_params, fused_state = fused(grads, state, params, loss)
+    (new_params, new_state), (fused_params, fused_state) = both(
+        grads, state, params, loss)
 
     chex.assert_trees_all_equal(fused_state, new_state)
     _assert_params_close(fused_params, new_params)
@@ -346,7 +352,7 @@ def _bn_model():
                         nnx.relu, nnx.Linear(4, 1, rngs=rngs))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nnx_step():
   loss_fn = lambda model, batch: jnp.mean(
       (model(batch['x']) - batch['y']) ** 2) * batch['loss_factor']

@@ -8,13 +8,12 @@ headings so that one place changes if the names do.
 """
 
 import chex
-import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 import optax_guard as og
 from optax_guard.host.recovery import Recovery
@@ -346,7 +345,7 @@ def test_lookahead_inside_the_guard():
 # main: AttributeError 'GuardState' object has no attribute 'b1' (and there
 # is no finder).
 def test_schedule_free_eval_params_through_the_guard():
-  from optax_guard.transforms.metrics import find_states  # pylint: disable=g-import-not-at-top
+  from optax_guard.transforms.metrics import find_states
   sf = optax.contrib.schedule_free_sgd(0.1)
   tx = og.guard(sf)
   state, bare_state = tx.init(PARAMS), sf.init(PARAMS)
@@ -389,24 +388,28 @@ LARGEST_SAFE_SCALE = 2.0**126
 
 # main: the scale grows to 2**127, 1/scale = 2**-127 is subnormal and flushed
 # to zero on CPU: every update is 0 and grad_norm 0 while skipped is False;
-# good_steps then counts up forever (5, 6, ...) since growth is blocked.
+# good_steps then counts up forever (1, 2, ...) since growth is blocked.
+# The ceiling itself is the implementation's choice (at most 2**126); the test
+# drives the scale up until it stops growing.
 def test_loss_scale_at_its_ceiling_keeps_updating():
-  tx = og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**120,
-                             growth_interval=2)
+  tx = og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**40,
+                             growth_interval=1)
   step = og.make_train_step(lambda p, b: jnp.sum(p['w'] * b), tx,
                             donate=False)
   params, state = {'w': jnp.zeros(2)}, tx.init({'w': jnp.zeros(2)})
   batch = jnp.array([0.25, -0.5])  # the gradient, exact in any power of 2
-  for index in range(20):
+  scales = []
+  for index in range(100):
     new_params, state, m = step(params, state, batch)
     assert not bool(m['skipped'])
-    assert float(m['loss_scale']) <= LARGEST_SAFE_SCALE
+    assert float(m['loss_scale']) <= LARGEST_SAFE_SCALE, index
     assert float(m['grad_norm']) == float(np.float32(np.hypot(0.25, 0.5))), index
     np.testing.assert_array_equal(new_params['w'], params['w'] - batch)
+    # Reset at every growth interval, grown or not (GradScaler, jmp).
+    assert int(state.good_steps) == 0, (index, int(state.good_steps))
     params = new_params
-    good = int(state.good_steps)
-    assert 0 <= good < 2, (index, good)
-  assert float(og.loss_scale(state)) >= 2.0**120  # it reached the ceiling
+    scales.append(float(m['loss_scale']))
+  assert scales[-1] == scales[-10] > scales[0]  # it reached its ceiling
 
 
 def test_loss_scale_refuses_an_initial_scale_above_its_ceiling():

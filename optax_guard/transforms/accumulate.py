@@ -16,7 +16,7 @@ step whose micro-batches were all dropped hands the guard a NaN gradient, so
 it is skipped and counts toward ``diverged`` like any other bad step.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
-def _all_finite(tree: Any, value: Optional[jax.Array]) -> jax.Array:
+def _all_finite(tree: Any, value: jax.Array | None) -> jax.Array:
   """Whether every floating element of ``tree`` and ``value`` is finite."""
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if _is_float(x)]
