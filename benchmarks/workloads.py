@@ -142,28 +142,20 @@ def guard_floor() -> optax.GradientTransformationExtraArgs:
   def finite(grads):
     return jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
 
-  def update(grads, state, params=None, **extra_args):
-    del extra_args
-    return jax.lax.cond(
-        finite(grads), lambda: inner.update(grads, state, params),
-        lambda: (jax.tree.map(jnp.zeros_like, grads), state),
-    )
-
-  def apply(grads, state, params, **extra_args):
+  def update(grads, state, params=None, *, fuse_apply=False, **extra_args):
     del extra_args
 
     def accepted(params, state):
       updates, state = inner.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
+      return (optax.apply_updates(params, updates) if fuse_apply else updates,
+              state)
 
-    return jax.lax.cond(
-        finite(grads), accepted, lambda params, state: (params, state),
-        params, state,
-    )
+    def rejected(params, state):
+      return params if fuse_apply else jax.tree.map(jnp.zeros_like, grads), state
 
-  return _apply.with_fused_apply(
-      optax.GradientTransformationExtraArgs(inner.init, update), apply
-  )
+    return jax.lax.cond(finite(grads), accepted, rejected, params, state)
+
+  return _apply.FusedGradientTransformation(inner.init, update)
 
 
 def optax_clip() -> optax.GradientTransformation:
@@ -195,6 +187,11 @@ def single_guards() -> dict[str, Callable[[], optax.GradientTransformation]]:
   }
 
 
+# Every jitted step keeps unused arguments: the guard's last-step telemetry
+# is overwritten without being read, and a pruned argument is not donated
+# (its buffer would outlive the call), as in og.make_train_step.
+
+
 def make_update_step(tx: optax.GradientTransformation):
   """``step(params, opt_state, grads, loss) -> (params, opt_state)``: the
   optimizer alone, jitted, params and state donated."""
@@ -204,7 +201,7 @@ def make_update_step(tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 def make_fused_update_step(tx: optax.GradientTransformation):
@@ -217,7 +214,7 @@ def make_fused_update_step(tx: optax.GradientTransformation):
   def step(params, opt_state, grads, loss):
     return apply(grads, opt_state, params, value=loss)
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 def linear_loss(params, grads) -> jax.Array:
@@ -235,7 +232,7 @@ def make_bare_train_step(loss_fn, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 class Stepper:

@@ -4,9 +4,9 @@ The digits (1,797 real 8x8 scans, bundled with scikit-learn: no download)
 train a small MLP through ``nnx.Optimizer`` with ``og.guard`` as the optax
 transformation: ZClip clipping and spike skipping on every step, the loss
 passed as ``value=``, the guard's metrics read with ``og.metrics``. Batches
-come from ``og.ShuffledBatches``, and one corrupted batch (NaN pixels, as a
-broken sensor would give) shows the guard skipping it with the optimizer
-state untouched.
+come from a grain pipeline (``og.batches``), and one corrupted batch (NaN
+pixels, as a broken sensor would give) shows the guard skipping it with the
+optimizer state untouched.
 
     python examples/digits_nnx.py           # 30 epochs, ~97% test accuracy
     python examples/digits_nnx.py --fast    # 8 epochs, what the tests run
@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       spikes={'window': 64},
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  batches = og.ShuffledBatches(train, batch_size, seed=args.seed)
+  batches = og.batches(train, batch_size, seed=args.seed)
   broken_step = steps // 2
 
   skipped = []

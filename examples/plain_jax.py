@@ -7,8 +7,8 @@ features; no download). The loop shows the pieces a custom loop uses:
 * ``og.guard`` (AutoClip, spike skipping) inside one jitted, donated step
   from ``og.make_train_step``, with its metrics read every step;
 * ``og.Checkpointer``: resume from the newest valid checkpoint, the data
-  iterator (``og.ShuffledBatches``) saved with the model, a save every 25
-  steps marked healthy or not;
+  iterator (grain's, from ``og.batches``) saved with the model, a save every
+  25 steps marked healthy or not;
 * two faults injected with ``optax_guard.testing``: a 10,000x gradient spike and a
   NaN gradient, both skipped with the optimizer state held bit for bit.
 
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   }
   train_step = og.make_train_step(testing.with_faults(loss_fn), tx)
   batches = testing.FaultInjector(
-      og.ShuffledBatches(train, batch_size=32, seed=args.seed), faults
+      og.batches(train, batch_size=32, seed=args.seed), faults
   )
   params = init_params(jax.random.key(args.seed))
 

@@ -85,8 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       (digits.data / 16).astype(np.float32), digits.target.astype(np.int32),
       test_size=0.25, random_state=args.seed, stratify=digits.target,
   )
-  batches = og.ShuffledBatches({'x': x_train, 'y': y_train}, 64,
-                               seed=args.seed)
+  batches = og.batches({'x': x_train, 'y': y_train}, 64, seed=args.seed)
   batch_sharding = NamedSharding(mesh, P('data'))
 
   tx = og.guard(

@@ -8,7 +8,7 @@ folder each:
   ``diagnose``); they import only jax, optax and chex.
 * :mod:`optax_guard.train_step`: the jit-compiled train steps.
 * :mod:`optax_guard.host`: what runs on the host and outlives a process
-  (checkpoints, recovery, the ``fit`` loop, data iterators).
+  (checkpoints, recovery, the ``fit`` loop, grain data pipelines).
 
 State classes and the less common helpers stay importable from their modules;
 fault injection for tests is :mod:`optax_guard.testing`.
@@ -16,7 +16,7 @@ fault injection for tests is :mod:`optax_guard.testing`.
 
 from optax_guard.host.checkpoint import Checkpointer
 from optax_guard.host.checkpoint import TrainState
-from optax_guard.host.data import ShuffledBatches
+from optax_guard.host.data import batches
 from optax_guard.host.fit import fit
 from optax_guard.host.recovery import RecoveryPolicy
 from optax_guard.host.recovery import scale_hyperparam
@@ -41,11 +41,11 @@ __version__ = '0.1.0'
 __all__ = (
     'Checkpointer',
     'RecoveryPolicy',
-    'ShuffledBatches',
     'TrainState',
     'TrainingDiverged',
     'agc',
     'autoclip',
+    'batches',
     'clip_by_global_norm',
     'diagnose',
     'dynamic_loss_scale',

@@ -143,7 +143,8 @@ class FaultInjector:
     for fault in plan.values():
       if fault.kind not in KINDS:
         raise ValueError(f'unknown fault kind {fault.kind!r}; known: {KINDS}.')
-    self._data = data
+    # Duck-typed: restorable when the wrapped iterator has get/set_state.
+    self._data: Any = data
     self._plan = dict(plan)
     self._index = 0
 
@@ -375,7 +376,7 @@ def run_fault_campaign(
     params = _mlp_init(jax.random.key(seed + 1), [train['x'].shape[1], 32, 1])
     init = checkpoint_lib.TrainState(0, params, tx.init(params))
     data = FaultInjector(
-        data_lib.ShuffledBatches(train, batch_size, seed=seed), run_plan
+        data_lib.batches(train, batch_size, seed=seed), run_plan
     )
     finite = []
     with checkpoint_lib.Checkpointer(

@@ -2,7 +2,7 @@
 
 Both forms differentiate the loss, hand it to the optimizer as ``value=``,
 and update params and optimizer state with the optimizer's fused
-update-and-apply when it has one (every :func:`optax_guard.guard` does): the
+update-and-apply where the composition allows it (:func:`plan_apply`): the
 skip decision is taken on the gradients, and one ``lax.cond`` covers the
 clip, the inner update and the parameter update, so an accepted step writes
 params and state in place exactly like the bare optimizer. When the state
@@ -11,15 +11,77 @@ its scale before differentiating.
 """
 
 from typing import Any, Callable
+import warnings
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import fused as _fused
+from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import loss_scale as _loss_scale
 from optax_guard.transforms import metrics as _metrics
+from optax_guard.transforms import states as _states
+
+
+def plan_apply(tx: optax.GradientTransformation,
+               opt_state: Any) -> _fused.ApplyFn:
+  """``apply(grads, state, params, **extra_args) -> (new_params, new_state)``.
+
+  The fused form (``tx.update(..., fuse_apply=True)``, see
+  :mod:`optax_guard.transforms.fused`) when the optimizer state holds one
+  guard (:class:`~optax_guard.transforms.guard.GuardState`) whose update is
+  the last thing ``tx`` runs: ``tx`` is the guard, the guard is the last
+  member of an :func:`optax.chain`, or it sits inside a
+  :func:`optax_guard.dynamic_loss_scale` (any nesting of these). Without
+  a guard, ``tx`` is fused if its type says so. Otherwise (a guard inside
+  :class:`optax.MultiSteps`, :func:`optax.multi_transform`,
+  :func:`optax.inject_hyperparams`, followed by another transformation, or
+  two guards) it warns once, naming where the guard sits, and returns
+  ``tx.update`` followed by :func:`optax.apply_updates`.
+
+  Examples:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_guard as og
+    >>> from optax_guard.train_step import plan_apply
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = optax.chain(optax.scale(1.0), og.guard(optax.sgd(0.5)))
+    >>> apply = plan_apply(tx, tx.init(params))  # fused: the guard is last
+    >>> new_params, _ = apply({'w': jnp.ones(2)}, tx.init(params), params)
+    >>> new_params['w'].tolist()
+    [0.5, 0.5]
+
+  Args:
+    tx: the optimizer.
+    opt_state: its state (arrays or shapes: only the structure is read).
+
+  Returns:
+    The apply function.
+  """
+  guards = _states.find_states(opt_state, _guard.GuardState)
+  if not guards:
+    return _fused.update_and_apply(tx)
+  path = guards[0][0]
+  last = _states.is_last_in(opt_state, path, (_loss_scale.LossScaleState,))
+  if len(guards) == 1 and last and (
+      path or isinstance(tx, _fused.FusedGradientTransformation)):
+    return _fused.fused_apply(tx)
+  where = ', '.join(
+      f'{type(_states.pure_state(opt_state)).__name__}'
+      f'{_states.path_name(p)}' for p, _ in guards)
+  why = ('two guards' if len(guards) > 1 else
+         'the guard is not the last transformation (or sits inside a'
+         ' wrapper such as MultiSteps, multi_transform or inject_hyperparams)')
+  warnings.warn(
+      f'og.make_train_step cannot fuse the guard at {where} with the'
+      f' parameter update: {why}. The step runs unfused, which materialises'
+      ' one more updates tree (a params-sized write and read) per step. Put'
+      ' og.guard last, e.g. optax.chain(..., og.guard(inner)).',
+      stacklevel=2,
+  )
+  return _fused.unfused_apply(tx)
 
 
 def _guard_metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -76,11 +138,14 @@ def make_train_step(
 
   The step is one ``jax.jit`` computation: gradients of ``loss_fn(params,
   batch)``, then the optimizer's update with the loss as ``value=``, then the
-  parameter update. With a guard, the last two are its fused form: the
-  decision is taken on the gradients and one ``lax.cond`` covers clip, inner
-  update and parameter update, so that params and state are updated in
-  place; params, state and metrics equal those of ``tx.update`` followed by
-  :func:`optax.apply_updates`. When the state holds a
+  parameter update. With a guard (``tx`` itself, last in a chain, or inside
+  :func:`optax_guard.dynamic_loss_scale`), the last two are its fused form:
+  the decision is taken on the gradients and one ``lax.cond`` covers clip,
+  inner update and parameter update, so that params and state are updated
+  in place; state and metrics equal those of ``tx.update`` followed by
+  :func:`optax.apply_updates` bit for bit, params within one rounding.
+  Where the composition cannot be fused, :func:`plan_apply` warns when the
+  step is traced. When the state holds a
   :func:`optax_guard.dynamic_loss_scale`, the loss is multiplied by the
   current scale before differentiating (the metrics report it unscaled).
 
@@ -116,15 +181,18 @@ def make_train_step(
   Returns:
     The jitted step function.
   """
-  apply = _apply.update_and_apply(tx)
 
   def step(params, opt_state, batch):
     grad_fn = _scaled_value_and_grad(loss_fn, has_aux, opt_state)
     loss, aux, grads = grad_fn(params, batch)
+    apply = plan_apply(tx, opt_state)
     params, opt_state = apply(grads, opt_state, params, value=loss)
     return params, opt_state, _step_metrics(loss, aux, opt_state, has_aux)
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  # keep_unused: the guard's last-step telemetry is overwritten without being
+  # read; jit would prune it from the arguments and not donate its buffers.
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                 keep_unused=True)
 
 
 def make_nnx_train_step(
@@ -167,6 +235,7 @@ def make_nnx_train_step(
   Returns:
     The step function, compiled with :func:`flax.nnx.jit`.
   """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def step(model, optimizer, batch):
     # Flax versions before nnx.Optimizer(graph=...) take no graph argument.
@@ -181,7 +250,7 @@ def make_nnx_train_step(
     loss, aux, grads = grad_fn(model, batch)
     params = nnx.as_pure(state_of(model, optimizer.wrt))
     opt_state = nnx.as_pure(optimizer.opt_state)
-    new_params, new_opt_state = _apply.update_and_apply(optimizer.tx)(
+    new_params, new_opt_state = plan_apply(optimizer.tx, opt_state)(
         nnx.as_pure(state_of(grads, optimizer.wrt)),
         opt_state, params, value=loss,
     )

@@ -42,7 +42,7 @@ def main(directory, result_file, num_steps):
       bursts=1, burst_length=4,
   )
   data = testing.FaultInjector(
-      og.ShuffledBatches(data_arrays, batch_size=16, seed=0), plan
+      og.batches(data_arrays, batch_size=16, seed=0), plan
   )
   tx = og.guard(
       optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),

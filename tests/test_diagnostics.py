@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import optax_guard as og
+from optax_guard.transforms.numerics import float_leaf_paths
 
 PARAMS = {'dense': {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
                     'b': jnp.full(3, 0.5)},
@@ -166,13 +167,47 @@ def test_vanishing_counters_count_accepted_steps_in_a_row():
     _, state = update(tiny_head(step), state, PARAMS, value=jnp.array(1.0))
   _, state = update(tiny_head(3), state, PARAMS, value=jnp.array(jnp.nan))
   assert state.skipped  # a skipped step neither counts nor resets
-  assert state.leaf_vanishing_steps == {'dense': {'w': 0, 'b': 0},
-                                        'head': {'w': 3}}
+  assert _vanishing_by_name(state) == {"['dense']['b']": 0,
+                                      "['dense']['w']": 0, "['head']['w']": 3}
   report = og.diagnose(state, PARAMS, vanishing_steps=3)
   assert report.vanished == ("['head']['w']",) and report.vanishing_tracked
   assert og.diagnose(state, PARAMS, vanishing_steps=4).vanished == ()
   _, state = update(_grads(4), state, PARAMS, value=jnp.array(1.0))
-  assert int(state.leaf_vanishing_steps['head']['w']) == 0
+  assert _vanishing_by_name(state)["['head']['w']"] == 0
+
+
+def _vanishing_by_name(state):
+  """The guard's vanishing counters (one vector) by leaf name."""
+  names = [jax.tree_util.keystr(path)
+           for path, _ in float_leaf_paths(PARAMS)]
+  return dict(zip(names, state.vanishing.tolist()))
+
+
+def test_counters_saturate_instead_of_overflowing():
+  tx = og.guard(optax.sgd(0.1), vanishing_ratio=1e-6)
+  state = tx.init(PARAMS)
+  top = jnp.iinfo(jnp.int32).max
+  state = state._replace(
+      counters=jax.tree.map(lambda c: jnp.full_like(c, top), state.counters),
+      vanishing=jnp.full_like(state.vanishing, top))
+  tiny = jax.tree.map(lambda p: jnp.full_like(p, 1e-12), PARAMS)
+  _, state = tx.update(tiny, state, PARAMS, value=jnp.array(jnp.nan))
+  assert int(state.total_skips) == top and int(state.consecutive_skips) == top
+  _, state = tx.update(tiny, state, PARAMS, value=jnp.array(1.0))
+  assert state.vanishing.tolist() == [top] * 3
+  assert int(state.total_skips) == top and int(state.consecutive_skips) == 0
+
+
+def test_diagnosis_ranks_the_worst_leaves():
+  tx = og.guard(optax.sgd(0.1))
+  grads = {'dense': {'w': jnp.full((2, 3), 2.0),
+                     'b': jnp.array([jnp.inf, 0.0, 0.0])},
+           'head': {'w': jnp.full((3, 1), 1.0)}}
+  _, state = tx.update(grads, tx.init(PARAMS), PARAMS)
+  worst = og.diagnose(state, PARAMS).worst
+  assert [name for name, _ in worst] == [
+      "['dense']['b']", "['dense']['w']", "['head']['w']"]
+  assert worst[1][1] == pytest.approx(np.sqrt(24.0))
 
 
 def test_vanishing_needs_params():

@@ -90,12 +90,12 @@ def test_poisoned_batch_scales_float_data_only():
 def test_injector_state_resumes_batches_and_counts():
   arrays = {'x': np.arange(40, dtype=np.float32)}
   plan = faults.plan_faults(30, 6, seed=1)
-  first = faults.FaultInjector(og.ShuffledBatches(arrays, 4, seed=2), plan)
+  first = faults.FaultInjector(og.batches(arrays, 4, seed=2), plan)
   for _ in range(11):
     next(first)
   state = first.get_state()
   expected = [next(first) for _ in range(10)]
-  second = faults.FaultInjector(og.ShuffledBatches(arrays, 4, seed=2), plan)
+  second = faults.FaultInjector(og.batches(arrays, 4, seed=2), plan)
   second.set_state(state)
   for want in expected:
     got = next(second)

@@ -36,7 +36,7 @@ def train_step():
 def make_data():
   arrays = faults.regression_data(seed=2, num_examples=256)
   plan = {i: faults.Fault('nan_loss') for i in NAN_LOSS_BATCHES}
-  return faults.FaultInjector(og.ShuffledBatches(arrays, 16, seed=2), plan)
+  return faults.FaultInjector(og.batches(arrays, 16, seed=2), plan)
 
 
 def make_init():

@@ -241,7 +241,7 @@ def test_bad_hyperparameters_raise_naming_them(make, match):
 
 def test_default_min_history():
   assert og.skip_spikes(optax.sgd(1)).init(PARAMS).window.losses.shape == (128,)
-  from optax_guard.transforms.guard import spike_config
+  from optax_guard.transforms.spikes import spike_config
   assert spike_config().min_history == 64
   assert spike_config(window=16).min_history == 16
   assert spike_config(window=30).min_history == 20

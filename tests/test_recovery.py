@@ -31,7 +31,7 @@ def train_step():
 
 def make_data(plan=None):
   arrays = faults.regression_data(seed=1, num_examples=256)
-  return faults.FaultInjector(og.ShuffledBatches(arrays, 16, seed=1),
+  return faults.FaultInjector(og.batches(arrays, 16, seed=1),
                               plan or {})
 
 
@@ -61,7 +61,8 @@ def learning_rate(opt_state):
 @pytest.mark.parametrize('field, value', [
     ('max_rollbacks', -1), ('loss_factor', 1.0), ('loss_patience', 0),
     ('loss_ema_decay', 1.0), ('loss_warmup_steps', -2), ('lr_backoff', 0.0),
-    ('lr_backoff', 1.5), ('skip_extra_batches', -1),
+    ('lr_backoff', 1.5), ('skip_extra_batches', -1), ('confirm_steps', -1),
+    ('healthy_loss_sigma', 0.0),
 ])
 def test_policy_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
@@ -114,6 +115,47 @@ def test_loss_above_its_moving_average_is_a_reason():
   assert observe(recovery, 11, 5.0) == (
       'loss 5 stayed above 3x its moving average 1.5 for 3 steps'
   )
+
+
+def test_a_checkpoint_is_confirmed_by_healthy_steps_after_it():
+  recovery = Recovery(og.RecoveryPolicy(
+      confirm_steps=3, loss_warmup_steps=4, loss_ema_decay=0.5))
+  # Once armed (step 5), the band is EMA + max(3 std, 1% of the EMA).
+  losses = {5: 1.005, 9: 9.0}
+  for step in range(1, 16):
+    observe(recovery, step, losses.get(step, 1.0), skipped=step == 12)
+  confirmed = [s for s in range(16) if recovery.is_confirmed(s)]
+  # Runs of healthy steps: 1..8, 10..11, 13..15. Step s needs s..s+3 healthy.
+  assert confirmed == [0, 1, 2, 3, 4, 5]
+  restored = Recovery(recovery.policy)
+  restored.load_state_dict(json.loads(json.dumps(recovery.state_dict())))
+  assert [s for s in range(16) if restored.is_confirmed(s)] == confirmed
+
+
+def test_rollback_passes_over_an_unconfirmed_save(tmp_path, train_step):
+  data = make_data()
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    recovery = Recovery(og.RecoveryPolicy(confirm_steps=5), ckpt)
+    state = make_init()
+    for _ in range(22):
+      params, opt_state, metrics = train_step(state.params, state.opt_state,
+                                              next(data))
+      state = state._replace(step=state.step + 1, params=params,
+                             opt_state=opt_state)
+      assert recovery.observe(state.step, metrics) is None
+      if state.step in (10, 20):  # 20 is followed by 2 healthy steps only
+        ckpt.save(state, healthy=recovery.healthy,
+                  events={'recovery': recovery.state_dict()})
+        saved_ema = recovery.loss_ema if state.step == 10 else saved_ema
+        good = host(state) if state.step == 10 else good
+    ckpt.wait_until_finished()
+    assert ckpt.is_healthy(20) and not recovery.is_confirmed(20)
+    rolled = recovery.rollback(state, 'diverged')
+  assert rolled.step == 22 and recovery.rollbacks[0]['to_step'] == 10
+  np.testing.assert_array_equal(rolled.params['w'], good.params['w'])
+  # The loss statistics are those of step 10; the restored state counts as
+  # confirmed (fit saves it at once).
+  assert recovery.loss_ema == saved_ema and recovery.is_confirmed(22)
 
 
 def test_rollback_restores_last_good_and_skips_the_window(tmp_path,
@@ -202,7 +244,8 @@ def test_scale_hyperparam_finds_the_learning_rate_anywhere():
 
 def test_fit_rolls_back_a_nan_burst(tmp_path, train_step):
   # Four NaN gradients in a row after step 25: the guard raises diverged at
-  # the third; fit rolls back to the last good checkpoint (step 20).
+  # the third; fit rolls back to the newest confirmed checkpoint: step 10
+  # (step 20 was followed by 5 healthy steps only, fewer than confirm_steps).
   plan = {i: faults.Fault('nan_grad') for i in range(25, 29)}
   data = make_data(plan)
   with og.Checkpointer(tmp_path / 'ckpt', save_interval_steps=10) as ckpt:
@@ -213,7 +256,7 @@ def test_fit_rolls_back_a_nan_burst(tmp_path, train_step):
     )
     (record,) = result.recovery.rollbacks
     assert (record['step'], record['to_step'], record['skipped_batches']) == (
-        28, 20, 8)
+        28, 10, 18)
     # The rolled-back state was saved at once, as a healthy checkpoint.
     assert 28 in ckpt.all_steps() and ckpt.is_healthy(28)
   assert result.events.counts['rollback'] == 1
@@ -223,7 +266,7 @@ def test_fit_rolls_back_a_nan_burst(tmp_path, train_step):
   assert [(e['kind'], e['step']) for e in logged] == [
       ('skipped_step', 26), ('skipped_step', 27), ('skipped_step', 28),
       ('rollback', 28), ('skipped_step', 29)]
-  assert logged[3]['to_step'] == 20 and logged[3]['skipped_batches'] == 8
+  assert logged[3]['to_step'] == 10 and logged[3]['skipped_batches'] == 18
   assert logged[3]['worst_leaves'][0][0] in ("['v']", "['w']")
   assert learning_rate(result.state.opt_state) == np.float32(LR) * 0.5
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
@@ -246,5 +289,6 @@ def test_fit_rolls_back_a_loss_blow_up(tmp_path, train_step, loss_factor,
   assert len(result.recovery.rollbacks) == rollbacks
   if rollbacks:
     (record,) = result.recovery.rollbacks
-    assert record['step'] == 34 and record['to_step'] == 30
+    # Step 30 was saved one step before the blow-up: never confirmed.
+    assert record['step'] == 34 and record['to_step'] == 20
     assert record['reason'].startswith('loss ')

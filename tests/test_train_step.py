@@ -134,7 +134,7 @@ def test_has_aux_and_an_unguarded_optimizer():
   np.testing.assert_allclose(metrics['aux']['double'], 2 * metrics['loss'])
 
 
-def test_a_guard_inside_a_chain_takes_the_generic_path():
+def test_a_guard_last_in_a_chain_skips_in_the_train_step():
   tx = optax.chain(optax.add_decayed_weights(1e-4), _guard())
   step = og.make_train_step(_loss, tx)
   params, opt_state = _params(), tx.init(_params())

@@ -1,39 +1,91 @@
 """Fault-tolerant checkpoints on Orbax: resume from the newest valid one.
 
 :class:`Checkpointer` is a thin layer over
-:class:`orbax.checkpoint.CheckpointManager`. One checkpoint holds, as Orbax
-items of one step directory:
+:class:`orbax.checkpoint.CheckpointManager`. One checkpoint is one Orbax step
+directory; the layout is plain Orbax, so Orbax alone reads it::
+
+  <directory>/
+    <step>/                  an Orbax step directory (no prefix, e.g. ``120``)
+      state/                 StandardSave of {'params', 'opt_state', 'rng'?}
+      data_iterator/         JsonSave: {'encoding', 'value'} of the iterator
+      events/                JsonSave: the caller's events dict
+      integrity/             JsonSave: {'fingerprints': {keypath: uint32}}
+      metrics/               Orbax's metrics: {'healthy': bool, user metrics}
+    corrupted/<step>/        steps moved aside (never deleted)
+    .writer.lock             the one-writer lock (``filelock``)
+    .writer.json             who holds it: {'host', 'pid', 'since'}
+
+  # Reading an og checkpoint with plain Orbax:
+  with ocp.CheckpointManager(directory) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_tree)))
+    params = restored['state']['params']
+
+The items:
 
 * ``state``: params, optimizer state (guard states included) and RNG key,
   written with ``StandardSave`` (async by default, sharded arrays as they are);
 * ``data_iterator``: the state of any iterator with ``get_state()`` /
-  ``set_state()`` (grain's iterators, :class:`optax_guard.ShuffledBatches`);
+  ``set_state()`` (grain's iterators, e.g. :func:`optax_guard.batches`);
 * ``events``: a small JSON dict of guard events (whatever the caller passes;
   :func:`optax_guard.fit` stores its event log and recovery state there);
 * ``integrity``: a fingerprint of every array, checked on restore, so that a
   flipped bit is caught even where the storage layer would not notice;
-* Orbax's own ``metrics`` item: ``{'healthy': bool}``, which keeps the newest
-  healthy ("last good") checkpoint alive past ``max_to_keep``.
+* Orbax's own ``metrics`` item: ``{'healthy': bool}`` plus the metrics given
+  to :meth:`Checkpointer.save`; it keeps the newest healthy ("last good")
+  checkpoint and the best one by ``best_metric`` alive past ``max_to_keep``.
 
-Restoring tries the newest checkpoint first. One that cannot be read, fails its
-fingerprint or holds non-finite parameters is reported with a
+Restoring tries the newest checkpoint first. The saved tree is compared with
+the target before anything is read: a different tree (a changed model,
+optimizer, shape or dtype) or a step of another layout is the user's change
+and raises ``ValueError`` naming each difference; nothing is moved. Only a
+step whose tree matches but which cannot be read, fails its fingerprint or
+holds non-finite parameters is damaged: it is reported with a
 :class:`CorruptCheckpointWarning` naming the step and the reason, moved aside
 into ``<directory>/corrupted/`` (never deleted), and the next older one is
-tried. A state whose structure differs from the target (a changed model or
-optimizer) is a user error, not corruption: it raises ``ValueError``.
+tried. ``cast_dtypes=True`` restores a floating-point leaf saved in another
+floating dtype (e.g. float32 into bfloat16) by casting after the check.
+
+Migration from plain Orbax: a step written by a ``CheckpointManager`` with
+other item names (one ``StandardSave`` item is called ``default``) is read
+with ``from_orbax``, which says where the params (and optionally the
+optimizer state and RNG key) live, as ``'item'`` or ``'item/key/...'``::
+
+  # Saved with manager.save(step, args=ocp.args.StandardSave(
+  #     {'params': params, 'opt_state': opt_state})):
+  og.Checkpointer(directory, from_orbax={
+      'params': 'default/params', 'opt_state': 'default/opt_state'})
+
+Unmapped fields come from the restore target (e.g. a fresh
+``tx.init(params)``); new steps are written in og's layout next to the old.
+
+One writer per directory: the constructor takes an exclusive file lock
+(``filelock``; the kernel drops it when the process dies, even by SIGKILL),
+and a second writer, in this process or another, gets
+:class:`CheckpointLockedError` naming the holder at once. ``read_only=True``
+takes no lock, never writes, moves nothing (evaluation, inspection). Under
+``jax.distributed``, process 0 holds the lock for the run and every process
+gets the same answer. Remote paths (``gs://``) are not locked.
 """
 
 import base64
+import datetime
 import functools
+import json
 import logging
+import math
+import os
+import socket
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 _log = logging.getLogger('optax_guard')
 
@@ -41,7 +93,11 @@ _STATE = 'state'
 _DATA = 'data_iterator'
 _EVENTS = 'events'
 _INTEGRITY = 'integrity'
+_OG_ITEMS = frozenset({_STATE, _DATA, _EVENTS, _INTEGRITY, 'metrics'})
+_FIELDS = ('params', 'opt_state', 'rng')
 QUARANTINE_DIR = 'corrupted'
+LOCK_FILE = '.writer.lock'
+HOLDER_FILE = '.writer.json'
 
 
 class TrainState(NamedTuple):
@@ -171,7 +227,7 @@ def _encode_data_state(data_iter: Any) -> dict[str, Any]:
   if not callable(getattr(data_iter, 'get_state', None)):
     raise TypeError(
         f'{type(data_iter).__name__} has no get_state(): a checkpoint needs a'
-        ' restorable iterator (grain, or optax_guard.ShuffledBatches).'
+        ' restorable iterator (a grain iterator, e.g. optax_guard.batches).'
     )
   state = data_iter.get_state()
   if isinstance(state, bytes):  # grain's DataLoader iterators return bytes.
@@ -211,6 +267,213 @@ class _Unusable(Exception):
     self.reason = reason
 
 
+class CheckpointLockedError(RuntimeError):
+  """Another writer holds the checkpoint directory; the message names it."""
+
+
+def _holder(directory: epath.Path) -> str:
+  try:
+    info = json.loads((directory / HOLDER_FILE).read_text())
+    return f'host {info["host"]}, pid {info["pid"]}, since {info["since"]}'
+  except Exception:  # pylint: disable=broad-except
+    return f'holder unknown: no readable {HOLDER_FILE}'
+
+
+def _lock_directory(directory: epath.Path) -> Optional[filelock.BaseFileLock]:
+  """Takes the one-writer lock at once or raises; process 0 holds it."""
+  lock, holder = None, ''
+  if jax.process_index() == 0 and '://' not in str(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    # Not thread-local: close() may run on another thread than __init__.
+    lock = filelock.FileLock(
+        os.fspath(directory / LOCK_FILE), timeout=0, thread_local=False
+    )
+    try:
+      lock.acquire()
+    except filelock.Timeout:
+      lock, holder = None, _holder(directory)
+    else:
+      since = datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'
+      )
+      (directory / HOLDER_FILE).write_text(json.dumps(
+          {'host': socket.gethostname(), 'pid': os.getpid(), 'since': since}
+      ))
+  if jax.process_count() > 1:
+    # All processes raise or none does: a lone failure would leave the others
+    # waiting in a collective.
+    if multihost_utils.broadcast_one_to_all(np.int32(bool(holder))):
+      holder = holder or 'see process 0'
+  if holder:
+    raise CheckpointLockedError(
+        f'{directory} is being written by another Checkpointer ({holder}).'
+        ' Close that one (or let its process end), use another directory,'
+        ' or pass read_only=True to restore without writing.'
+    )
+  return lock
+
+
+def _metric_rank(metrics: Optional[Mapping[str, Any]], *, name: str,
+                 sign: float) -> tuple[bool, float]:
+  """Orbax ``BestN`` key: steps without a finite ``name`` rank lowest."""
+  value = (metrics or {}).get(name)
+  if value is None or not math.isfinite(value):
+    return (False, 0.0)
+  return (True, sign * value)
+
+
+def _manager_options(
+    save_interval_steps: int,
+    max_to_keep: Optional[int],
+    async_save: bool,
+    keep_last_good: bool,
+    best_rank: Optional[Callable[[Any], Any]],
+    read_only: bool,
+) -> ocp.CheckpointManagerOptions:
+  """Orbax options: the interval, and the preservation of kept steps."""
+  preservation = ocp.checkpoint_managers.preservation_policy
+  policies = [preservation.LatestN(max_to_keep)]
+  # BestN sorts stably by step and keeps the last: the newest of equals.
+  if keep_last_good:
+    policies.append(preservation.BestN(
+        get_metric_fn=_healthy, n=1, keep_checkpoints_without_metrics=False
+    ))
+  if best_rank is not None:
+    policies.append(preservation.BestN(
+        get_metric_fn=best_rank, n=1, keep_checkpoints_without_metrics=False
+    ))
+  decisions = ocp.checkpoint_managers.save_decision_policy
+  return ocp.CheckpointManagerOptions(
+      # Orbax's default also saves the first step it sees; here only the
+      # interval (and JAX's multi-host preemption sync point) decide.
+      save_decision_policy=decisions.AnySavePolicy([
+          decisions.FixedIntervalPolicy(save_interval_steps),
+          decisions.PreemptionCheckpointingPolicy(),
+      ]),
+      enable_async_checkpointing=async_save,
+      preservation_policy=preservation.AnyPreservationPolicy(policies),
+      best_fn=_healthy,  # makes Orbax write and load the metrics item.
+      best_mode='max',
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
+  )
+
+
+def _check_arguments(best_metric, best_mode, from_orbax) -> None:
+  if best_metric is not None and (
+      not isinstance(best_metric, str) or best_metric in ('', 'healthy')
+  ):
+    raise ValueError(
+        "best_metric must be None or a metric name passed to save(...,"
+        f" metrics=...), other than 'healthy'; got {best_metric!r}."
+    )
+  if best_mode not in ('min', 'max'):
+    raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+  if from_orbax is None:
+    return
+  if (not isinstance(from_orbax, Mapping) or 'params' not in from_orbax
+      or not set(from_orbax) <= set(_FIELDS)
+      or not all(isinstance(v, str) and v.strip('/') for v in
+                 from_orbax.values())):
+    raise ValueError(
+        "from_orbax must map 'params' (and optionally 'opt_state', 'rng') to"
+        " an Orbax item name or 'item/key/...', e.g. {'params':"
+        f" 'default/params'}}; got {from_orbax!r}."
+    )
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+  return f'{np.dtype(dtype).name}{list(shape)}'
+
+
+def _stored(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype Orbax stores: a typed PRNG key as its key data."""
+  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return tuple(np.shape(leaf)), np.dtype(getattr(leaf, 'dtype', None)
+                                         or np.asarray(leaf).dtype)
+
+
+def _castable(saved: np.dtype, wanted: np.dtype) -> bool:
+  return bool(jnp.issubdtype(saved, jnp.floating)
+              and jnp.issubdtype(wanted, jnp.floating))
+
+
+def _tree_differences(
+    saved: Mapping[tuple[str, ...], Any],
+    target: Mapping[tuple[str, ...], Any],
+    cast_dtypes: bool,
+    prefix: str = '',
+) -> tuple[list[str], dict[tuple[str, ...], np.dtype]]:
+  """Each difference of saved leaf metadata and target leaves, as text, and
+  the leaves to restore in their saved dtype and cast (``cast_dtypes``)."""
+  differences, casts = [], {}
+  for key in sorted(set(saved) | set(target)):
+    name = prefix + '/'.join(key)
+    if key not in target:
+      shape, dtype = tuple(saved[key].shape), saved[key].dtype
+      differences.append(f'{name}: saved {_describe(shape, dtype)}, not in'
+                         ' the target')
+      continue
+    wanted = _stored(target[key])
+    if key not in saved:
+      differences.append(f'{name}: not saved, target {_describe(*wanted)}')
+      continue
+    got = (tuple(saved[key].shape), np.dtype(saved[key].dtype))
+    if got == wanted:
+      continue
+    castable = got[0] == wanted[0] and _castable(got[1], wanted[1])
+    if castable and cast_dtypes:
+      casts[key] = got[1]
+      continue
+    hint = ' (cast_dtypes=True would cast it)' if castable else ''
+    differences.append(
+        f'{name}: saved {_describe(*got)}, target {_describe(*wanted)}{hint}'
+    )
+  return differences, casts
+
+
+def _abstract(tree: Any, casts: Mapping[tuple[str, ...], np.dtype]) -> Any:
+  """The restore target: ``tree``'s shapes and shardings, saved dtypes."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  if not casts:
+    return abstract
+  flat = ocp.tree.to_flat_dict(abstract)
+  for key, dtype in casts.items():
+    leaf = flat[key]
+    flat[key] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+  return ocp.tree.from_flat_dict(flat, target=abstract)
+
+
+def _cast_like(restored: Any, tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+      restored, tree,
+  )
+
+
+def _finite_metrics(metrics: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+  """Metrics as JSON numbers; a non-finite value is stored as ``None``."""
+  record = {}
+  for name, value in (metrics or {}).items():
+    if not isinstance(name, str) or name == 'healthy':
+      raise ValueError(
+          f"metric names must be strings other than 'healthy', got {name!r}."
+      )
+    value = float(value)
+    record[name] = value if math.isfinite(value) else None
+  return record
+
+
+def _check_json(name: str, value: Any) -> None:
+  try:
+    json.dumps(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f'{name} must be JSON-serializable for the checkpoint, got {e}.'
+    ) from e
+
+
 class Checkpointer:
   """Saves and restores training state with Orbax, surviving bad checkpoints.
 
@@ -222,13 +485,17 @@ class Checkpointer:
     >>> tx = og.guard(optax.adam(1e-3))
     >>> params = {'w': jnp.ones(3)}
     >>> init = og.TrainState(step=0, params=params, opt_state=tx.init(params))
-    >>> with og.Checkpointer(tempfile.mkdtemp(), save_interval_steps=10) as ckpt:
+    >>> directory = tempfile.mkdtemp()
+    >>> with og.Checkpointer(directory, save_interval_steps=10,
+    ...                      best_metric='eval_loss') as ckpt:
     ...   state, events = ckpt.restore_or_init(init)  # nothing saved yet
-    ...   saved = ckpt.save(state._replace(step=10), events={'note': 'hi'})
-    ...   ckpt.wait_until_finished()
+    ...   for step, loss in [(10, 0.5), (20, 0.25), (30, 0.75)]:
+    ...     _ = ckpt.save(state._replace(step=step), events={'note': 'hi'},
+    ...                   metrics={'eval_loss': loss})
     ...   restored, events = ckpt.restore_or_init(init)
-    >>> saved, restored.step, events
-    (True, 10, {'note': 'hi'})
+    ...   best, _ = ckpt.restore_best(init)
+    >>> restored.step, events, best.step
+    (30, {'note': 'hi'}, 20)
 
   Args:
     directory: where the step directories live (local path or any path Orbax
@@ -237,12 +504,28 @@ class Checkpointer:
     save_interval_steps: :meth:`save` writes only on multiples of this
       (unless ``force``).
     max_to_keep: how many of the newest checkpoints to keep (``None``: all).
-      The newest healthy one is kept as well, however old.
+      The newest healthy one and the best one are kept as well, however old.
     async_save: write in a background thread (Orbax ``AsyncCheckpointer``);
       the arrays are copied to host memory before :meth:`save` returns.
     keep_last_good: keep the newest checkpoint saved with ``healthy=True``
       even when ``max_to_keep`` newer ones exist (needed for rollback).
     verify: fingerprint every array on save and check it on restore.
+    best_metric: a name in the ``metrics`` given to :meth:`save` (e.g. a
+      held-out loss): the step with the best finite value is kept past
+      ``max_to_keep`` and restored by :meth:`restore_best` (``None``: none).
+    best_mode: ``'min'`` or ``'max'``: which value of ``best_metric`` is best.
+    cast_dtypes: restore a floating-point leaf saved in another floating
+      dtype by casting it to the target's (e.g. float32 into bfloat16), after
+      its fingerprint is checked. ``False``: such a change is a ValueError.
+    from_orbax: where a step written by plain Orbax keeps the state: a map of
+      ``'params'`` (required), ``'opt_state'``, ``'rng'`` to ``'item'`` or
+      ``'item/key/...'`` (see the module docstring). ``None``: such a step
+      raises a ValueError that names its items.
+    read_only: take no lock, write and move nothing (evaluation, inspection,
+      while a training run holds the directory).
+
+  Raises:
+    CheckpointLockedError: when another writer holds ``directory``.
   """
 
   def __init__(
@@ -254,38 +537,27 @@ class Checkpointer:
       async_save: bool = True,
       keep_last_good: bool = True,
       verify: bool = True,
+      best_metric: Optional[str] = None,
+      best_mode: str = 'min',
+      cast_dtypes: bool = False,
+      from_orbax: Optional[Mapping[str, str]] = None,
+      read_only: bool = False,
   ):
     _check_positive_int('save_interval_steps', save_interval_steps)
     _check_positive_int('max_to_keep', max_to_keep, allow_none=True)
+    _check_arguments(best_metric, best_mode, from_orbax)
     # Orbax refuses relative paths (its OCDBT store needs absolute ones).
     self._directory = epath.Path(directory).absolute()
     self._verify = verify
-    policies = [ocp.checkpoint_managers.preservation_policy.LatestN(max_to_keep)]
-    if keep_last_good:
-      # Orbax sorts stably by step, so the best "healthy" rank is the newest
-      # healthy checkpoint.
-      policies.append(
-          ocp.checkpoint_managers.preservation_policy.BestN(
-              get_metric_fn=_healthy, n=1, keep_checkpoints_without_metrics=False
-          )
-      )
-    decisions = ocp.checkpoint_managers.save_decision_policy
-    self._options = ocp.CheckpointManagerOptions(
-        # Orbax's default also saves the first step it sees; here only the
-        # interval (and JAX's multi-host preemption sync point) decide.
-        save_decision_policy=decisions.AnySavePolicy([
-            decisions.FixedIntervalPolicy(save_interval_steps),
-            decisions.PreemptionCheckpointingPolicy(),
-        ]),
-        enable_async_checkpointing=async_save,
-        preservation_policy=(
-            ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(
-                policies
-            )
-        ),
-        best_fn=_healthy,  # makes Orbax write and load the metrics item.
-        best_mode='max',
-        cleanup_tmp_directories=True,
+    self._cast_dtypes = cast_dtypes
+    self._from_orbax = dict(from_orbax or {})
+    self._read_only = read_only
+    self._best_rank = None if best_metric is None else functools.partial(
+        _metric_rank, name=best_metric, sign=1.0 if best_mode == 'max' else -1.0
+    )
+    self._options = _manager_options(
+        save_interval_steps, max_to_keep, async_save, keep_last_good,
+        self._best_rank, read_only,
     )
     self._registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     self._registry.add(_STATE, ocp.args.StandardSave)
@@ -293,8 +565,13 @@ class Checkpointer:
     for item in (_DATA, _EVENTS, _INTEGRITY):
       self._registry.add(item, ocp.args.JsonSave)
       self._registry.add(item, ocp.args.JsonRestore)
-    self._warn_unfinished_saves()
-    self._manager = self._open_manager()
+    self._lock = None if read_only else _lock_directory(self._directory)
+    try:
+      self._warn_unfinished_saves()
+      self._manager = self._open_manager()
+    except BaseException:
+      self._release_lock()
+      raise
 
   # -- Opening ----------------------------------------------------------------
 
@@ -304,7 +581,8 @@ class Checkpointer:
       return
     for name in ocp.path.step.tmp_checkpoints(self._directory):
       step = ocp.path.step.step_from_checkpoint_name(name)
-      self._warn(step, f'unfinished save ({name}) ignored and removed')
+      fate = 'left in place (read-only)' if self._read_only else 'removed'
+      self._warn(step, f'unfinished save ({name}) ignored and {fate}')
 
   def _open_manager(self) -> ocp.CheckpointManager:
     try:
@@ -353,17 +631,38 @@ class Checkpointer:
     """The newest finished checkpoint's step, or ``None``."""
     return self._manager.latest_step()
 
+  def metrics(self, step: int) -> dict[str, Any]:
+    """What :meth:`save` recorded for ``step``: ``healthy`` and the metrics
+    (``{}`` when unreadable or missing)."""
+    try:
+      return dict(self._manager.metrics(step) or {})
+    except Exception:  # pylint: disable=broad-except
+      return {}
+
   def is_healthy(self, step: int) -> bool:
     """Whether ``step`` was saved with ``healthy=True``."""
-    try:
-      return bool(_healthy(self._manager.metrics(step)))
-    except Exception:  # pylint: disable=broad-except
-      return False  # An unreadable record cannot vouch for the checkpoint.
+    # An unreadable record cannot vouch for the checkpoint.
+    return bool(_healthy(self.metrics(step)))
 
   def last_good_step(self) -> Optional[int]:
     """The newest checkpoint saved with ``healthy=True``, or ``None``."""
     good = [s for s in self.all_steps() if self.is_healthy(s)]
     return good[-1] if good else None
+
+  def best_step(self) -> Optional[int]:
+    """The step with the best finite ``best_metric`` (the newest of equals),
+    or ``None`` (no ``best_metric``, or no step recorded it)."""
+    ranked = self._best_first()
+    return ranked[0] if ranked else None
+
+  def _best_first(self) -> list[int]:
+    if self._best_rank is None:
+      return []
+    ranks = {step: self._best_rank(self.metrics(step))
+             for step in self.all_steps()}
+    scored = [step for step, (has_value, _) in ranks.items() if has_value]
+    # Stable sort of the newest first: of equal values, the newest wins.
+    return sorted(sorted(scored, reverse=True), key=ranks.get, reverse=True)
 
   def should_save(self, step: int) -> bool:
     """Whether :meth:`save` would write at ``step`` without ``force``."""
@@ -379,6 +678,7 @@ class Checkpointer:
       events: Optional[Mapping[str, Any]] = None,
       healthy: bool = True,
       force: bool = False,
+      metrics: Optional[Mapping[str, float]] = None,
   ) -> bool:
     """Saves ``state`` (async by default) if the interval says so.
 
@@ -390,27 +690,47 @@ class Checkpointer:
       healthy: whether training was healthy when this was written; the
         newest healthy checkpoint is kept for :meth:`restore_last_good`.
       force: save even off the interval.
+      metrics: numbers recorded with the step (Orbax's metrics item), e.g.
+        ``{'eval_loss': 0.31}``; ``best_metric`` ranks by one of them. A
+        non-finite value is stored as ``None`` and never ranks best.
 
     Returns:
       Whether a checkpoint was written (``False`` off the interval or when
       this step is already saved).
+
+    Raises:
+      ValueError: when opened with ``read_only=True``.
+      TypeError: when ``events`` or the iterator state is not JSON (nothing
+        is written).
     """
+    if self._read_only:
+      raise ValueError(
+          f'This Checkpointer of {self._directory} was opened with'
+          ' read_only=True and cannot save; open one without it to train.'
+      )
+    record = {'healthy': bool(healthy), **_finite_metrics(metrics)}
     step = int(state.step)
     if step in self._manager.all_steps():
       return False
     if not force and not self._manager.should_save(step):
       return False
     tree = _state_tree(state)
+    data_state = _encode_data_state(data_iter)
+    events = dict(events or {})
+    # Orbax would fail in its background thread, after the arrays are
+    # written; failing here leaves nothing half-written.
+    _check_json('events', events)
+    _check_json('the data iterator state', data_state)
     integrity = {'fingerprints': fingerprint(tree) if self._verify else None}
     return self._manager.save(
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(tree),
-            _DATA: ocp.args.JsonSave(_encode_data_state(data_iter)),
-            _EVENTS: ocp.args.JsonSave(dict(events or {})),
+            _DATA: ocp.args.JsonSave(data_state),
+            _EVENTS: ocp.args.JsonSave(events),
             _INTEGRITY: ocp.args.JsonSave(integrity),
         }),
-        metrics={'healthy': bool(healthy)},
+        metrics=record,
         force=True,
     )
 
@@ -419,8 +739,16 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's resources."""
-    self._manager.close()
+    """Waits for pending saves, releases Orbax's resources and the lock."""
+    try:
+      self._manager.close()
+    finally:
+      self._release_lock()
+
+  def _release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
   def __enter__(self) -> 'Checkpointer':
     return self
@@ -448,22 +776,23 @@ class Checkpointer:
 
     Raises:
       CorruptCheckpointError: if the checkpoint cannot be used.
-      ValueError: if the checkpoint holds a differently structured state.
+      ValueError: if the checkpoint holds a different tree (each difference
+        named) or another layout (see ``from_orbax``).
     """
     self._manager.wait_until_finished()
-    try:
-      return self._restore(step, target, data_iter)
-    except _Unusable as e:
-      raise CorruptCheckpointError(step, e.reason) from None
+    restored, reason = self._read_agreed(step, target)
+    if reason is not None:
+      raise CorruptCheckpointError(step, reason)
+    return self._set_data_state(step, restored, data_iter)
 
   def restore_or_init(
       self, init: TrainState, *, data_iter: Any = None
   ) -> tuple[TrainState, dict[str, Any]]:
     """Resumes from the newest valid checkpoint, or returns ``init``.
 
-    A checkpoint that cannot be used is skipped with a
-    :class:`CorruptCheckpointWarning` naming its step and the reason, and
-    moved into ``<directory>/corrupted/``; the next older one is tried.
+    A damaged checkpoint is skipped with a :class:`CorruptCheckpointWarning`
+    naming its step and the reason, and moved into
+    ``<directory>/corrupted/``; the next older one is tried.
 
     Args:
       init: the fresh state, also the restore target (see :meth:`restore`).
@@ -474,9 +803,12 @@ class Checkpointer:
       ``(init, {})`` when no usable checkpoint exists.
 
     Raises:
-      ValueError: if a checkpoint holds a differently structured state.
+      ValueError: if a checkpoint holds a different tree or layout (before
+        anything is moved).
     """
-    restored = self._restore_newest(self.all_steps(), init, data_iter)
+    restored = self._restore_first(
+        sorted(self.all_steps(), reverse=True), init, data_iter
+    )
     return restored if restored is not None else (init, {})
 
   def restore_last_good(
@@ -497,43 +829,88 @@ class Checkpointer:
     """
     self._manager.wait_until_finished()
     good = [s for s in self.all_steps() if self.is_healthy(s)]
-    return self._restore_newest(good, target, data_iter)
+    return self._restore_first(sorted(good, reverse=True), target, data_iter)
 
-  def _restore_newest(self, steps, target, data_iter):
+  def restore_best(
+      self, target: TrainState, *, data_iter: Any = None
+  ) -> Optional[tuple[TrainState, dict[str, Any]]]:
+    """Restores the checkpoint with the best ``best_metric``.
+
+    A damaged one is skipped (as in :meth:`restore_or_init`) for the next
+    best.
+
+    Args:
+      target: the restore target (see :meth:`restore`).
+      data_iter: optionally, an iterator to restore too.
+
+    Returns:
+      ``(state, events)``, or ``None`` when no step recorded the metric.
+
+    Raises:
+      ValueError: when the Checkpointer has no ``best_metric``.
+    """
+    if self._best_rank is None:
+      raise ValueError(
+          'restore_best needs best_metric=... at construction (e.g.'
+          " best_metric='eval_loss', best_mode='min')."
+      )
     self._manager.wait_until_finished()
-    for step in sorted(steps, reverse=True):
-      try:
-        return self._restore(step, target, data_iter)
-      except _Unusable as e:
-        self._reject(step, e.reason)
+    return self._restore_first(self._best_first(), target, data_iter)
+
+  def _restore_first(self, steps, target, data_iter):
+    """The first of ``steps`` that restores; damaged ones are moved aside."""
+    self._manager.wait_until_finished()
+    for step in steps:
+      restored, reason = self._read_agreed(step, target)
+      if reason is None:
+        return self._set_data_state(step, restored, data_iter)
+      self._reject(step, reason)
     return None
 
-  def _restore(self, step, target, data_iter):
-    tree = _state_tree(target)
-    self._check_structure(step, tree)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  def _read_agreed(self, step, target):
+    """``(restored, None)`` or ``(None, reason)``, alike on every process."""
     try:
-      restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(**{
-              _STATE: ocp.args.StandardRestore(abstract),
-              _DATA: ocp.args.JsonRestore(),
-              _EVENTS: ocp.args.JsonRestore(),
-              _INTEGRITY: ocp.args.JsonRestore(),
-          }),
-      )
-    except Exception as e:  # pylint: disable=broad-except
-      # Any failure to read a checkpoint whose structure matched means its
-      # files are damaged: truncated, missing or garbled.
-      raise _Unusable(f'cannot be read ({_first_line(e)})') from e
-    arrays = restored[_STATE]
-    integrity = restored[_INTEGRITY] or {}
-    expected = integrity.get('fingerprints')
-    if self._verify and expected is not None:
-      actual = fingerprint(arrays)
-      bad = [path for path in expected if actual.get(path) != expected[path]]
-      if bad or set(actual) != set(expected):
-        raise _Unusable(f'fingerprint mismatch in {bad or "the leaf set"}')
+      restored, reason = self._read(step, target), None
+    except _Unusable as e:
+      restored, reason = None, e.reason
+    if jax.process_count() > 1:
+      # A read that failed on one process alone (its cache, a flaky mount)
+      # must not let the processes resume from different steps.
+      failed = multihost_utils.process_allgather(np.int32(reason is not None))
+      if np.any(failed) and reason is None:
+        restored, reason = None, 'unusable on another process'
+    return restored, reason
+
+  def _set_data_state(self, step, restored, data_iter):
+    """Hands the saved iterator state to ``data_iter``; ``(state, events)``."""
+    state, events, data_state = restored
+    if data_iter is not None:
+      if data_state is None or data_state.get('encoding') == 'none':
+        self._warn(step, 'holds no data-iterator state; iterator left as is',
+                   category=UserWarning)
+      else:
+        data_iter.set_state(_decode_data_state(data_state))
+    return state, events
+
+  def _read(self, step, target):
+    """``(state, events, data_state)`` of ``step``, checked; no effects."""
+    items = self._items_on_disk(step)
+    if _STATE not in items:
+      others = sorted(items - _OG_ITEMS)
+      if not others:
+        raise _Unusable(f'no {_STATE!r} item (found {sorted(items)})')
+      if not self._from_orbax:
+        raise ValueError(
+            f'Checkpoint step {step} in {self._directory} was written by plain'
+            f' Orbax (items {others}), not by og.Checkpointer; nothing was'
+            ' moved. Say where its arrays are, e.g. og.Checkpointer(...,'
+            " from_orbax={'params': 'default/params', 'opt_state':"
+            " 'default/opt_state'}) for one StandardSave item of a dict."
+        )
+      arrays = self._restore_orbax_items(step, target, items)
+      saved = {_EVENTS: {}, _DATA: None}
+    else:
+      arrays, saved = self._restore_og_items(step, target)
     flat_params = jax.tree_util.tree_flatten_with_path(arrays['params'])[0]
     finite = _map_leaves(_all_finite, [leaf for _, leaf in flat_params])
     for (path, _), ok in zip(flat_params, finite):
@@ -541,23 +918,24 @@ class Checkpointer:
         raise _Unusable(
             f'non-finite parameter values in params{jax.tree_util.keystr(path)}'
         )
-    if data_iter is not None:
-      saved = restored[_DATA]
-      if saved is None or saved.get('encoding') == 'none':
-        self._warn(step, 'holds no data-iterator state; iterator left as is',
-                   category=UserWarning)
-      else:
-        data_iter.set_state(_decode_data_state(saved))
     state = TrainState(
         step=step,
         params=arrays['params'],
-        opt_state=arrays['opt_state'],
-        rng=arrays.get('rng'),
+        opt_state=arrays.get('opt_state', target.opt_state),
+        rng=arrays.get('rng', target.rng),
     )
-    return state, dict(restored[_EVENTS] or {})
+    return state, dict(saved[_EVENTS] or {}), saved[_DATA]
 
-  def _check_structure(self, step: int, tree: Any) -> None:
-    """Raises ValueError if the saved state is not shaped like ``tree``."""
+  def _items_on_disk(self, step: int) -> set[str]:
+    try:
+      return {p.name for p in (self._directory / str(step)).iterdir()
+              if p.is_dir()}
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Unusable(f'unreadable step directory ({_first_line(e)})') from e
+
+  def _restore_og_items(self, step, target):
+    """og's layout: check the tree, read, verify, cast."""
+    tree = _state_tree(target)
     try:
       metadata = self._manager.item_metadata(step)[_STATE]
       saved = ocp.tree.to_flat_dict(metadata)
@@ -565,25 +943,108 @@ class Checkpointer:
       raise _Unusable(f'unreadable metadata ({_first_line(e)})') from e
     if not saved:
       raise _Unusable('no array metadata')
-    wanted = {
-        key: _stored_shape(leaf)
-        for key, leaf in ocp.tree.to_flat_dict(tree).items()
-    }
-    missing = sorted('/'.join(k) for k in set(wanted) - set(saved))
-    extra = sorted('/'.join(k) for k in set(saved) - set(wanted))
-    shapes = sorted(
-        f'{"/".join(k)}: saved {tuple(saved[k].shape)}, target {wanted[k]}'
-        for k in set(saved) & set(wanted)
-        if tuple(saved[k].shape) != wanted[k]
+    casts = self._check_tree(step, saved, tree)
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardRestore(_abstract(tree, casts)),
+              _DATA: ocp.args.JsonRestore(),
+              _EVENTS: ocp.args.JsonRestore(),
+              _INTEGRITY: ocp.args.JsonRestore(),
+          }),
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure to read a checkpoint whose tree matched means its
+      # files are damaged: truncated, missing or garbled.
+      raise _Unusable(f'cannot be read ({_first_line(e)})') from e
+    arrays = restored[_STATE]
+    expected = (restored[_INTEGRITY] or {}).get('fingerprints')
+    if self._verify and expected is not None:
+      actual = fingerprint(arrays)  # in the saved dtypes, before any cast
+      bad = [path for path in expected if actual.get(path) != expected[path]]
+      if bad or set(actual) != set(expected):
+        raise _Unusable(f'fingerprint mismatch in {bad or "the leaf set"}')
+    return _cast_like(arrays, tree), restored
+
+  def _restore_orbax_items(self, step, target, items):
+    """A plain Orbax step: check, then read each ``from_orbax`` location."""
+    locations = {field: [k for k in loc.split('/') if k]
+                 for field, loc in self._from_orbax.items()}
+    missing = sorted({item for item, *_ in locations.values()} - items)
+    if missing:
+      raise ValueError(
+          f'Checkpoint step {step} in {self._directory} has no item'
+          f' {missing} named in from_orbax; its items are {sorted(items)}.'
+      )
+    targets = {field: getattr(target, field) for field in locations}
+    with ocp.PyTreeCheckpointer() as reader:
+      saved = {}
+      for field, location in locations.items():
+        metadata = self._orbax_metadata(reader, step, field, location)
+        for key, leaf in ocp.tree.to_flat_dict(metadata).items():
+          saved[(field, *key)] = leaf
+      abstract = _abstract(targets, self._check_tree(step, saved, targets))
+      arrays = {}
+      for field, (item, *keys) in locations.items():
+        wanted = abstract[field]
+        for key in reversed(keys):  # the subtree, where it was saved
+          wanted = {key: wanted}
+        try:
+          restored = reader.restore(
+              self._directory / str(step) / item,
+              args=ocp.args.PyTreeRestore(
+                  item=wanted,
+                  restore_args=ocp.checkpoint_utils.construct_restore_args(
+                      wanted),
+                  partial_restore=True,
+              ),
+          )
+        except Exception as e:  # pylint: disable=broad-except
+          raise _Unusable(f'cannot be read ({_first_line(e)})') from e
+        for key in keys:
+          restored = restored[key]
+        arrays[field] = restored
+    return _cast_like(arrays, targets)
+
+  def _orbax_metadata(self, reader, step, field, location):
+    """The saved leaf metadata at ``location``: ``[item, key, ...]``."""
+    item, *keys = location
+    try:
+      tree = reader.metadata(
+          self._directory / str(step) / item).item_metadata.tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Unusable(
+          f'unreadable metadata of {item!r} ({_first_line(e)})') from e
+    for depth, key in enumerate(keys):
+      if not isinstance(tree, Mapping) or key not in tree:
+        raise ValueError(
+            f'Checkpoint step {step} in {self._directory}: from_orbax'
+            f' {field!r} names {"/".join(location[:depth + 2])}, which is not'
+            ' saved (keys there:'
+            f' {sorted(tree) if isinstance(tree, Mapping) else tree}).'
+        )
+      tree = tree[key]
+    return tree
+
+  def _check_tree(self, step: int, saved: Mapping[Any, Any], tree: Any):
+    """Raises ValueError naming each difference; returns the dtype casts."""
+    differences, casts = _tree_differences(
+        saved, ocp.tree.to_flat_dict(tree), self._cast_dtypes
     )
-    if missing or extra or shapes:
+    if differences:
+      shown = '\n  '.join(differences[:20])
+      more = len(differences) - 20
       raise ValueError(
           f'Checkpoint step {step} in {self._directory} holds a different'
-          f' state than the restore target (missing: {missing}, unexpected:'
-          f' {extra}, shape changes: {shapes}). Build the target exactly as'
-          ' the saved state was built (same model, same optimizer, e.g.'
-          ' tx.init(params)), or start in a new directory.'
+          f' tree than the restore target; nothing was moved.'
+          f' {len(differences)} difference(s):\n  {shown}'
+          + (f'\n  ... and {more} more' if more > 0 else '') +
+          '\nBuild the target as the saved state was built (same model,'
+          ' dtypes and optimizer, e.g. tx.init(params)), or start in a new'
+          ' directory.'
       )
+    return casts
 
   # -- Rejecting --------------------------------------------------------------
 
@@ -599,6 +1060,9 @@ class Checkpointer:
 
   def _reject(self, step: int, reason: str) -> None:
     """Warns and moves ``step`` out of Orbax's view, deleting nothing."""
+    if self._read_only:
+      self._warn(step, f'{reason}; skipped (read-only: left in place)')
+      return
     path = self._directory / str(step)
     destination = self._directory / QUARANTINE_DIR / str(step)
     suffix = 1
@@ -608,18 +1072,16 @@ class Checkpointer:
     self._warn(
         step, f'{reason}; skipped and moved to {destination} (nothing deleted)'
     )
+    multihost = jax.process_count() > 1
+    if multihost:  # Every process has named the same destination.
+      ocp.multihost.sync_global_processes(f'og_quarantine_{step}_named')
     if jax.process_index() == 0 and path.exists():
       destination.parent.mkdir(parents=True, exist_ok=True)
       path.rename(destination)
+    if multihost:  # No process lists the steps again before the move.
+      ocp.multihost.sync_global_processes(f'og_quarantine_{step}_moved')
     if hasattr(self, '_manager'):
       self._manager.reload()
-
-
-def _stored_shape(leaf: Any) -> tuple[int, ...]:
-  """The shape Orbax stores: a typed PRNG key is stored as its key data."""
-  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
-    leaf = jax.random.key_data(leaf)
-  return tuple(np.shape(leaf))
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -627,4 +1089,3 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
   if state.rng is not None:
     tree['rng'] = state.rng
   return tree
-

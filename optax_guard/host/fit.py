@@ -258,7 +258,7 @@ def fit(
     >>> import optax
     >>> import optax_guard as og
     >>> x = np.linspace(-1, 1, 64, dtype=np.float32)
-    >>> data = og.ShuffledBatches({'x': x, 'y': 3 * x}, batch_size=16)
+    >>> data = og.batches({'x': x, 'y': 3 * x}, batch_size=16)
     >>> loss_fn = lambda p, b: jnp.mean((p['w'] * b['x'] - b['y']) ** 2)
     >>> tx = og.guard(optax.sgd(0.5))
     >>> params = {'w': jnp.zeros(())}

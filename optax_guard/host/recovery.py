@@ -30,9 +30,10 @@ from typing import Any, Iterator, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
+from optax_guard.transforms import diagnostics as _diagnostics
 from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import states as _states
 from optax_guard.host import checkpoint as checkpoint_lib
 
 _log = logging.getLogger('optax_guard')
@@ -64,6 +65,18 @@ class RecoveryPolicy:
     lr_hyperparam: the name of the hyperparameter ``lr_backoff`` scales.
     skip_extra_batches: batches to skip after a rollback beyond those drawn
       since the restored checkpoint (PaLM skipped 200 to 500).
+    confirm_steps: a checkpoint becomes a rollback target only once this
+      many healthy steps in a row followed it (its own step included when it
+      has one): a save made just before a divergence, or during a slow
+      ramp, is never restored. ``0`` trusts the ``healthy`` flag given at
+      save time. When no confirmed checkpoint is left on disk (retention
+      removed them), the newest one saved as healthy is restored, with a
+      warning.
+    healthy_loss_sigma: a step is healthy when it was not skipped and its
+      loss is finite and at most ``healthy_loss_sigma`` standard deviations
+      above the loss's moving average (once ``loss_warmup_steps`` losses are
+      in; mean and variance are exponential moving averages with
+      ``loss_ema_decay``; the band is at least 1% of the mean wide).
   """
 
   max_rollbacks: int = 3
@@ -74,6 +87,8 @@ class RecoveryPolicy:
   lr_backoff: Optional[float] = None
   lr_hyperparam: str = 'learning_rate'
   skip_extra_batches: int = 0
+  confirm_steps: int = 10
+  healthy_loss_sigma: float = 3.0
 
   def __post_init__(self):
     def count(name, minimum):
@@ -87,6 +102,12 @@ class RecoveryPolicy:
     count('loss_patience', 1)
     count('loss_warmup_steps', 0)
     count('skip_extra_batches', 0)
+    count('confirm_steps', 0)
+    if not self.healthy_loss_sigma > 0:
+      raise ValueError(
+          'healthy_loss_sigma must be > 0, got'
+          f' {self.healthy_loss_sigma!r}.'
+      )
     if self.loss_factor is not None and not self.loss_factor > 1:
       raise ValueError(
           f'loss_factor must be None or > 1, got {self.loss_factor!r}.'
@@ -143,51 +164,13 @@ class TrainingDiverged(RuntimeError):
     self.report = report
 
 
-def _pure(opt_state: Any) -> Any:
-  if isinstance(opt_state, nnx.Optimizer):
-    opt_state = opt_state.opt_state
-  return nnx.as_pure(opt_state)
-
-
-def worst_leaves(opt_state: Any, k: int = 5) -> list[tuple[str, float]]:
-  """The ``k`` leaves with the largest last gradient norm, non-finite first.
-
-  Reads ``leaf_norms`` of every :class:`optax_guard.GuardState` in
-  ``opt_state`` (the norms of the last step's raw gradients).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optax_guard as og
-    >>> tx = og.guard(optax.sgd(0.1))
-    >>> params = {'a': jnp.zeros(2), 'b': jnp.zeros(2)}
-    >>> state = tx.init(params)
-    >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([jnp.inf, 0.0])}
-    >>> _, state = tx.update(grads, state, params)
-    >>> from optax_guard.host.recovery import worst_leaves
-    >>> worst_leaves(state)
-    [("['b']", inf), ("['a']", 5.0)]
-
-  Args:
-    opt_state: an optimizer state holding a guard state.
-    k: how many leaves to return.
-
-  Returns:
-    ``[(key path, norm), ...]``, largest first; empty without a guard.
-  """
-  guards = [
-      node for node in jax.tree.leaves(
-          _pure(opt_state), is_leaf=lambda x: isinstance(x, _guard.GuardState)
-      )
-      if isinstance(node, _guard.GuardState)
-  ]
-  found = []
-  for guard_state in guards:
-    norms = jax.device_get(guard_state.leaf_norms)
-    for path, norm in jax.tree_util.tree_flatten_with_path(norms)[0]:
-      found.append((jax.tree_util.keystr(path), float(norm)))
-  rank = lambda item: math.inf if math.isnan(item[1]) else item[1]
-  return sorted(found, key=rank, reverse=True)[:k]
+def _worst_leaves(state: Any, k: int = 5) -> list[tuple[str, float]]:
+  """The ``k`` leaves with the largest last gradient norm, non-finite first
+  (:attr:`optax_guard.transforms.diagnostics.Diagnosis.worst`); empty
+  without a guard."""
+  if not _states.find_states(state.opt_state, _guard.GuardState):
+    return []
+  return list(_diagnostics.diagnose(state.opt_state, state.params).worst[:k])
 
 
 def scale_hyperparam(
@@ -257,8 +240,28 @@ def _scalar(value: Any) -> Any:
   return value.item() if hasattr(value, 'item') else value
 
 
+# The healthy band is at least this fraction of the loss's moving average
+# wide, so that an almost noiseless loss (full-batch training) is not out of
+# band at its first tiny rise.
+_BAND_FLOOR = 0.01
+
+# How many healthy runs the confirmation record keeps (the newest ones); an
+# older checkpoint is no rollback target anyway once newer ones are confirmed.
+_MAX_RUNS = 256
+
+
 class Recovery:
-  """Watches training and rolls back to the last good checkpoint.
+  """Watches training and rolls back to the newest confirmed checkpoint.
+
+  A step is *healthy* when the guard did not skip it and its loss is finite
+  and within ``healthy_loss_sigma`` standard deviations above the loss's
+  moving average. A checkpoint is *confirmed* once ``confirm_steps`` healthy
+  steps in a row followed it (its own step healthy too): only a confirmed
+  checkpoint is a rollback target, so a state saved just before a divergence
+  or during a slow ramp is never restored. A rollback restores the arrays of
+  that checkpoint (the guard's statistics of that moment included, as they
+  live in the optimizer state) and the loss statistics this watch had then,
+  so that clean data afterwards looks as healthy as it did then.
 
   Examples:
     A custom loop (``step_fn`` from :func:`optax_guard.make_train_step`):
@@ -274,7 +277,8 @@ class Recovery:
         reason = recovery.observe(state.step, metrics)
         if reason:
           state = recovery.rollback(state, reason, data_iter=data)
-        checkpointer.save(state, data_iter=data, healthy=recovery.healthy)
+        checkpointer.save(state, data_iter=data, healthy=recovery.healthy,
+                          events={'recovery': recovery.state_dict()})
 
   Args:
     policy: when and how to roll back.
@@ -291,9 +295,14 @@ class Recovery:
     self.checkpointer = checkpointer
     self.rollbacks: list[dict[str, Any]] = []
     self._ema: Optional[float] = None
+    self._ema_var = 0.0
     self._ema_count = 0
     self._loss_streak = 0
     self._skip_streak = 0
+    # Healthy runs as [first step, last step], oldest first.
+    self._runs: list[list[int]] = []
+    # Steps holding a restored confirmed state (saved right after a rollback).
+    self._restored_steps: list[int] = []
 
   @property
   def healthy(self) -> bool:
@@ -304,6 +313,65 @@ class Recovery:
   def loss_ema(self) -> Optional[float]:
     """The moving average of accepted losses (``None`` before any)."""
     return self._ema
+
+  def _in_band(self, loss: float) -> bool:
+    """Whether a finite loss is within the healthy band."""
+    if self._ema is None or self._ema_count < self.policy.loss_warmup_steps:
+      return True
+    width = self.policy.healthy_loss_sigma * math.sqrt(self._ema_var)
+    return loss <= self._ema + max(width, _BAND_FLOOR * abs(self._ema))
+
+  def _update_ema(self, loss: float) -> None:
+    decay = self.policy.loss_ema_decay
+    if self._ema is None:
+      self._ema = loss
+    else:
+      delta = loss - self._ema
+      self._ema += (1 - decay) * delta
+      self._ema_var = decay * (self._ema_var + (1 - decay) * delta**2)
+    self._ema_count += 1
+
+  def _record_health(self, step: int, healthy: bool) -> None:
+    if not healthy:
+      return
+    if self._runs and self._runs[-1][1] == step - 1:
+      self._runs[-1][1] = step
+      return
+    # The previous run ended: keep it only if it confirms some step (a run
+    # from step 1 on also confirms the initial state, step 0).
+    if self._runs:
+      start, end = self._runs[-1]
+      if end - (0 if start == 1 else start) < self.policy.confirm_steps:
+        self._runs.pop()
+    self._runs.append([step, step])
+    del self._runs[:-_MAX_RUNS]
+
+  def is_confirmed(self, step: int) -> bool:
+    """Whether a checkpoint of ``step`` would be a rollback target now.
+
+    Examples:
+      >>> import optax_guard as og
+      >>> from optax_guard.host.recovery import Recovery
+      >>> recovery = Recovery(og.RecoveryPolicy(confirm_steps=3))
+      >>> for step in range(1, 8):
+      ...   _ = recovery.observe(step, {'loss': 1.0, 'skipped': step == 6})
+      >>> [s for s in range(8) if recovery.is_confirmed(s)]
+      [0, 1, 2]
+
+    Args:
+      step: the loop step the checkpoint was saved at (``0``: the initial
+        state, confirmed by the first ``confirm_steps`` steps).
+
+    Returns:
+      Whether ``confirm_steps`` healthy steps in a row followed ``step``
+      (with ``step`` itself healthy), or ``step`` holds a state restored by
+      a rollback.
+    """
+    if step in self._restored_steps:
+      return True
+    first = max(step, 1)
+    return any(start <= first and end >= step + self.policy.confirm_steps
+               for start, end in self._runs)
 
   def observe(self, step: int, metrics: Mapping[str, Any]) -> Optional[str]:
     """Takes one step's metrics; returns why to roll back, or ``None``.
@@ -320,34 +388,60 @@ class Recovery:
     loss = float(_scalar(metrics['loss']))
     skipped = bool(_scalar(metrics.get('skipped', False)))
     self._skip_streak = int(_scalar(metrics.get('consecutive_skips', 0)))
+    finite = math.isfinite(loss)
+    self._record_health(step, not skipped and finite and self._in_band(loss))
     if bool(_scalar(metrics.get('diverged', False))):
       return (
           f'guard diverged at step {step} after {self._skip_streak}'
           ' consecutive skipped steps'
       )
     policy = self.policy
+<<<<<<< HEAD
+    armed = (policy.loss_factor is not None
+             and self._ema_count >= policy.loss_warmup_steps)
+    high = not finite or (armed and loss > policy.loss_factor * self._ema)
+=======
     if policy.loss_factor is None:
       return None
     armed = self._ema_count >= policy.loss_warmup_steps
     high = not math.isfinite(loss) or (
-        armed and loss > policy.loss_factor * self._ema
+        armed and self._ema is not None
+        and loss > policy.loss_factor * self._ema
     )
+>>>>>>> docs
     if high:
       self._loss_streak += 1
     else:
       self._loss_streak = 0
       if not skipped:
-        self._ema = loss if self._ema is None else (
-            policy.loss_ema_decay * self._ema
-            + (1 - policy.loss_ema_decay) * loss
-        )
-        self._ema_count += 1
-    if self._loss_streak >= policy.loss_patience:
+        self._update_ema(loss)
+    if policy.loss_factor is not None and (
+        self._loss_streak >= policy.loss_patience):
       return (
           f'loss {loss:.4g} stayed above {policy.loss_factor:g}x its moving'
           f' average {self._ema:.4g} for {self._loss_streak} steps'
       )
     return None
+
+  def _restore_target(self, state: checkpoint_lib.TrainState):
+    """The newest usable confirmed checkpoint, else the newest healthy one."""
+    checkpointer = self.checkpointer
+    if self.policy.confirm_steps == 0:
+      return checkpointer.restore_last_good(state)
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+      if self.is_confirmed(step):
+        try:
+          return checkpointer.restore(step, state)
+        except checkpoint_lib.CorruptCheckpointError as e:
+          _log.warning('Rollback target skipped: %s', e)
+    restored = checkpointer.restore_last_good(state)
+    if restored is not None:
+      _log.warning(
+          'No confirmed checkpoint left in %s; rolling back to step %d, the'
+          ' newest one saved as healthy.', checkpointer.directory,
+          restored[0].step,
+      )
+    return restored
 
   def rollback(
       self,
@@ -357,11 +451,14 @@ class Recovery:
       data_iter: Optional[Iterator[Any]] = None,
       metrics: Optional[Mapping[str, Any]] = None,
   ) -> checkpoint_lib.TrainState:
-    """Restores the last good checkpoint and skips the batches since.
+    """Restores the newest confirmed checkpoint and skips the batches since.
 
     The returned state has the restored arrays (learning rate backed off if
     the policy says so) and ``step`` still counting batches drawn: the
-    batches from the restored step to ``state.step`` are not replayed.
+    batches from the restored step to ``state.step`` are not replayed. The
+    loss statistics saved with the checkpoint (``events['recovery']``, as
+    :func:`optax_guard.fit` saves them) are restored too; the rollback
+    history is kept.
 
     Args:
       state: the diverged state (its structure is the restore target).
@@ -376,7 +473,7 @@ class Recovery:
       TrainingDiverged: after ``max_rollbacks`` rollbacks, or when no
         healthy checkpoint is usable.
     """
-    worst = worst_leaves(state.opt_state)
+    worst = _worst_leaves(state)
     scalars = {
         k: _scalar(v) for k, v in (metrics or {}).items()
         if jnp.ndim(v) == 0
@@ -396,10 +493,10 @@ class Recovery:
       )
     restored = None
     if self.checkpointer is not None:
-      restored = self.checkpointer.restore_last_good(state)
+      restored = self._restore_target(state)
     if restored is None:
       raise give_up(f'{reason}; no healthy checkpoint to roll back to')
-    good, _ = restored
+    good, events = restored
     opt_state = good.opt_state
     if self.policy.lr_backoff is not None:
       opt_state = scale_hyperparam(
@@ -417,7 +514,13 @@ class Recovery:
         'skipped_batches': step - good.step,
         'worst_leaves': [[path, norm] for path, norm in worst[:3]],
     }
+    saved = events.get('recovery')
+    if saved is not None:
+      self._ema = saved['ema']
+      self._ema_var = saved.get('ema_var', 0.0)
+      self._ema_count = int(saved['ema_count'])
     self.rollbacks.append(record)
+    self._restored_steps = (self._restored_steps + [step])[-_MAX_RUNS:]
     self._loss_streak = 0
     self._skip_streak = 0
     _log.warning(
@@ -433,16 +536,26 @@ class Recovery:
     """The watch state and rollback history, as JSON-serializable data."""
     return {
         'ema': self._ema,
+        'ema_var': self._ema_var,
         'ema_count': self._ema_count,
         'loss_streak': self._loss_streak,
         'skip_streak': self._skip_streak,
         'rollbacks': list(self.rollbacks),
+        'runs': [list(run) for run in self._runs],
+        'restored_steps': list(self._restored_steps),
     }
 
   def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-    """Restores what :meth:`state_dict` returned (e.g. from a checkpoint)."""
+    """Restores what :meth:`state_dict` returned (e.g. from a checkpoint).
+
+    State saved before confirmation existed (no ``runs``) confirms nothing
+    until new healthy steps do.
+    """
     self._ema = saved['ema']
+    self._ema_var = float(saved.get('ema_var', 0.0))
     self._ema_count = int(saved['ema_count'])
     self._loss_streak = int(saved['loss_streak'])
     self._skip_streak = int(saved['skip_streak'])
     self.rollbacks = [dict(r) for r in saved['rollbacks']]
+    self._runs = [list(run) for run in saved.get('runs', [])]
+    self._restored_steps = list(saved.get('restored_steps', []))

@@ -6,10 +6,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import numerics as _numerics
+from optax_guard.transforms import states as _states
+from optax_guard.transforms import vanishing as _vanishing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Diagnosis:
       tracks it).
     ratios: per leaf, last gradient norm / floored parameter norm.
     vanishing_tracked: whether the guard was built with ``vanishing_ratio``.
+    worst: ``(leaf, last gradient norm)`` of every leaf, largest first,
+      NaN and Inf first of all (the leaves to look at after a divergence).
   """
 
   nonfinite: tuple[str, ...]
@@ -33,6 +36,7 @@ class Diagnosis:
   vanished: tuple[str, ...]
   ratios: dict[str, float]
   vanishing_tracked: bool
+  worst: tuple[tuple[str, float], ...] = ()
 
   @property
   def healthy(self) -> bool:
@@ -56,15 +60,20 @@ class Diagnosis:
     return '\n'.join(lines)
 
 
-def _outermost_guard_state(opt_state: Any) -> _guard.GuardState:
-  is_guard_state = lambda x: isinstance(x, _guard.GuardState)
-  for node in jax.tree.leaves(opt_state, is_leaf=is_guard_state):
-    if is_guard_state(node):
-      return node
-  raise ValueError(
-      'opt_state holds no GuardState: build the optimizer with og.guard,'
-      ' og.skip_nonfinite or og.skip_spikes.'
-  )
+def _params_tree(opt_state: Any, params: Any) -> Any:
+  """The plain parameter tree: an NNX model's variables that the optimizer
+  (if one is handed in) differentiates, else ``params`` itself."""
+  nnx = _states.loaded_nnx()
+  if nnx is None or not isinstance(params, nnx.Module):
+    return _states.pure_state(params)
+  wrt = getattr(opt_state, 'wrt', nnx.Param)
+  return nnx.as_pure(nnx.state(params, wrt))
+
+
+def _rank(norms: dict[str, float]) -> tuple[tuple[str, float], ...]:
+  """Largest first, NaN and Inf before every finite norm."""
+  key = lambda item: math.inf if math.isnan(item[1]) else item[1]
+  return tuple(sorted(norms.items(), key=key, reverse=True))
 
 
 def diagnose(
@@ -76,9 +85,10 @@ def diagnose(
 ) -> Diagnosis:
   """Names the parameter leaves whose gradients went wrong.
 
-  Reads the per-leaf gradient norms of the last step that the guard keeps in
-  its state (:class:`optax_guard.GuardState` ``leaf_norms``) and compares
-  them with the norms of ``params``. A leaf is
+  Reads the per-leaf gradient norms of the last step that the outermost
+  guard keeps in its state (``GuardState.last_step.leaf_norms``), names them
+  by the paths of ``params`` and compares them with the parameter norms
+  (overflow-safe, :mod:`optax_guard.transforms.numerics`). A leaf is
 
   * *non-finite* if its last gradient held a NaN or an Inf (with
     ``og.guard(..., granularity="leaf")``, the leaves that were held);
@@ -89,6 +99,7 @@ def diagnose(
     gradient norm stayed below the guard's ``vanishing_ratio`` times that
     parameter norm (tracked only by a guard built with ``vanishing_ratio``).
 
+  ``worst`` ranks every leaf by its last gradient norm (non-finite first).
   Runs on the host (it reads the state's values): call it when
   :func:`optax_guard.metrics` reports a skip, a spike or ``diverged``, or
   every so many steps.
@@ -105,6 +116,8 @@ def diagnose(
     >>> report = og.diagnose(state, params)
     >>> report.nonfinite, report.exploded
     (("['dense']['b']",), ("['dense']['w']",))
+    >>> report.worst
+    (("['dense']['b']", nan), ("['dense']['w']", 10.0))
 
   Args:
     opt_state: an optimizer state holding a guard state (anywhere), or an
@@ -128,47 +141,37 @@ def diagnose(
     raise ValueError(
         f'vanishing_steps must be an int >= 1, got {vanishing_steps!r}.'
     )
-  wrt = nnx.Param
-  if isinstance(opt_state, nnx.Optimizer):
-    wrt = opt_state.wrt
-    opt_state = opt_state.opt_state
-  if isinstance(params, nnx.Module):
-    params = nnx.state(params, wrt)
-  state = _outermost_guard_state(nnx.as_pure(opt_state))
-  params = nnx.as_pure(params)
-  param_norms = _numerics.norm_stats(params).leaf_norms
-  counters = state.leaf_vanishing_steps
-  tracked = counters is not None
-  if not tracked:
-    counters = jax.tree.map(lambda _: None, state.leaf_norms,
-                            is_leaf=lambda x: x is None)
-  host = jax.device_get((state.leaf_norms, param_norms, counters))
-
-  nonfinite, exploded, vanished, ratios = [], [], [], {}
-
-  def visit(path, grad_norm, param_norm, steps, param):
-    if grad_norm is None:
-      return
-    name = jax.tree_util.keystr(path)
-    grad_norm = float(grad_norm)
-    if not math.isfinite(grad_norm):
-      nonfinite.append(name)
-      return
-    scale = float(_guard.floored_param_norm(np.float32(param_norm),
-                                            int(np.size(param))))
-    ratios[name] = grad_norm / scale
-    if grad_norm > explode_ratio * scale:
-      exploded.append(name)
-    if steps is not None and int(steps) >= vanishing_steps:
-      vanished.append(name)
-
-  jax.tree_util.tree_map_with_path(
-      visit, *host, params, is_leaf=lambda x: x is None
-  )
+  guards = _states.find_states(opt_state, _guard.GuardState)
+  if not guards:
+    raise ValueError(
+        'opt_state holds no GuardState: build the optimizer with og.guard,'
+        ' og.skip_nonfinite or og.skip_spikes.'
+    )
+  state = guards[0][1]
+  leaves = _numerics.float_leaf_paths(_params_tree(opt_state, params))
+  names = [jax.tree_util.keystr(path) for path, _ in leaves]
+  sizes = np.array([np.size(x) for _, x in leaves], np.int64)
+  param_norms = _numerics.leaf_vector(
+      _numerics.norm_stats([x for _, x in leaves]).leaf_norms)
+  grad_norms, param_norms, counters = jax.device_get(
+      (state.leaf_norms, param_norms, state.vanishing))
+  if len(grad_norms) != len(names):
+    raise ValueError(
+        f'params has {len(names)} floating leaves but the guard saw'
+        f' {len(grad_norms)}: pass the params the optimizer updates.'
+    )
+  scales = np.asarray(_vanishing.floored_param_norm(param_norms, sizes))
+  finite = np.isfinite(grad_norms)
+  ratios = grad_norms.astype(np.float64) / scales.astype(np.float64)
+  vanished = ()
+  if counters is not None:
+    vanished = tuple(n for n, c in zip(names, counters) if c >= vanishing_steps)
   return Diagnosis(
-      nonfinite=tuple(nonfinite),
-      exploded=tuple(exploded),
-      vanished=tuple(vanished),
-      ratios=ratios,
-      vanishing_tracked=tracked,
+      nonfinite=tuple(n for n, ok in zip(names, finite) if not ok),
+      exploded=tuple(n for n, ok, r in zip(names, finite, ratios)
+                     if ok and r > explode_ratio),
+      vanished=vanished,
+      ratios={n: float(r) for n, ok, r in zip(names, finite, ratios) if ok},
+      vanishing_tracked=counters is not None,
+      worst=_rank({n: float(g) for n, g in zip(names, grad_norms)}),
   )

@@ -8,10 +8,17 @@ knows how to *apply* its update can put the ``lax.cond`` around the whole of
 ``inner.update`` and ``optax.apply_updates``: the params and the optimizer
 state are then updated in place, in the same fused pass as the bare optimizer.
 
-A transformation offers that form by carrying it as the attribute
-``fused_apply`` of its update function (so that it survives
-:func:`optax.with_extra_args_support`, which returns such a transformation
-unchanged). :func:`update_and_apply` returns it, or the plain composition.
+The protocol is a type and an extra argument. A
+:class:`FusedGradientTransformation` is an
+:class:`optax.GradientTransformationExtraArgs` whose ``update`` also accepts
+the extra argument ``fuse_apply=True`` (:data:`FUSE_APPLY`) and then returns
+``(new_params, new_state)``, equal to ``update`` followed by
+:func:`optax.apply_updates`. Because :func:`optax.chain` hands extra
+arguments to every member, a chain whose last member is fused returns new
+params too when called with ``fuse_apply=True``; members that do not know
+the argument ignore it. :func:`optax_guard.make_train_step` decides where
+that holds by the state types it finds (see
+:func:`optax_guard.train_step.plan_apply`).
 """
 
 from typing import Any, Callable
@@ -20,37 +27,52 @@ import optax
 
 ApplyFn = Callable[..., tuple[Any, Any]]
 
-_ATTRIBUTE = 'fused_apply'
+# The extra argument that asks a fused transformation for new params.
+FUSE_APPLY = 'fuse_apply'
 
 
-def with_fused_apply(
-    tx: optax.GradientTransformationExtraArgs, apply_fn: ApplyFn
-) -> optax.GradientTransformationExtraArgs:
-  """Marks ``tx`` as able to apply its own update with ``apply_fn``.
+class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
+  """A transformation that can apply its own update.
 
-  Args:
-    tx: the transformation; its ``update`` must be a function made for it
-      (the attribute is set on that function).
-    apply_fn: ``apply_fn(updates, state, params, **extra_args) -> (new_params,
-      new_state)``, equal to ``tx.update`` followed by
-      :func:`optax.apply_updates`.
+  ``update(updates, state, params, fuse_apply=True, **extra_args)`` returns
+  ``(new_params, new_state)``: ``update`` followed by
+  :func:`optax.apply_updates`, with the same state. Without ``fuse_apply``
+  (or with ``False``) it is an ordinary transformation.
 
-  Returns:
-    ``tx`` itself.
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_guard as og
+    >>> from optax_guard.transforms.fused import FusedGradientTransformation
+    >>> tx = og.guard(optax.sgd(0.5))
+    >>> isinstance(tx, FusedGradientTransformation)
+    True
+    >>> params = {'w': jnp.ones(2)}
+    >>> new_params, _ = tx.update({'w': jnp.ones(2)}, tx.init(params), params,
+    ...                           fuse_apply=True)
+    >>> new_params['w'].tolist()
+    [0.5, 0.5]
   """
-  setattr(tx.update, _ATTRIBUTE, apply_fn)
-  return tx
 
 
-def update_and_apply(tx: optax.GradientTransformation) -> ApplyFn:
-  """``apply(updates, state, params, **extra_args) -> (new_params, new_state)``.
+def fused_apply(tx: optax.GradientTransformation) -> ApplyFn:
+  """``apply(updates, state, params, **extra_args) -> (new_params, new_state)``
+  through ``tx.update(..., fuse_apply=True)``.
 
-  The fused form when ``tx`` offers one, otherwise ``tx.update`` followed by
-  :func:`optax.apply_updates`.
+  Only valid where the output of ``tx.update`` is that of a fused
+  transformation (``tx`` is one, or one is last in ``tx``).
   """
-  fused = getattr(tx.update, _ATTRIBUTE, None)
-  if fused is not None:
-    return fused
+  tx = optax.with_extra_args_support(tx)
+
+  def apply(updates, state, params, **extra_args):
+    return tx.update(updates, state, params, **{FUSE_APPLY: True},
+                     **extra_args)
+
+  return apply
+
+
+def unfused_apply(tx: optax.GradientTransformation) -> ApplyFn:
+  """``tx.update`` followed by :func:`optax.apply_updates`."""
   tx = optax.with_extra_args_support(tx)
 
   def apply(updates, state, params, **extra_args):
@@ -58,3 +80,15 @@ def update_and_apply(tx: optax.GradientTransformation) -> ApplyFn:
     return optax.apply_updates(params, updates), state
 
   return apply
+
+
+def update_and_apply(tx: optax.GradientTransformation) -> ApplyFn:
+  """The fused form of ``tx`` if it is a :class:`FusedGradientTransformation`,
+  else ``tx.update`` followed by :func:`optax.apply_updates`.
+
+  Recognises ``tx`` by type only; :func:`optax_guard.train_step.
+  plan_apply` also finds a fused transformation last in a chain.
+  """
+  if isinstance(tx, FusedGradientTransformation):
+    return fused_apply(tx)
+  return unfused_apply(tx)

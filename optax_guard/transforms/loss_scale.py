@@ -5,10 +5,10 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import states as _states
 
 
 class LossScaleState(NamedTuple):
@@ -47,13 +47,16 @@ def dynamic_loss_scale(
   make_train_step` scales the loss by itself when the optimizer state holds
   this transformation.
 
-  ``inner`` is guarded: an :func:`optax_guard.guard` (or
-  :func:`optax_guard.skip_nonfinite`, :func:`optax_guard.skip_spikes`) is
+  ``inner`` is guarded: a guard it holds (:func:`optax_guard.guard`,
+  :func:`optax_guard.skip_nonfinite`, :func:`optax_guard.skip_spikes`, found
+  by its state type: ``inner`` itself or the first member of a chain) is
   used as is, so that the overflow check shares its single pass over the
-  gradients; any other optimizer is wrapped in
-  :func:`optax_guard.skip_nonfinite`. A spike skipped by the guard counts as
-  a finite step. Put this transformation outermost: a guard outside it
-  would see scaled gradients.
+  gradients; an optimizer without a guard is wrapped in
+  :func:`optax_guard.skip_nonfinite`. ``init`` refuses (``ValueError``) an
+  ``inner`` with two guards, or with a transformation before its guard
+  (that transformation would see scaled gradients). A spike skipped by the
+  guard counts as a finite step. Put this transformation outermost: a guard
+  outside it would see scaled gradients.
 
   Compared with ``jmp.DynamicLossScale``: the same rule (shrink by
   ``factor`` to at least ``min_scale`` on overflow, grow by ``factor``
@@ -116,57 +119,83 @@ def dynamic_loss_scale(
         f'min_scale must be in (0, initial_scale={initial_scale}], got'
         f' {min_scale!r}.'
     )
-  guarded = inner if _guard.is_guard(inner) else _guard.skip_nonfinite(inner)
-  guarded_apply = _apply.update_and_apply(guarded)
+  wrapped = _guard.skip_nonfinite(inner)
+
+  def guarded(tree) -> optax.GradientTransformationExtraArgs:
+    """``inner`` if it holds a guard in the right place, else ``wrapped``."""
+    return wrapped if _inner_guard_path(inner, tree) is None else inner
 
   def init_fn(params):
     return LossScaleState(
-        inner_state=guarded.init(params),
+        inner_state=guarded(params).init(params),
         loss_scale=jnp.full((), initial_scale, jnp.float32),
         good_steps=jnp.zeros((), jnp.int32),
     )
 
-  def adjust(state: LossScaleState, inner_state) -> LossScaleState:
-    overflow = inner_state.nonfinite
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, inner_state = guarded(updates).update(
+        updates, state.inner_state, params, loss_scale=state.loss_scale,
+        **extra_args,
+    )
+    (_, guard_state), = _states.find_states(inner_state, _guard.GuardState)
+    overflow = guard_state.nonfinite
     scale = state.loss_scale
-    good_steps = state.good_steps + 1
+    good_steps = optax.safe_increment(state.good_steps)
     grown = scale * factor
     grow = ~overflow & (good_steps >= growth_interval) & jnp.isfinite(grown)
     shrunk = jnp.maximum(scale / factor, jnp.float32(min_scale))
-    return LossScaleState(
+    return updates, LossScaleState(
         inner_state=inner_state,
         loss_scale=jnp.where(overflow, shrunk, jnp.where(grow, grown, scale)),
         good_steps=jnp.where(overflow | grow, 0, good_steps),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    updates, inner_state = guarded.update(
-        updates, state.inner_state, params, loss_scale=state.loss_scale,
-        **extra_args,
-    )
-    return updates, adjust(state, inner_state)
+  # Fused exactly when the guard that receives ``fuse_apply`` is the last
+  # step: known here only for a guard handed in directly. The train step
+  # also finds it by state type (see optax_guard.train_step.plan_apply).
+  fused = isinstance(inner, _fused.FusedGradientTransformation)
+  make = (_fused.FusedGradientTransformation if fused
+          else optax.GradientTransformationExtraArgs)
+  return make(init_fn, update_fn)
 
-  def apply_fn(updates, state, params, **extra_args):
-    params, inner_state = guarded_apply(
-        updates, state.inner_state, params, loss_scale=state.loss_scale,
-        **extra_args,
-    )
-    return params, adjust(state, inner_state)
 
-  return _apply.with_fused_apply(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn), apply_fn
-  )
+def _inner_guard_path(inner: optax.GradientTransformation,
+                      tree: Any) -> Optional[tuple[Any, ...]]:
+  """Where ``inner``'s state holds its guard, or ``None`` without one.
+
+  Looks at the state's structure only (``jax.eval_shape``: nothing runs).
+
+  Raises:
+    ValueError: for two guards, or a guard that is not the first thing
+      ``inner`` runs (what runs before it would see scaled gradients).
+  """
+  structure = jax.eval_shape(optax.with_extra_args_support(inner).init, tree)
+  found = _states.find_states(structure, _guard.GuardState)
+  if not found:
+    return None
+  paths = [_states.path_name(path) or 'the state itself' for path, _ in found]
+  if len(found) > 1:
+    raise ValueError(
+        f'og.dynamic_loss_scale found {len(found)} guards in its inner'
+        f' optimizer state (at {", ".join(paths)}): it reuses one guard for'
+        ' the overflow check; keep a single og.guard.'
+    )
+  path = found[0][0]
+  if not _states.is_first_in(structure, path):
+    raise ValueError(
+        f'og.dynamic_loss_scale: the guard at {paths[0]} of the inner'
+        ' optimizer is not the first transformation, so what runs before it'
+        ' would see scaled gradients. Put the guard first (e.g.'
+        ' og.dynamic_loss_scale(optax.chain(og.guard(...), ...))) or wrap'
+        ' the guard alone.'
+    )
+  return path
 
 
 def find_loss_scale_state(opt_state: Any) -> Optional[LossScaleState]:
   """The outermost :class:`LossScaleState` in ``opt_state``, or ``None``."""
-  is_scale_state = lambda x: isinstance(x, LossScaleState)
-  found = [
-      node
-      for node in jax.tree.leaves(nnx.as_pure(opt_state), is_leaf=is_scale_state)
-      if is_scale_state(node)
-  ]
-  return found[0] if found else None
+  found = _states.find_states(opt_state, LossScaleState)
+  return found[0][1] if found else None
 
 
 def loss_scale(opt_state: Any) -> jax.Array:
@@ -190,8 +219,6 @@ def loss_scale(opt_state: Any) -> jax.Array:
   Raises:
     ValueError: if ``opt_state`` holds no loss scale.
   """
-  if isinstance(opt_state, nnx.Optimizer):
-    opt_state = opt_state.opt_state
   state = find_loss_scale_state(opt_state)
   if state is None:
     raise ValueError(

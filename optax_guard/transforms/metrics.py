@@ -4,11 +4,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from optax_guard.transforms import clipping as _clipping
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import loss_scale as _loss_scale
+from optax_guard.transforms import states as _states
+
+_GUARD_KEYS = (
+    'grad_norm', 'clip_threshold', 'update_norm', 'skipped',
+    'consecutive_skips', 'total_skips', 'diverged', 'loss', 'nonfinite',
+    'spike', 'total_nonfinite', 'total_spikes',
+)
+
+# How several guards' flags and counts combine into one key: a step skipped
+# by any guard was skipped; counts add up.
+_ANY = ('skipped', 'diverged', 'nonfinite', 'spike')
+_SUM = ('total_skips', 'total_nonfinite', 'total_spikes')
+
+_STATE_TYPES = (_guard.GuardState, _loss_scale.LossScaleState,
+                _clipping.ZClipState, _clipping.AutoClipState,
+                _clipping.ClipStats)
 
 _CONTRACT_DEFAULTS = {
     'clip_threshold': jnp.inf,
@@ -22,15 +37,7 @@ _CONTRACT_DEFAULTS = {
 def _own_metrics(node: Any) -> dict[str, jax.Array]:
   """The metrics one guard or clipping state holds itself."""
   if isinstance(node, _guard.GuardState):
-    found = {
-        name: getattr(node, name)
-        for name in (
-            'grad_norm', 'clip_threshold', 'update_norm', 'skipped',
-            'consecutive_skips', 'total_skips', 'diverged', 'loss',
-            'nonfinite', 'spike', 'total_nonfinite', 'total_spikes',
-        )
-    }
-    return found
+    return {name: getattr(node, name) for name in _GUARD_KEYS}
   if isinstance(node, _loss_scale.LossScaleState):
     return {'loss_scale': node.loss_scale}
   if isinstance(node, _clipping.ZClipState):
@@ -42,10 +49,20 @@ def _own_metrics(node: Any) -> dict[str, jax.Array]:
   return {}
 
 
-def _children(node: Any) -> list[Any]:
-  """The direct children of a pytree node (none for a leaf)."""
-  children, _ = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
-  return [] if len(children) == 1 and children[0] is node else children
+def _combined_guards(guards: list[tuple[Any, Any]]) -> dict[str, jax.Array]:
+  """Each guard's metrics under its path, and the flags and counts combined.
+
+  Only for two guards or more: one guard's metrics are the flat keys.
+  """
+  found = {}
+  for path, state in guards:
+    prefix = _states.path_name(path) or '.'
+    found.update({f'{prefix}/{k}': v for k, v in _own_metrics(state).items()})
+  states = [state for _, state in guards]
+  found.update({k: jnp.any(jnp.stack([getattr(s, k) for s in states]))
+                for k in _ANY})
+  found.update({k: sum(getattr(s, k) for s in states) for k in _SUM})
+  return found
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -55,7 +72,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`, a
   :class:`flax.nnx.Optimizer` (pass the optimizer or its ``opt_state``). Where
   two states report the same key, the outermost wins: a guard's view of this
-  step beats the held state of a clip inside it.
+  step beats the held state of a clip inside it. With several guards, each
+  one's metrics are also reported under its path (``'[0]/skipped'``, see
+  :func:`optax_guard.transforms.states.find_states`), and ``skipped``,
+  ``diverged``, ``nonfinite``, ``spike`` say whether any guard raised them,
+  ``total_*`` add up.
 
   Always present: ``grad_norm`` (pre-clip global norm), ``clip_threshold``
   (``inf`` when nothing was clipped), ``update_norm`` (post-clip),
@@ -86,16 +107,12 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: if ``opt_state`` holds no optax_guard state.
   """
-  if isinstance(opt_state, nnx.Optimizer):
-    opt_state = opt_state.opt_state
-  opt_state = nnx.as_pure(opt_state)
-  found: dict[str, jax.Array] = {}
-  pending = [opt_state]
-  while pending:
-    node = pending.pop(0)
+  states = _states.find_states(opt_state, _STATE_TYPES)
+  guards = [(p, s) for p, s in states if isinstance(s, _guard.GuardState)]
+  found = _combined_guards(guards) if len(guards) > 1 else {}
+  for _, node in states:
     for key, value in _own_metrics(node).items():
       found.setdefault(key, value)
-    pending.extend(_children(node))
   if 'grad_norm' not in found:
     raise ValueError(
         'opt_state holds no optax_guard state: build the optimizer with'

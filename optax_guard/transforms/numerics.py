@@ -68,7 +68,7 @@ def _rescaled_norm(x: jax.Array, dtype) -> jax.Array:
   return jnp.where(jnp.isfinite(largest), norm, largest)
 
 
-def _combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
+def combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
   """Overflow-safe L2 norm of a list of non-negative scalars."""
   if not norms:
     return jnp.zeros((), dtype)
@@ -113,7 +113,7 @@ def norm_stats(tree: Any) -> NormStats:
         _rescaled_norm(x, accumulation_dtype(x.dtype)).astype(dtype)
         for x in float_leaves
     ]
-    return norms, _combine_norms(norms, dtype)
+    return norms, combine_norms(norms, dtype)
 
   # Squares below the smallest normal number lose precision (or vanish), and
   # a non-finite sum may be overflow rather than a NaN/Inf gradient: in both
@@ -136,22 +136,53 @@ def global_norm(tree: Any) -> jax.Array:
   return norm_stats(tree).global_norm
 
 
-def clip_tree_to_norm(tree: Any, norm: jax.Array, threshold: jax.Array) -> Any:
-  """Rescales ``tree`` (of global norm ``norm``) to ``threshold`` if larger.
+def scale_tree(tree: Any, factor: jax.Array) -> Any:
+  """Each floating leaf of ``tree`` times the scalar ``factor``.
 
-  Each floating leaf is multiplied by one scalar, ``threshold / norm`` or 1,
-  in float32 or wider and rounded once to the leaf's dtype. A multiply (not
-  optax's ``select(norm < max, t, t / norm * max)``) lets XLA fuse the clip
-  into the optimizer's own elementwise pass instead of writing a clipped copy
-  of the gradients; an unclipped leaf is returned bit for bit, a clipped one
-  within one rounding of optax's value.
+  The product is taken in float32 or wider and rounded once to the leaf's
+  dtype; other leaves are returned as they are. A multiply by one scalar
+  fuses into the consumer's elementwise pass (no scaled copy is written).
   """
-  scale = jnp.where(norm > threshold, threshold / norm, 1)
 
-  def clip_leaf(x):
+  def scale_leaf(x):
     if not is_float_leaf(x):
       return x
     dtype = jnp.result_type(x.dtype, accumulation_dtype(x.dtype))
-    return (x.astype(dtype) * scale.astype(dtype)).astype(x.dtype)
+    return (x.astype(dtype) * factor.astype(dtype)).astype(x.dtype)
 
-  return jax.tree.map(clip_leaf, tree, is_leaf=lambda x: x is None)
+  return jax.tree.map(scale_leaf, tree, is_leaf=lambda x: x is None)
+
+
+def clip_tree_to_norm(tree: Any, norm: jax.Array, threshold: jax.Array) -> Any:
+  """Rescales ``tree`` (of global norm ``norm``) to ``threshold`` if larger.
+
+  Each floating leaf is multiplied by one scalar, ``threshold / norm`` or 1
+  (:func:`scale_tree`). A multiply (not optax's ``select(norm < max, t, t /
+  norm * max)``) lets XLA fuse the clip into the optimizer's own elementwise
+  pass instead of writing a clipped copy of the gradients; an unclipped leaf
+  is returned bit for bit, a clipped one within one rounding of optax's
+  value.
+  """
+  return scale_tree(tree, jnp.where(norm > threshold, threshold / norm, 1))
+
+
+def leaf_vector(leaf_norms: Any) -> jax.Array:
+  """The per-leaf norms of a :class:`NormStats` as one float32 vector.
+
+  One entry per floating leaf, in ``jax.tree.leaves`` order: the form the
+  guard keeps in its state (one buffer, elementwise updates in one kernel).
+  :func:`float_leaf_paths` names the entries.
+  """
+  norms = jax.tree.leaves(leaf_norms)
+  if not norms:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.stack([n.astype(jnp.float32) for n in norms])
+
+
+def float_leaf_paths(tree: Any) -> list[tuple[Any, jax.Array]]:
+  """``(key path, leaf)`` of the floating leaves of ``tree``, in the order of
+  :func:`leaf_vector`."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None
+  )[0]
+  return [(path, x) for path, x in leaves if is_float_leaf(x)]
