@@ -18,6 +18,8 @@ from flax import linen, nnx
 import optax_guard as og
 from optax_guard.host.recovery import Recovery
 from optax_guard.transforms import fused as _fused
+from optax_guard.transforms.guard import GuardState
+from optax_guard.transforms.states import find_states
 
 
 def _copy(tree):
@@ -214,7 +216,7 @@ def test_metrics_aggregate_the_guards_of_multi_transform():
   assert len(skipped) == 2
   assert sorted(bool(v) for v in skipped.values()) == [False, True]
   [path] = [k for k, v in skipped.items() if bool(v)]
-  assert 'e' in path.split('/')
+  assert path == ".inner_states['e'].inner_state/skipped"
   reason = Recovery().observe(0, {'loss': jnp.array(1.0), **m})
   assert reason is not None and 'diverged' in reason
 
@@ -264,7 +266,9 @@ def test_multisteps_stalls_after_one_nan_micro_batch():
   _, state = update({'w': jnp.array([jnp.nan, 1.0])}, state, PARAMS)
   for _ in range(5):  # clean micro-batches only from here on
     _, state = update({'w': jnp.ones(2)}, state, PARAMS)
-  assert bool(og.metrics(state)['diverged'])
+  # og.metrics refuses this composition; read the guard's state directly.
+  [(_, guard_state)] = find_states(state, GuardState)
+  assert bool(guard_state.diverged)
 
 
 # main: make_train_step builds and runs the stalling composition silently.
@@ -298,8 +302,12 @@ def test_non_float_leaves_pass_through_as_optax_does(leaf):
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
   want, bare_state = bare.update(grads, bare.init(params), params)
-  chex.assert_trees_all_equal(updates, want)
-  chex.assert_trees_all_equal(state.inner_state, bare_state)
+  # The guard's update is compiled (inside lax.cond), the bare one runs op
+  # by op: equal dtypes and structure, values within rounding.
+  chex.assert_trees_all_equal_dtypes(updates, want)
+  chex.assert_trees_all_close(updates, want, rtol=1e-6)
+  chex.assert_trees_all_equal_dtypes(state.inner_state, bare_state)
+  chex.assert_trees_all_close(state.inner_state, bare_state, rtol=1e-6)
   bad = {**grads, 'w': jnp.array([jnp.nan, 1.0])}
   updates, new_state = tx.update(bad, state, params)
   assert bool(og.metrics(new_state)['skipped'])
@@ -339,13 +347,11 @@ def test_lookahead_inside_the_guard():
   chex.assert_trees_all_equal(state.inner_state, held.inner_state)
 
 
-# -- Proposed API: the state finder of the metrics module,
-#    find_states(opt_state, StateType) -> [(path, state)], reads through the
-#    guard for helpers like schedule_free_eval_params.
+# The state finder, find_states(opt_state, StateType) -> [(path, state)],
+# reads through the guard for helpers like schedule_free_eval_params.
 # main: AttributeError 'GuardState' object has no attribute 'b1' (and there
 # is no finder).
 def test_schedule_free_eval_params_through_the_guard():
-  from optax_guard.transforms.metrics import find_states
   sf = optax.contrib.schedule_free_sgd(0.1)
   tx = og.guard(sf)
   state, bare_state = tx.init(PARAMS), sf.init(PARAMS)

@@ -25,6 +25,7 @@ import optax
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import numerics as _numerics
+from optax_guard.transforms import states as _states
 
 
 class AccumulateState(NamedTuple):
@@ -51,8 +52,7 @@ class AccumulateState(NamedTuple):
   total_dropped: jax.Array
 
 
-def _is_float(x: Any) -> bool:
-  return isinstance(x, float) or _numerics.is_float_leaf(x)
+_is_float = _numerics.is_float_leaf
 
 
 def _is_none(x: Any) -> bool:
@@ -61,11 +61,14 @@ def _is_none(x: Any) -> bool:
 
 def _all_finite(tree: Any, value: jax.Array | None) -> jax.Array:
   """Whether every floating element of ``tree`` and ``value`` is finite."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if _is_float(x)]
-  if value is not None:
-    checks.append(jnp.isfinite(value))
-  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), jnp.bool_)
+  return _numerics.all_finite((tree, value))
+
+
+def _holds_guard(inner: optax.GradientTransformation) -> bool:
+  """Whether ``inner``'s state holds a guard (its structure only)."""
+  structure = jax.eval_shape(optax.with_extra_args_support(inner).init,
+                             {'w': jnp.zeros(1)})
+  return bool(_states.find_states(structure, _guard.GuardState))
 
 
 def _zero_sums(params: Any) -> Any:
@@ -166,8 +169,8 @@ def accumulate(
         f'every_k must be an int >= 1, got {every_k!r}; for a schedule of'
         ' micro-batch counts use optax.MultiSteps without a guard.'
     )
-  guarded = inner if _guard.is_guard(inner) else _guard.skip_nonfinite(inner)
-  guarded_apply = _fused.update_and_apply(guarded)
+  guarded = optax.with_extra_args_support(
+      inner if _holds_guard(inner) else _guard.skip_nonfinite(inner))
 
   def init_fn(params):
     return AccumulateState(
@@ -207,37 +210,27 @@ def accumulate(
             optax.safe_increment(state.total_dropped)),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value=None, fuse_apply=False,
+                **extra_args):
     ok, sums, loss_sum, accepted, emit, mean_loss = take(updates, state, value)
-
-    def macro_step():
-      return guarded.update(_mean_like(sums, accepted, updates),
-                            state.inner_state, params, value=mean_loss,
-                            **extra_args)
-
-    def micro_step():
-      zeros = jax.eval_shape(macro_step)[0]
-      return optax.tree.zeros_like(zeros), state.inner_state
-
-    new_updates, inner_state = jax.lax.cond(emit, macro_step, micro_step)
-    return new_updates, next_state(state, inner_state, ok, sums, loss_sum,
-                                   accepted, emit)
-
-  def apply_fn(updates, state, params, *, value=None, **extra_args):
-    """``update_fn`` then ``optax.apply_updates``, with the guard's fused form."""
-    ok, sums, loss_sum, accepted, emit, mean_loss = take(updates, state, value)
+    # fuse_apply reaches the guard, which then returns new params (see
+    # optax_guard.train_step.plan_apply, which passes it only when the guard
+    # is what inner runs last).
+    fused = {_fused.FUSE_APPLY: True} if fuse_apply else {}
 
     def macro_step(params, inner_state):
-      return guarded_apply(_mean_like(sums, accepted, updates), inner_state,
-                           params, value=mean_loss, **extra_args)
+      return guarded.update(_mean_like(sums, accepted, updates), inner_state,
+                            params, value=mean_loss, **fused, **extra_args)
 
     def micro_step(params, inner_state):
-      return params, inner_state
+      if fuse_apply:
+        return params, inner_state
+      zeros = jax.eval_shape(macro_step, params, inner_state)[0]
+      return optax.tree.zeros_like(zeros), inner_state
 
-    new_params, inner_state = jax.lax.cond(
-        emit, macro_step, micro_step, params, state.inner_state)
-    return new_params, next_state(state, inner_state, ok, sums, loss_sum,
-                                  accepted, emit)
+    output, inner_state = jax.lax.cond(emit, macro_step, micro_step, params,
+                                       state.inner_state)
+    return output, next_state(state, inner_state, ok, sums, loss_sum,
+                              accepted, emit)
 
-  return _fused.with_fused_apply(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn), apply_fn)
+  return _fused.FusedGradientTransformation(init_fn, update_fn)
