@@ -223,10 +223,14 @@ def accumulate(
                             params, value=mean_loss, **fused, **extra_args)
 
     def micro_step(params, inner_state):
+      # The inner state in the dtypes the macro step gives it (an injected
+      # float32 learning rate promotes a bfloat16 moment to float32).
+      output_shape, state_shape = jax.eval_shape(macro_step, params,
+                                                 inner_state)
+      inner_state = _guard.cast_like(inner_state, state_shape)
       if fuse_apply:
         return params, inner_state
-      zeros = jax.eval_shape(macro_step, params, inner_state)[0]
-      return optax.tree.zeros_like(zeros), inner_state
+      return optax.tree.zeros_like(output_shape), inner_state
 
     output, inner_state = jax.lax.cond(emit, macro_step, micro_step, params,
                                        state.inner_state)

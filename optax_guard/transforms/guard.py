@@ -324,7 +324,7 @@ def _zeros_of(shapes: Any) -> Any:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _cast_like(tree: Any, shapes: Any) -> Any:
+def cast_like(tree: Any, shapes: Any) -> Any:
   """Each leaf of ``tree`` in the dtype of its ``jax.eval_shape`` twin."""
   return jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), tree,
                       shapes)
@@ -371,8 +371,8 @@ def run(config: GuardConfig, decision: Decision, grads: Any,
     # An optimizer may change a state leaf's dtype on its first update
     # (optax.adam's moments of an integer leaf become float32): the held
     # state takes the dtypes the update gives, values unchanged.
-    inner_state = _cast_like(inner_state, inner_shape)
-    clip_state = _cast_like(clip_state, clip_shape)
+    inner_state = cast_like(inner_state, inner_shape)
+    clip_state = cast_like(clip_state, clip_shape)
     return Outcome(output, inner_state, clip_state,
                    jnp.full((), jnp.inf, jnp.float32),
                    jnp.zeros((), jnp.float32), vanishing, inner_nonfinite)
