@@ -127,6 +127,7 @@ def _guard(inner_name, spikes, clip):
       clip=og.clip_by_global_norm(1.0) if clip else None,
       spikes=SPIKE_OPTIONS if spikes else None,
       max_consecutive_skips=3,
+      check_updates=True,
   )
 
 
