@@ -23,6 +23,7 @@ from optax_guard.host.recovery import scale_hyperparam
 from optax_guard.host.recovery import TrainingDiverged
 from optax_guard.train_step import make_nnx_train_step
 from optax_guard.train_step import make_train_step
+from optax_guard.transforms.accumulate import accumulate
 from optax_guard.transforms.clipping import agc
 from optax_guard.transforms.clipping import autoclip
 from optax_guard.transforms.clipping import clip_by_global_norm
@@ -43,6 +44,7 @@ __all__ = (
     'RecoveryPolicy',
     'TrainState',
     'TrainingDiverged',
+    'accumulate',
     'agc',
     'autoclip',
     'batches',

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import accumulate as _accumulate
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import loss_scale as _loss_scale
 from optax_guard.transforms import metrics as _metrics
+from optax_guard.transforms import numerics as _numerics
 from optax_guard.transforms import states as _states
 
 
@@ -59,12 +61,19 @@ def plan_apply(tx: optax.GradientTransformation,
 
   Returns:
     The apply function.
+
+  Raises:
+    ValueError: for a guard inside :class:`optax.MultiSteps` (use
+      :func:`optax_guard.accumulate`) or :func:`optax.lookahead` (put the
+      guard outside).
   """
+  _states.check_guard_placement(opt_state, _guard.GuardState)
   guards = _states.find_states(opt_state, _guard.GuardState)
   if not guards:
     return _fused.update_and_apply(tx)
   path = guards[0][0]
-  last = _states.is_last_in(opt_state, path, (_loss_scale.LossScaleState,))
+  last = _states.is_last_in(opt_state, path, (_loss_scale.LossScaleState,
+                                             _accumulate.AccumulateState))
   if len(guards) == 1 and last and (
       path or isinstance(tx, _fused.FusedGradientTransformation)):
     return _fused.fused_apply(tx)
@@ -90,6 +99,27 @@ def _guard_metrics(opt_state: Any) -> dict[str, jax.Array]:
     return _metrics.metrics(opt_state)
   except ValueError:
     return {}
+
+
+def _value_and_float_grad(fn, argnums=0, has_aux=False):
+  """``jax.value_and_grad`` that leaves integer and boolean leaves alone.
+
+  ``jax.value_and_grad`` refuses them; optax passes them through. With
+  ``allow_int`` their gradient is a ``float0`` zero, which is replaced by a
+  zero of the leaf's own dtype (what ``optax.adam`` expects).
+  """
+  grad_fn = jax.value_and_grad(fn, argnums=argnums, has_aux=has_aux,
+                               allow_int=True)
+
+  def wrapped(*args):
+    value, grads = grad_fn(*args)
+    primal = args[argnums]
+    grads = jax.tree.map(
+        lambda g, p: jnp.zeros(jnp.shape(p), jnp.result_type(p))
+        if g.dtype == jax.dtypes.float0 else g, grads, primal)
+    return value, grads
+
+  return wrapped
 
 
 def _scaled_value_and_grad(loss_fn, has_aux, opt_state,
@@ -120,6 +150,53 @@ def _scaled_value_and_grad(loss_fn, has_aux, opt_state,
   return fn
 
 
+def _skipped(metrics: dict[str, Any]) -> Any:
+  """Whether a guard skipped this step (``False`` without a guard)."""
+  return metrics.get('skipped', jnp.zeros((), jnp.bool_))
+
+
+def hold_if_skipped(skipped: jax.Array, new_state: Any, old_state: Any) -> Any:
+  """Model state as it was before the step if the step was skipped.
+
+  The forward pass of a skipped step still ran and wrote its mutable state
+  (BatchNorm statistics, EMA buffers): from a NaN batch that is NaN. Each
+  floating leaf of ``new_state`` is replaced by its old value where
+  ``skipped``; other leaves (RNG counters, step counts) keep their new
+  value. One ``jnp.where`` per leaf: the model state is small.
+
+  Examples:
+    A hand-written loop gets the same guarantee as the train steps:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_guard as og
+    >>> from optax_guard.train_step import hold_if_skipped
+    >>> tx = og.guard(optax.sgd(0.1))
+    >>> params, stats = {'w': jnp.ones(2)}, {'mean': jnp.zeros(2)}
+    >>> opt_state = tx.init(params)
+    >>> grads, new_stats = {'w': jnp.array([jnp.nan, 1.0])}, {'mean': jnp.full(2, jnp.nan)}
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> stats = hold_if_skipped(og.metrics(opt_state)['skipped'], new_stats, stats)
+    >>> stats['mean'].tolist()
+    [0.0, 0.0]
+
+  Args:
+    skipped: a bool scalar, e.g. ``og.metrics(new_opt_state)['skipped']``.
+    new_state: the model state the forward pass returned.
+    old_state: the model state before the step (same structure).
+
+  Returns:
+    ``old_state``'s floating leaves where ``skipped``, else ``new_state``.
+  """
+
+  def hold(new, old):
+    if not _numerics.is_float_leaf(new):
+      return new
+    return jnp.where(skipped, old, new)
+
+  return jax.tree.map(hold, new_state, old_state)
+
+
 def _step_metrics(loss, aux, opt_state, has_aux) -> dict[str, Any]:
   metrics = {'loss': loss, **_guard_metrics(opt_state)}
   if has_aux:
@@ -132,8 +209,9 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     has_aux: bool = False,
+    has_state: bool = False,
     donate: bool = True,
-) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+) -> Callable[..., tuple[Any, ...]]:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
   The step is one ``jax.jit`` computation: gradients of ``loss_fn(params,
@@ -150,7 +228,19 @@ def make_train_step(
   current scale before differentiating (the metrics report it unscaled).
 
   ``metrics`` holds ``loss`` (and ``aux`` with ``has_aux``) plus
-  :func:`optax_guard.metrics` of the new state. Nothing in the step waits for
+  :func:`optax_guard.metrics` of the new state.
+
+  With ``has_state``, the model has mutable state (a Linen collection such as
+  ``batch_stats``): ``loss_fn(params, model_state, batch)`` returns ``(loss,
+  new_model_state)`` (``((loss, aux), new_model_state)`` with ``has_aux``)
+  and the step is ``step(params, opt_state, model_state, batch) -> (params,
+  opt_state, model_state, metrics)``. On a skipped step the model state is
+  returned as it was, bit for bit, like params and optimizer state (see
+  :func:`hold_if_skipped`, which a hand-written loop can call). Integer and
+  boolean leaves of ``params`` are not differentiated (their gradient is
+  zero, as ``jax.grad(allow_int=True)`` gives) and pass through unchanged.
+
+  Nothing in the step waits for
   the host. Shardings are kept: params and state sharded over a
   :class:`jax.sharding.Mesh` come back with the same shardings, and every
   check reduces over the whole (global) gradient, so all devices and
@@ -175,22 +265,49 @@ def make_train_step(
       aux)`` with ``has_aux``.
     tx: the optimizer, typically built with :func:`optax_guard.guard`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    donate: donate ``params`` and ``opt_state`` to the step, so that they are
-      updated in place (the caller must not reuse the arrays passed in).
+    has_state: whether the model has mutable state, threaded through the
+      step and held on a skipped step (see above).
+    donate: donate ``params`` and ``opt_state`` (and ``model_state``) to the
+      step, so that they are updated in place (the caller must not reuse the
+      arrays passed in).
 
   Returns:
     The jitted step function.
   """
 
-  def step(params, opt_state, batch):
-    grad_fn = _scaled_value_and_grad(loss_fn, has_aux, opt_state)
-    loss, aux, grads = grad_fn(params, batch)
+  def differentiated(params, opt_state, *inputs):
+    grad_fn = _scaled_value_and_grad(loss_fn, has_aux, opt_state,
+                                     value_and_grad=_value_and_float_grad)
+    loss, aux, grads = grad_fn(params, *inputs)
     apply = plan_apply(tx, opt_state)
     params, opt_state = apply(grads, opt_state, params, value=loss)
+    return params, opt_state, loss, aux
+
+  def step(params, opt_state, batch):
+    params, opt_state, loss, aux = differentiated(params, opt_state, batch)
     return params, opt_state, _step_metrics(loss, aux, opt_state, has_aux)
+
+  def stateful_loss(params, model_state, batch):
+    out, new_model_state = loss_fn(params, model_state, batch)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, new_model_state)
+
+  def stateful_step(params, opt_state, model_state, batch):
+    grad_fn = _scaled_value_and_grad(stateful_loss, True, opt_state,
+                                     value_and_grad=_value_and_float_grad)
+    loss, (aux, new_model_state), grads = grad_fn(params, model_state, batch)
+    params, opt_state = plan_apply(tx, opt_state)(grads, opt_state, params,
+                                                  value=loss)
+    metrics = _step_metrics(loss, aux, opt_state, has_aux)
+    model_state = hold_if_skipped(_skipped(metrics), new_model_state,
+                                  model_state)
+    return params, opt_state, model_state, metrics
 
   # keep_unused: the guard's last-step telemetry is overwritten without being
   # read; jit would prune it from the arguments and not donate its buffers.
+  if has_state:
+    return jax.jit(stateful_step, donate_argnums=(0, 1, 2) if donate else (),
+                   keep_unused=True)
   return jax.jit(step, donate_argnums=(0, 1) if donate else (),
                  keep_unused=True)
 
@@ -209,7 +326,13 @@ def make_nnx_train_step(
   of ``loss_fn(model, batch)`` (times the loss scale, if the optimizer holds
   one), then the fused guard update, under one :func:`flax.nnx.jit`. The
   model, its optimizer state and ``optimizer.step`` end up exactly as after
-  ``optimizer.update(model, grads, value=loss)``.
+  ``optimizer.update(model, grads, value=loss)``, with one difference: on a
+  step a guard skipped, every floating variable outside ``wrt`` that the
+  forward pass wrote (:class:`flax.nnx.BatchStat`, EMA buffers, ...) is set
+  back to its value before the step, bit for bit, so that a NaN batch
+  cannot poison the running statistics. RNG counters
+  (:class:`flax.nnx.RngState`) still advance. A hand-written loop gets the
+  same with :func:`hold_if_skipped`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -242,6 +365,10 @@ def make_nnx_train_step(
     graph = getattr(optimizer, 'graph', None)
     state_of = lambda node, *filters: nnx.state(
         node, *filters, **({} if graph is None else {'graph': graph}))
+    # What the forward pass may write besides the parameters (BatchStat, EMA
+    # buffers), as it was; RNG counters are left to advance.
+    held_filter = nnx.All(nnx.Not(optimizer.wrt), nnx.Not(nnx.RngState))
+    model_state_before = nnx.as_pure(state_of(model, held_filter))
     grad_fn = _scaled_value_and_grad(
         loss_fn, has_aux, optimizer.opt_state,
         value_and_grad=nnx.value_and_grad,
@@ -249,6 +376,8 @@ def make_nnx_train_step(
     )
     loss, aux, grads = grad_fn(model, batch)
     params = nnx.as_pure(state_of(model, optimizer.wrt))
+    # nnx.value_and_grad has updated what the forward pass wrote.
+    model_state_after = nnx.as_pure(state_of(model, held_filter))
     opt_state = nnx.as_pure(optimizer.opt_state)
     new_params, new_opt_state = plan_apply(optimizer.tx, opt_state)(
         nnx.as_pure(state_of(grads, optimizer.wrt)),
@@ -258,6 +387,9 @@ def make_nnx_train_step(
     nnx.update(model, new_params)
     nnx.update(optimizer.opt_state, state_of(new_opt_state))
     optimizer.step[...] += 1
-    return _step_metrics(loss, aux, new_opt_state, has_aux)
+    metrics = _step_metrics(loss, aux, new_opt_state, has_aux)
+    nnx.update(model, hold_if_skipped(
+        _skipped(metrics), model_state_after, model_state_before))
+    return metrics
 
   return nnx.jit(step, donate_argnums=(0, 1) if donate else None)

@@ -59,21 +59,13 @@ def test_inject_hyperparams():
                               held.inner_state.inner_state)
 
 
-def test_multisteps_skips_the_accumulated_step_with_a_nan():
+def test_multisteps_around_a_guard_is_refused_naming_accumulate():
+  # optax.MultiSteps keeps a NaN micro-batch in its accumulator (0 * nan is
+  # nan), so every later macro step would be skipped: og.metrics refuses the
+  # composition and names the one that works.
   tx = optax.MultiSteps(og.skip_nonfinite(optax.sgd(1.0)), every_k_schedule=2)
-  state = tx.init(PARAMS)
-  update = jax.jit(tx.update)
-  params = PARAMS
-  for grads in (GOOD, GOOD):
-    updates, state = update(grads, state, params, value=jnp.array(1.0))
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(params['w'], PARAMS['w'] - 2.0)
-  for grads in (GOOD, BAD):  # the NaN poisons the accumulated gradient
-    updates, state = update(grads, state, params, value=jnp.array(1.0))
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(params['w'], PARAMS['w'] - 2.0)
-  m = og.metrics(state)
-  assert bool(m['skipped']) and int(m['total_skips']) == 1
+  with pytest.raises(ValueError, match='og.accumulate'):
+    og.metrics(tx.init(PARAMS))
 
 
 class _Linear(nnx.Module):

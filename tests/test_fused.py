@@ -47,9 +47,6 @@ FUSED = {
 }
 
 UNFUSED = {
-    'MultiSteps(guard)': (
-        lambda: optax.MultiSteps(_guard(), every_k_schedule=2),
-        'MultiStepsState.inner_opt_state'),
     'chain(guard, scale)': (
         lambda: optax.chain(_guard(), optax.scale(1.0)), 'tuple[0]'),
     'chain(guard, guard)': (

@@ -150,8 +150,11 @@ def test_never_a_nonfinite_update_or_param(faults):
     updates, state = update(grads, state, params, value=loss)
     params = optax.apply_updates(params, updates)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    # A huge gradient squares past float32 in Adam's second moment: the
+    # optimizer, not the gradient, is non-finite, and that step is skipped.
     assert bool(state.skipped) == (fault in ('nan', 'inf', 'nan_loss')) or (
-        fault in ('ok', 'huge') and bool(state.spike))
+        fault in ('ok', 'huge') and bool(state.spike)) or (
+        fault == 'huge' and bool(state.inner_nonfinite))
   assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
   expected_nonfinite = sum(f in ('nan', 'inf', 'nan_loss') for f in faults)
   assert int(state.total_nonfinite) == expected_nonfinite

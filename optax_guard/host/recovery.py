@@ -205,8 +205,15 @@ def scale_hyperparam(
     The state with the hyperparameter scaled (nothing else changed).
 
   Raises:
-    ValueError: if no injected, unscheduled hyperparameter ``name`` exists.
+    ValueError: if ``factor`` is not finite and > 0, or no injected,
+      unscheduled hyperparameter ``name`` exists.
   """
+  if not 0 < float(factor) < math.inf:
+    raise ValueError(
+        f'factor must be a finite number > 0, got {factor!r}: a NaN, infinite,'
+        ' zero or negative factor would make every later update non-finite or'
+        ' reverse it.'
+    )
   found = []
 
   def scale(node):

@@ -26,6 +26,12 @@ class LossScaleState(NamedTuple):
   good_steps: jax.Array
 
 
+# The largest scale whose inverse is a normal float32 (2**-126 is the
+# smallest): above it 1/scale is subnormal, which CPUs and accelerators flush
+# to zero, and every unscaled gradient (and update) would be zero.
+MAX_SCALE = 2.0**126
+
+
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     initial_scale: float = 2.0**15,
@@ -43,7 +49,11 @@ def dynamic_loss_scale(
   loss are not finite is skipped (zero update, every inner state leaf
   unchanged bit for bit) and the scale is divided by ``factor`` (not below
   ``min_scale``); after ``growth_interval`` finite steps in a row it is
-  multiplied by ``factor`` (never to infinity). :func:`optax_guard.
+  multiplied by ``factor``, never above ``2**126`` (:data:`MAX_SCALE`, the
+  largest scale whose inverse is a normal float32; above it the unscaled
+  gradients would flush to zero). The count of finite steps restarts at
+  every growth interval, whether the scale grew or sat at its ceiling, as
+  in ``torch.amp.GradScaler`` and ``jmp``. :func:`optax_guard.
   make_train_step` scales the loss by itself when the optimizer state holds
   this transformation.
 
@@ -104,9 +114,11 @@ def dynamic_loss_scale(
     Micikevicius et al., `Mixed Precision Training
     <https://arxiv.org/abs/1710.03740>`_, 2018
   """
-  if not 0 < initial_scale < float('inf'):
+  if not 0 < initial_scale <= MAX_SCALE:
     raise ValueError(
-        f'initial_scale must be finite and > 0, got {initial_scale!r}.'
+        f'initial_scale must be in (0, 2**126], got {initial_scale!r}: above'
+        ' 2**126, 1/scale is not a normal float32 and the unscaled gradients'
+        ' flush to zero.'
     )
   if not isinstance(growth_interval, int) or growth_interval < 1:
     raise ValueError(
@@ -141,13 +153,14 @@ def dynamic_loss_scale(
     overflow = guard_state.nonfinite
     scale = state.loss_scale
     good_steps = optax.safe_increment(state.good_steps)
-    grown = scale * factor
-    grow = ~overflow & (good_steps >= growth_interval) & jnp.isfinite(grown)
+    grown = jnp.minimum(scale * factor, jnp.float32(MAX_SCALE))
+    interval_done = ~overflow & (good_steps >= growth_interval)
     shrunk = jnp.maximum(scale / factor, jnp.float32(min_scale))
     return updates, LossScaleState(
         inner_state=inner_state,
-        loss_scale=jnp.where(overflow, shrunk, jnp.where(grow, grown, scale)),
-        good_steps=jnp.where(overflow | grow, 0, good_steps),
+        loss_scale=jnp.where(overflow, shrunk,
+                             jnp.where(interval_done, grown, scale)),
+        good_steps=jnp.where(overflow | interval_done, 0, good_steps),
     )
 
   # Fused exactly when the guard that receives ``fuse_apply`` is the last

@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_guard.transforms import accumulate as _accumulate
 from optax_guard.transforms import clipping as _clipping
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import loss_scale as _loss_scale
@@ -13,15 +14,18 @@ from optax_guard.transforms import states as _states
 _GUARD_KEYS = (
     'grad_norm', 'clip_threshold', 'update_norm', 'skipped',
     'consecutive_skips', 'total_skips', 'diverged', 'loss', 'nonfinite',
-    'spike', 'total_nonfinite', 'total_spikes',
+    'spike', 'total_nonfinite', 'total_spikes', 'inner_nonfinite',
+    'total_inner_nonfinite',
 )
 
 # How several guards' flags and counts combine into one key: a step skipped
 # by any guard was skipped; counts add up.
-_ANY = ('skipped', 'diverged', 'nonfinite', 'spike')
-_SUM = ('total_skips', 'total_nonfinite', 'total_spikes')
+_ANY = ('skipped', 'diverged', 'nonfinite', 'spike', 'inner_nonfinite')
+_SUM = ('total_skips', 'total_nonfinite', 'total_spikes',
+        'total_inner_nonfinite')
 
 _STATE_TYPES = (_guard.GuardState, _loss_scale.LossScaleState,
+                _accumulate.AccumulateState,
                 _clipping.ZClipState, _clipping.AutoClipState,
                 _clipping.ClipStats)
 
@@ -38,6 +42,8 @@ def _own_metrics(node: Any) -> dict[str, jax.Array]:
   """The metrics one guard or clipping state holds itself."""
   if isinstance(node, _guard.GuardState):
     return {name: getattr(node, name) for name in _GUARD_KEYS}
+  if isinstance(node, _accumulate.AccumulateState):
+    return {'dropped': node.dropped, 'total_dropped': node.total_dropped}
   if isinstance(node, _loss_scale.LossScaleState):
     return {'loss_scale': node.loss_scale}
   if isinstance(node, _clipping.ZClipState):
@@ -82,7 +88,10 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   (``inf`` when nothing was clipped), ``update_norm`` (post-clip),
   ``skipped``, ``consecutive_skips``, ``total_skips``, ``diverged``. Guards
   add ``loss``, ``nonfinite``, ``spike``, ``total_nonfinite``,
-  ``total_spikes``; ZClip adds ``zclip_mean`` and ``zclip_std``;
+  ``total_spikes``, ``inner_nonfinite`` (the step was skipped because the
+  inner optimizer, given finite gradients, produced a NaN/Inf update or
+  state) and ``total_inner_nonfinite``; :func:`optax_guard.accumulate` adds
+  ``dropped`` (the last micro-batch was dropped) and ``total_dropped``; ZClip adds ``zclip_mean`` and ``zclip_std``;
   :func:`optax_guard.dynamic_loss_scale` adds ``loss_scale``.
 
   Works inside ``jax.jit`` as well as on the host.
@@ -105,8 +114,12 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     A dict of scalar arrays.
 
   Raises:
-    ValueError: if ``opt_state`` holds no optax_guard state.
+    ValueError: if ``opt_state`` holds no optax_guard state, or holds a
+      guard inside :class:`optax.MultiSteps` or :func:`optax.lookahead`
+      (the message names the composition to use, e.g.
+      :func:`optax_guard.accumulate`).
   """
+  _states.check_guard_placement(opt_state, _guard.GuardState)
   states = _states.find_states(opt_state, _STATE_TYPES)
   guards = [(p, s) for p, s in states if isinstance(s, _guard.GuardState)]
   found = _combined_guards(guards) if len(guards) > 1 else {}

@@ -36,10 +36,41 @@ class NormStats(NamedTuple):
 
 
 def is_float_leaf(x: Any) -> bool:
-  """Whether ``x`` is an array of floating (or complex) dtype."""
+  """Whether ``x`` is an array of floating (or complex) dtype, or a Python
+  float or complex (checked like a 0-d array, as optax treats it)."""
+  if isinstance(x, (float, complex)):
+    return True
   return x is not None and hasattr(x, 'dtype') and jnp.issubdtype(
       x.dtype, jnp.inexact
   )
+
+
+def as_array_leaves(tree: Any) -> Any:
+  """``tree`` with its Python floats and complexes as 0-d arrays."""
+  return jax.tree.map(
+      lambda x: jnp.asarray(x) if isinstance(x, (float, complex)) else x,
+      tree, is_leaf=lambda x: x is None)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating element of ``tree`` is finite (a bool scalar)."""
+  return stays_finite(tree, None)
+
+
+def stays_finite(new: Any, old: Any = None) -> jax.Array:
+  """Whether no floating element of ``new`` is NaN/Inf where ``old`` was finite.
+
+  ``new`` and ``old`` have one structure (a state after and before an
+  update; ``old=None`` checks every element): a state that legitimately
+  holds an ``inf`` passes, a moment that overflows does not.
+  """
+  new_leaves = jax.tree.leaves(as_array_leaves(new))
+  old_leaves = ([None] * len(new_leaves) if old is None
+                else jax.tree.leaves(as_array_leaves(old)))
+  checks = [jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o)) if o is not None
+            else jnp.all(jnp.isfinite(n))
+            for n, o in zip(new_leaves, old_leaves) if is_float_leaf(n)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), jnp.bool_)
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -108,7 +139,8 @@ def norm_stats(tree: Any) -> NormStats:
   Returns:
     A :class:`NormStats`.
   """
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+  leaves, treedef = jax.tree.flatten(as_array_leaves(tree),
+                                     is_leaf=lambda x: x is None)
   float_positions = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
   float_leaves = [leaves[i] for i in float_positions]
   if float_leaves:
@@ -164,6 +196,7 @@ def scale_tree(tree: Any, factor: jax.Array) -> Any:
   def scale_leaf(x):
     if not is_float_leaf(x):
       return x
+    x = jnp.asarray(x)
     dtype = jnp.result_type(x.dtype, accumulation_dtype(x.dtype))
     return (x.astype(dtype) * factor.astype(dtype)).astype(x.dtype)
 
@@ -202,4 +235,4 @@ def float_leaf_paths(tree: Any) -> list[tuple[Any, jax.Array]]:
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: x is None
   )[0]
-  return [(path, x) for path, x in leaves if is_float_leaf(x)]
+  return [(path, jnp.asarray(x)) for path, x in leaves if is_float_leaf(x)]

@@ -83,6 +83,50 @@ def find_states(
   return sorted(found, key=lambda item: len(item[0]))
 
 
+# Wrappers that keep state of their own across a step the guard inside them
+# skips, and the composition to use instead: MultiSteps keeps a NaN
+# micro-batch in its accumulator (0 * nan is nan) and lookahead moves its
+# slow params on a sync step whatever the guard decided.
+REFUSED_WRAPPERS = (
+    ('MultiStepsState', 'inner_opt_state',
+     'optax.MultiSteps(og.guard(...)) keeps a NaN micro-batch in its'
+     ' accumulator and skips every later step; use og.accumulate(og.guard('
+     '...), every_k) for gradient accumulation with a guard'),
+    ('LookaheadState', 'fast_state',
+     'optax.lookahead(og.guard(...)) moves its slow params on a sync step'
+     ' the guard skipped; put the guard outside:'
+     ' og.guard(optax.lookahead(...))'),
+)
+
+
+def check_guard_placement(opt_state: Any, guard_type: type) -> None:
+  """Refuses a guard inside a wrapper of :data:`REFUSED_WRAPPERS`.
+
+  Raises:
+    ValueError: naming where the guard sits and the composition to use.
+  """
+  for path, _ in find_states(opt_state, guard_type):
+    node = pure_state(opt_state)
+    for key in path:
+      name = getattr(key, 'name', None)
+      for wrapper, field, why in REFUSED_WRAPPERS:
+        if type(node).__name__ == wrapper and name == field:
+          raise ValueError(
+              f'The guard at {path_name(path)} sits inside {wrapper}: {why}.')
+      node = _child(node, key)
+
+
+def _child(node: Any, key: Any) -> Any:
+  """The child of ``node`` under one key-path entry."""
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  return jax.tree_util.tree_flatten_with_path(node)[0]  # unreachable in optax
+
+
 def path_name(path: KeyPath) -> str:
   """``jax.tree_util.keystr`` of a path; ``''`` for the root."""
   return jax.tree_util.keystr(tuple(path))
