@@ -147,66 +147,7 @@ def batches(
   Returns:
     A ``grain.DatasetIterator`` of batches (pytrees of numpy arrays).
   """
-<<<<<<< HEAD
   dataset = batch_dataset(
       arrays, batch_size, seed=seed, num_epochs=num_epochs
   )
   return iter(dataset.to_iter_dataset(IN_MEMORY_READ_OPTIONS))
-=======
-
-  def __init__(
-      self, arrays: Mapping[str, Any], batch_size: int, *, seed: int = 0
-  ):
-    self._arrays = {name: np.asarray(a) for name, a in arrays.items()}
-    sizes = {name: a.shape[0] if a.ndim else None for name, a in
-             self._arrays.items()}
-    if not sizes or len(set(sizes.values())) != 1 or None in sizes.values():
-      raise ValueError(
-          'arrays must be a non-empty dict of arrays with the same first'
-          f' dimension, got leading sizes {sizes}.'
-      )
-    self._size = int(next(iter(self._arrays.values())).shape[0])
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= self._size:
-      raise ValueError(
-          f'batch_size must be an int in [1, {self._size}], got'
-          f' {batch_size!r}.'
-      )
-    if not isinstance(seed, int):
-      raise ValueError(f'seed must be an int, got {seed!r}.')
-    self._batch_size = batch_size
-    self._seed = seed
-    self._epoch = 0
-    self._position = 0
-    self._order = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self._seed, epoch)).permutation(self._size)
-
-  def __iter__(self) -> 'ShuffledBatches':
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._position + self._batch_size > self._size:
-      self._epoch += 1
-      self._position = 0
-      self._order = self._permutation(self._epoch)
-    index = self._order[self._position:self._position + self._batch_size]
-    self._position += self._batch_size
-    return {name: a[index] for name, a in self._arrays.items()}
-
-  def get_state(self) -> dict[str, int]:
-    """The position in the stream: seed, epoch and offset in the epoch."""
-    return {'seed': self._seed, 'epoch': self._epoch,
-            'position': self._position}
-
-  def set_state(self, state: Mapping[str, int]) -> None:
-    """Moves to a position returned by :meth:`get_state`."""
-    if state['seed'] != self._seed:
-      raise ValueError(
-          f'state was saved with seed {state["seed"]}, this iterator uses'
-          f' seed {self._seed}.'
-      )
-    self._epoch = int(state['epoch'])
-    self._position = int(state['position'])
-    self._order = self._permutation(self._epoch)
->>>>>>> docs

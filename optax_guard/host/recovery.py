@@ -396,19 +396,9 @@ class Recovery:
           ' consecutive skipped steps'
       )
     policy = self.policy
-<<<<<<< HEAD
     armed = (policy.loss_factor is not None
              and self._ema_count >= policy.loss_warmup_steps)
     high = not finite or (armed and loss > policy.loss_factor * self._ema)
-=======
-    if policy.loss_factor is None:
-      return None
-    armed = self._ema_count >= policy.loss_warmup_steps
-    high = not math.isfinite(loss) or (
-        armed and self._ema is not None
-        and loss > policy.loss_factor * self._ema
-    )
->>>>>>> docs
     if high:
       self._loss_streak += 1
     else:
