@@ -1,4 +1,4 @@
-"""The spike rule proposed in issue 12: a level shift is let in, boundedly.
+"""The spike rule: skip spikes and bursts, let a level shift in, boundedly.
 
 Each signal (the loss and the pre-clip global gradient norm) keeps a ring
 buffer of its last ``window`` admitted values. A value is *high* when, once
@@ -38,8 +38,8 @@ The check is armed once ``min_history`` values are in; the default
 ``max(2, window // 2 - 1)`` arms it at the same step as OLMo-core (since
 2025) and MaxText, whose rolling lists count the current value.
 
-This module is branch-local: the rule moves into
-``optax_guard/transforms/spikes.py`` once that module exists.
+Measured against ported OLMo-core and MaxText rules in ``docs/spike_rule.md``
+(``python -m benchmarks.spikes``).
 """
 
 from typing import NamedTuple, Optional
@@ -106,7 +106,7 @@ def spike_config(
   """Checks the spike options and fills in the defaults.
 
   Examples:
-    >>> from optax_guard.transforms._spike_rule_candidate import spike_config
+    >>> from optax_guard.transforms.spikes import spike_config
     >>> config = spike_config()
     >>> config.min_history, config.shift_after, config.rebase_down
     (63, 16, True)
@@ -121,10 +121,20 @@ def spike_config(
     shift_after: spike skips in a row after which the next high step is
       accepted as the start of a new level (the longest burst caught whole);
       default ``max(1, min(16, window // 4))``. The guard's
-      ``max_consecutive_skips`` should exceed it, or a level shift raises
-      ``diverged``.
+      :func:`~optax_guard.guard` refuses a ``max_consecutive_skips`` that is
+      not larger, since a level shift would then raise ``diverged``. A
+      shift and a burst look alike for ``shift_after`` steps: a larger value
+      catches longer bursts whole but drops more batches when the data really
+      changed for good; a smaller one follows a shift sooner but lets the
+      tail of a longer burst in. Keep it ``>= 8``: the rebuilt buffer's
+      spread comes from ``shift_after + 1`` values.
     rebase_down: also rebuild a signal's buffer after ``shift_after + 1``
-      values in a row below ``mean - sigma * std``.
+      values in a row below ``mean - sigma * std``, so that a drop does not
+      leave a two-level buffer whose spread lets spikes through.
+    winsorize: admit a skipped step's high value as the threshold it crossed
+      (as ZClip does) instead of keeping it out. Off by default: measured, it
+      adapts to a widening spread with fewer skips but lets a quarter of the
+      injected spike steps through (``docs/spike_rule.md``).
 
   Returns:
     A :class:`SpikeConfig`.
@@ -154,7 +164,7 @@ def spike_config(
                      bool(rebase_down), bool(winsorize))
 
 
-def init(config: SpikeConfig) -> SpikeWindow:
+def init_window(config: SpikeConfig) -> SpikeWindow:
   """An empty :class:`SpikeWindow` (fresh buffers: each can be donated)."""
 
   def signal():
