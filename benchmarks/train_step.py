@@ -25,7 +25,6 @@ from flax import nnx
 import optax_guard as og
 from benchmarks import timing
 from benchmarks import workloads as w
-from optax_guard.demo import data as data_lib
 from optax_guard.demo import model as model_lib
 from optax_guard.demo import run as demo_run
 
@@ -55,12 +54,7 @@ def demo_setup(lm: str) -> tuple[demo_run.Setup, dict[str, jax.Array]]:
   """The demo's setup for ``LM_CONFIGS[lm]`` and its first clean batch
   (memoised, so that checkpointing reuses the steps compiled here)."""
   setup = demo_run.make_setup(LM_CONFIGS[lm])
-  config = setup.config
-  batches = data_lib.BatchIterator(
-      setup.corpus.train, batch_size=config.batch_size,
-      seq_len=config.seq_len, seed=config.seed,
-  )
-  return setup, jax.device_put(next(batches), jax.devices()[0])
+  return setup, jax.device_put(next(setup.batches()), jax.devices()[0])
 
 
 def _graphdef(setup: demo_run.Setup) -> nnx.GraphDef:
@@ -106,7 +100,8 @@ class _NnxStepper:
 
   def __init__(self, setup: demo_run.Setup, batch, step):
     self.model = nnx.merge(_graphdef(setup), setup.init_params())
-    self.optimizer = nnx.Optimizer(self.model, setup.guarded_tx, wrt=nnx.Param)
+    self.optimizer = nnx.Optimizer(self.model, setup.txs['guarded'],
+                                   wrt=nnx.Param)
     self.step = step
     self.batch = batch
 
@@ -119,8 +114,8 @@ def _candidates(setup: demo_run.Setup, batch) -> list[timing.Candidate]:
   config = setup.config
   bare_tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
   steps = [
-      (PLAIN, setup.plain_step, setup.plain_tx, None),
-      (GUARDED, setup.guarded_step, setup.guarded_tx, PLAIN),
+      (PLAIN, setup.steps['plain'], setup.txs['plain'], None),
+      (GUARDED, setup.steps['guarded'], setup.txs['guarded'], PLAIN),
       (BARE, w.make_bare_train_step(loss_fn, bare_tx), bare_tx, PLAIN),
   ]
   candidates = []

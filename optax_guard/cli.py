@@ -1,4 +1,7 @@
-"""The ``optax-guard`` command: ``demo``, ``report``, ``inspect`` and ``bench``."""
+"""The ``optax-guard`` command: ``demo``, ``report`` and ``inspect``.
+
+The benchmarks run from a source checkout as ``python -m benchmarks``.
+"""
 
 import argparse
 import logging
@@ -35,40 +38,47 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 class _RichListener:
-  """Live progress bars and fault notes for :func:`run_demo`."""
+  """Live progress for :func:`run_demo`: bars on a terminal, lines elsewhere.
 
-  def __init__(self, console: Console):
+  The bar keeps the step count and the elapsed time at 80 columns; output
+  to a file or a pipe gets a plain line every ``every`` steps instead.
+  """
+
+  def __init__(self, console: Console, every: int = 50):
     self.console = console
+    self.every = every
     self.progress = Progress(
-        TextColumn('{task.description:<8}'),
-        BarColumn(),
+        TextColumn('{task.description:<7}'),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
-        TextColumn(
-            'loss {task.fields[loss]:>7}  grad norm {task.fields[grad_norm]:>7}'
-            '  skips {task.fields[skips]:>2}  rollbacks'
-            ' {task.fields[rollbacks]}'
-        ),
         TimeElapsedColumn(),
+        TextColumn('loss {task.fields[loss]:>6}  skips {task.fields[skips]:>2}'
+                   '  rollbacks {task.fields[rollbacks]}'),
         console=console,
         disable=not console.is_terminal,
     )
     self.tasks = {}
 
-  def start(self, run: str, total: int, done: int) -> None:
+  def start(self, run: str, total: int) -> None:
     if not self.progress.live.is_started:
       self.progress.start()
     self.tasks[run] = self.progress.add_task(
-        run, total=total, completed=done, loss='-', grad_norm='-', skips=0,
-        rollbacks=0,
-    )
+        run, total=total, loss='-', skips=0, rollbacks=0)
 
-  def step(self, run: str, record: dict[str, Any]) -> None:
-    self.progress.update(
-        self.tasks[run], completed=record['step'],
-        loss=_number(record['loss'], 3), grad_norm=_number(
-            record['grad_norm'], 3),
-        skips=record.get('skips', 0), rollbacks=record.get('rollbacks', 0),
-    )
+  def step(self, run: str, step: int, metrics: dict[str, Any],
+           counts: dict[str, int]) -> None:
+    task = self.tasks[run]
+    fields = {'loss': _number(metrics['loss'], 3),
+              'skips': counts['skipped_step'], 'rollbacks': counts['rollback']}
+    self.progress.update(task, completed=step, **fields)
+    total = self.progress.tasks[task].total
+    if not self.console.is_terminal and (
+        step % self.every == 0 or step == total):
+      elapsed = self.progress.tasks[task].elapsed or 0
+      self.console.print(
+          f'{run:>8} step {step}/{total}  loss {fields["loss"]}  skips'
+          f' {fields["skips"]}  rollbacks {fields["rollbacks"]}'
+          f'  {elapsed:.0f} s', highlight=False, soft_wrap=True)
 
   def note(self, run: str, message: str) -> None:
     color = 'red' if run == 'plain' else 'blue'
@@ -105,9 +115,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
   from optax_guard.demo import report as report_lib  # pylint: disable=g-import-not-at-top
   from optax_guard.demo import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  faults = None
-  if args.faults is not None:
-    faults = faults_lib.parse_faults(args.faults, args.steps)
+  faults = None if args.faults is None else tuple(args.faults)
   config = run_lib.DemoConfig(steps=args.steps, seed=args.seed, faults=faults)
   out_dir = pathlib.Path(args.out)
   console.print(
@@ -116,8 +124,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
       ' optax_guard.'
   )
   console.print('Faults, at the same steps of both runs:')
-  for fault in config.faults:
-    console.print(f'  {fault}', highlight=False)
+  for name, window in config.windows.items():
+    console.print(f'  {faults_lib.describe(name, window)}', highlight=False)
   listener = _RichListener(console)
   started = time.perf_counter()
   try:
@@ -136,9 +144,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
   report = report_lib.render(out_dir)
   console.print(_summary_table(summary))
   console.print(
-      f'{time.perf_counter() - started:.0f} s. Wrote {out_dir}/: metrics.jsonl,'
-      ' events.jsonl, tensorboard/, checkpoints/, summary.json and'
-      f' {report}'
+      f'{time.perf_counter() - started:.0f} s. Wrote {out_dir}/: plain/ and'
+      ' guarded/ (metrics.jsonl, events.jsonl, TensorBoard files),'
+      f' checkpoints/, summary.json and {report}'
   )
   return 0
 
@@ -151,29 +159,43 @@ def _report(args: argparse.Namespace, console: Console) -> int:
   return 0
 
 
-def _inspect(args: argparse.Namespace, console: Console) -> int:
-  from optax_guard.demo import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
+def _data_position(data: Any) -> str:
+  """``seed=0 epoch=2 position=1024 index=64``: nested states flattened."""
+  if isinstance(data, dict):
+    return ' '.join(
+        _data_position(value) if isinstance(value, dict) else f'{key}={value}'
+        for key, value in data.items())
+  return _number(data)
 
-  infos = checkpoints_lib.describe(args.checkpoint_dir)
-  table = Table(
-      title=f'checkpoints in {args.checkpoint_dir}', box=box.SIMPLE_HEAVY
-  )
-  for column in ('step', 'valid', 'healthy', 'last good', 'skips',
-                 'rollbacks', 'data', 'problem'):
-    table.add_column(column)
-  for info in infos:
-    data = info.data_state
-    if isinstance(data, dict):
-      data = ' '.join(f'{key}={value}' for key, value in data.items())
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+  import optax_guard as og  # pylint: disable=g-import-not-at-top
+
+  records = og.Checkpointer.describe(args.checkpoint_dir)
+  table = Table(title=f'checkpoints in {args.checkpoint_dir}',
+                box=box.SIMPLE_HEAVY)
+  for column in ('step', 'valid', 'healthy', 'skips', 'rollbacks', 'MB'):
+    table.add_column(column, justify='right', no_wrap=True)
+  table.add_column('data position', overflow='fold')
+  for r in records:
+    saved = r['events'] or {}
+    counts = saved.get('log', {}).get('counts')
+    rollbacks = saved.get('recovery', {}).get('rollbacks')
     table.add_row(
-        str(info.step), 'yes' if info.valid else '[red]NO[/]',
-        'yes' if info.healthy else 'no', 'yes' if info.last_good else '',
-        _number(info.skipped_steps), _number(info.rollbacks), _number(data),
-        info.problem or '',
+        f'{r["step"]}{" *" if r["last_good"] else ""}',
+        'yes' if r['valid'] else '[red]NO[/]',
+        'yes' if r['healthy'] else 'no',
+        _number(None if counts is None else counts.get('skipped_step', 0)),
+        _number(None if rollbacks is None else len(rollbacks)),
+        f'{r["bytes"] / 1e6:.1f}', _data_position(r['data']),
     )
   console.print(table)
+  for r in records:
+    if r['problem']:
+      console.print(f'step {r["step"]}: {r["problem"]}', highlight=False,
+                    soft_wrap=True)
   console.print(
-      'last good: the newest valid checkpoint saved while training was'
+      '* last good: the newest valid checkpoint saved while training was'
       ' healthy, the target of a rollback. skips and rollbacks count the'
       ' guard events up to each checkpoint.'
   )
@@ -227,25 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   inspect.set_defaults(handler=_inspect)
 
-  bench = commands.add_parser(
-      'bench', add_help=False,
-      help='run the benchmarks of a source checkout (python -m benchmarks);'
-      ' `optax-guard bench --help` lists their options',
-  )
-  bench.set_defaults(handler=_bench)
   return parser
-
-
-def _bench(args: argparse.Namespace, console: Console) -> int:
-  del console
-  try:
-    from benchmarks import __main__ as benchmarks  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError(
-        'the benchmarks live in the benchmarks/ folder of a source checkout,'
-        ' not in the installed package: run this from the repository root.'
-    ) from None
-  return benchmarks.main(args.bench_args)
 
 
 def _missing_extra(error: ImportError) -> int:
@@ -259,12 +263,7 @@ def _missing_extra(error: ImportError) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the ``optax-guard`` console script."""
-  parser = build_parser()
-  # ``bench`` hands its options, unparsed, to the benchmark runner.
-  args, bench_args = parser.parse_known_args(argv)
-  if args.command != 'bench' and bench_args:
-    parser.error(f'unrecognized arguments: {" ".join(bench_args)}')
-  args.bench_args = bench_args
+  args = build_parser().parse_args(argv)
   if _MISSING_DEPENDENCY is not None:
     return _missing_extra(_MISSING_DEPENDENCY)
   console = Console()

@@ -1,4 +1,4 @@
-"""Fault injection, and a seeded fault campaign that exercises the guards.
+"""Fault injection for tests and benchmarks: faults ride along with batches.
 
 Faults ride along with the batches, so one compiled train step serves clean
 and faulty steps alike:
@@ -11,28 +11,19 @@ and faulty steps alike:
   ``grad_spike`` multiplies them by ``fault_scale`` and ``nan_loss`` makes
   the loss NaN (gradients untouched).
 
-:func:`run_fault_campaign` trains a small model twice on the same data, once
-clean and once with faults, through :func:`optax_guard.fit` with a guard,
-checkpoints and recovery, and reports what it survived.
+:func:`regression_data`, :func:`mlp_init`, :func:`mlp_apply` and :func:`mse`
+make a small teacher-network problem to train on; the fault campaign of
+``benchmarks/faults.py`` (``python -m benchmarks``) uses them.
 """
 
 import collections
 import math
-import tempfile
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from optax_guard.transforms import clipping as _clipping
-from optax_guard.transforms import guard as _guard
-from optax_guard import train_step as _train
-from optax_guard.host import checkpoint as checkpoint_lib
-from optax_guard.host import data as data_lib
-from optax_guard.host import fit as fit_lib
-from optax_guard.host import recovery as recovery_lib
 
 KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch')
 _CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)}}
@@ -241,32 +232,8 @@ def with_faults(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
   return faulty_loss
 
 
-class CampaignResult(NamedTuple):
-  """What :func:`run_fault_campaign` measured.
-
-  Attributes:
-    injected: faults injected, by kind (bursts count as ``nan_grad``).
-    skipped_steps: steps the guard skipped.
-    rollbacks: rollbacks to the last good checkpoint.
-    skipped_batches: batches skipped by rollbacks.
-    params_always_finite: every parameter was finite after every step of
-      both runs.
-    final_loss: held-out loss of the faulty run.
-    clean_final_loss: held-out loss of the fault-free run on the same data.
-    relative_gap: ``|final_loss - clean_final_loss| / clean_final_loss``.
-  """
-
-  injected: dict[str, int]
-  skipped_steps: int
-  rollbacks: int
-  skipped_batches: int
-  params_always_finite: bool
-  final_loss: float
-  clean_final_loss: float
-  relative_gap: float
-
-
-def _mlp_init(key, sizes):
+def mlp_init(key: jax.Array, sizes: Sequence[int]) -> dict[str, Any]:
+  """A tanh MLP's params, ``dense_0`` ... ``dense_{n-1}``, LeCun-normal."""
   params = {}
   for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
     key, sub = jax.random.split(key)
@@ -277,131 +244,32 @@ def _mlp_init(key, sizes):
   return params
 
 
-def _mlp_apply(params, x):
+def mlp_apply(params: Mapping[str, Any], x: jax.Array) -> jax.Array:
+  """The MLP of :func:`mlp_init` on ``x`` (tanh between layers)."""
   layers = [params[f'dense_{i}'] for i in range(len(params))]
   for layer in layers[:-1]:
     x = jnp.tanh(x @ layer['kernel'] + layer['bias'])
   return x @ layers[-1]['kernel'] + layers[-1]['bias']
 
 
-def _mse(params, batch):
-  return jnp.mean((_mlp_apply(params, batch['x']) - batch['y']) ** 2)
+def mse(params: Mapping[str, Any], batch: Mapping[str, Any]) -> jax.Array:
+  """Mean squared error of :func:`mlp_apply` on ``batch['x']`` vs ``'y'``."""
+  return jnp.mean((mlp_apply(params, batch['x']) - batch['y']) ** 2)
 
 
 def regression_data(seed: int, num_examples: int, dim: int = 8):
-  """A teacher-network regression set: ``{'x', 'y'}`` float32 arrays."""
-  rng = np.random.default_rng(seed)
-  teacher = _mlp_init(jax.random.key(seed), [dim, 16, 1])
-  x = rng.normal(size=(num_examples, dim)).astype(np.float32)
-  y = np.asarray(_mlp_apply(teacher, x)) + 0.1 * rng.normal(
-      size=(num_examples, 1)
-  ).astype(np.float32)
-  return {'x': x, 'y': y.astype(np.float32)}
-
-
-def run_fault_campaign(
-    *,
-    seed: int = 0,
-    num_steps: int = 300,
-    num_faults: int = 30,
-    bursts: int = 1,
-    kinds: Sequence[str] = KINDS,
-    batch_size: int = 64,
-    save_interval_steps: int = 10,
-    guarded: bool = True,
-    checkpoint_dir: Optional[str] = None,
-) -> CampaignResult:
-  """Trains a small MLP with and without injected faults; compares them.
-
-  Both runs use the same data order, the same optimizer (Adam with cosine
-  decay inside ``og.guard(..., clip=og.zclip(), spikes=...,
-  max_consecutive_skips=4)``), checkpoints every ``save_interval_steps`` and
-  a :class:`optax_guard.RecoveryPolicy`. From step 20 on (once the guard's
-  statistics have some history), the faulty run gets ``num_faults`` single
-  faults of ``kinds`` and ``bursts`` bursts of six NaN gradients (each forcing
-  a rollback). The CI test runs a short campaign; benchmarks can run a long
-  one (e.g. ``num_steps=3000, num_faults=300, bursts=10``).
+  """A teacher-network regression set: ``{'x', 'y'}`` float32 arrays.
 
   Examples:
     >>> from optax_guard import testing
-    >>> result = testing.run_fault_campaign(
-    ...     seed=0, num_steps=40, num_faults=3, bursts=0)
-    >>> result.params_always_finite, sum(result.injected.values())
-    (True, 3)
-
-  Args:
-    seed: seeds the data, the model and the fault plan.
-    num_steps: training steps of each run.
-    num_faults: single faults to inject.
-    bursts: bursts of consecutive NaN gradients.
-    kinds: fault kinds to draw from.
-    batch_size: examples per batch.
-    save_interval_steps: checkpoint interval (rollback granularity).
-    guarded: ``False`` trains with the bare optimizer (no guard): the
-      baseline showing what the faults do unguarded.
-    checkpoint_dir: where the two runs checkpoint (default: a temporary
-      directory, removed afterwards).
-
-  Returns:
-    A :class:`CampaignResult`.
+    >>> data = testing.regression_data(seed=0, num_examples=10, dim=3)
+    >>> data['x'].shape, data['y'].shape
+    ((10, 3), (10, 1))
   """
-  examples = regression_data(seed, 2048 + 512)
-  train = {name: a[:2048] for name, a in examples.items()}
-  held_out = {name: a[2048:] for name, a in examples.items()}
-  # Decays to zero over the first 80% of the steps: the faulty run, which
-  # applies fewer updates (skips, rolled-back windows), still completes its
-  # schedule.
-  tx = optax.adam(optax.cosine_decay_schedule(3e-2, int(0.8 * num_steps)))
-  if guarded:
-    tx = _guard.guard(
-        tx,
-        clip=_clipping.zclip(warmup_steps=10),
-        spikes={'window': 64, 'sigma': 6.0, 'min_history': 10},
-        max_consecutive_skips=4,
-    )
-  step_fn = _train.make_train_step(with_faults(_mse), tx)
-  all_finite = jax.jit(
-      lambda p: jnp.all(jnp.stack(
-          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]
-      ))
-  )
-  eval_loss = jax.jit(_mse)
-  plan = plan_faults(
-      num_steps, num_faults, seed=seed, kinds=kinds, first_step=20,
-      bursts=bursts,
-  )
-  policy = recovery_lib.RecoveryPolicy(max_rollbacks=bursts + 3)
-
-  def run(run_plan, directory):
-    params = _mlp_init(jax.random.key(seed + 1), [train['x'].shape[1], 32, 1])
-    init = checkpoint_lib.TrainState(0, params, tx.init(params))
-    data = FaultInjector(
-        data_lib.batches(train, batch_size, seed=seed), run_plan
-    )
-    finite = []
-    with checkpoint_lib.Checkpointer(
-        directory, save_interval_steps=save_interval_steps, max_to_keep=2
-    ) as ckpt:
-      result = fit_lib.fit(
-          step_fn, init, data, num_steps=num_steps, checkpointer=ckpt,
-          recovery=policy, progress=False, handle_preemption=False,
-          callback=lambda s, m: finite.append(bool(all_finite(s.params))),
-      )
-    loss = float(eval_loss(result.state.params, held_out))
-    return result, data, all(finite), loss
-
-  with tempfile.TemporaryDirectory() as tmp:
-    root = checkpoint_dir or tmp
-    _, _, clean_finite, clean_loss = run({}, f'{root}/clean')
-    result, data, faulty_finite, loss = run(plan, f'{root}/faulty')
-  rollbacks = result.recovery.rollbacks
-  return CampaignResult(
-      injected=data.injected(),
-      skipped_steps=result.events.counts['skipped_step'],
-      rollbacks=len(rollbacks),
-      skipped_batches=sum(r['skipped_batches'] for r in rollbacks),
-      params_always_finite=clean_finite and faulty_finite,
-      final_loss=loss,
-      clean_final_loss=clean_loss,
-      relative_gap=abs(loss - clean_loss) / clean_loss,
-  )
+  rng = np.random.default_rng(seed)
+  teacher = mlp_init(jax.random.key(seed), [dim, 16, 1])
+  x = rng.normal(size=(num_examples, dim)).astype(np.float32)
+  y = np.asarray(mlp_apply(teacher, x)) + 0.1 * rng.normal(
+      size=(num_examples, 1)
+  ).astype(np.float32)
+  return {'x': x, 'y': y.astype(np.float32)}

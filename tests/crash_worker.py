@@ -67,7 +67,7 @@ def main(directory, result_file, num_steps):
         checkpointer=ckpt,
         recovery=og.RecoveryPolicy(max_rollbacks=2, lr_backoff=0.5),
         progress=False,
-        callback=lambda state, m: print(f'step {state.step}', flush=True),
+        callback=lambda state, m, e: print(f'step {state.step}', flush=True),
     )
   leaves = jax.tree_util.tree_flatten_with_path(
       (result.state.params, result.state.opt_state)

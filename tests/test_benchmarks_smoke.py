@@ -245,10 +245,3 @@ def test_sizes_parse_and_format():
   assert workloads.format_size(12_600_000) == '12.6M'
   assert workloads.format_size(100_000_000) == '100M'
 
-
-def test_cli_bench_hands_its_options_to_the_runner(tmp_path):
-  from optax_guard import cli  # pylint: disable=g-import-not-at-top
-
-  assert cli.main(['bench', '--only', 'growth', '--out', str(tmp_path)]) == 0
-  results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['settings']['only'] == ['growth']

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 
 import optax_guard as og
-from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard import cli
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
-from optax_guard.demo import logs as logs_lib
 from optax_guard.demo import run as run_lib
+from optax_guard.host.checkpoint import CorruptCheckpointWarning
 
 FAST_STEPS = 60
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,11 +38,25 @@ def demo(tmp_path_factory):
   return parent / 'run'
 
 
+def _no_constants(name):
+  raise ValueError(f'{name} is not JSON')
+
+
+def _jsonl(path):
+  """Strict JSON lines (og.fit writes NaN as "nan"), without the times."""
+  with open(path) as f:
+    records = [json.loads(line, parse_constant=_no_constants) for line in f]
+  for record in records:
+    record.pop('time')
+  return records
+
+
 def _records(out, run):
-  return [
-      r for r in logs_lib.read_jsonl(out / logs_lib.METRICS_FILE)
-      if r['run'] == run
-  ]
+  return _jsonl(out / run / 'metrics.jsonl')
+
+
+def _events(out, run):
+  return _jsonl(out / run / 'events.jsonl')
 
 
 def test_plain_run_dies_and_guarded_run_recovers(demo):
@@ -55,31 +68,26 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   assert guarded['final_loss'] < 3.0
   assert guarded['rollbacks'] == 1
   assert len(guarded['params_sha256']) == 64
-  # The live counters agree with og.fit's event log.
-  last = _records(demo, 'guarded')[-1]
-  assert (last['skips'], last['rollbacks']) == (
-      guarded['skips'], guarded['rollbacks'])
 
 
 def test_each_fault_hits_both_runs_at_its_printed_step(demo):
-  faults = {f.name: f for f in faults_lib.default_faults(FAST_STEPS)}
+  windows = faults_lib.schedule(faults_lib.default_specs(FAST_STEPS),
+                                FAST_STEPS)
   plain = {r['step']: r for r in _records(demo, 'plain')}
   guarded = {r['step']: r for r in _records(demo, 'guarded')}
-  spike, nan, poison = faults['spike'], faults['nan'], faults['poison']
+  (spike, _), (nan, _) = windows['spike'], windows['nan']
   for records in (plain, guarded):
-    assert records[spike.start]['fault'] == 'spike'
-    assert records[spike.start]['grad_norm'] > 1000
-    assert records[nan.start]['fault'] == 'nan'
-    assert math.isnan(records[nan.start]['loss'])
-  # Plain optax clips the spike and trains on; the NaN batch kills it.
-  assert math.isfinite(plain[nan.start - 1]['loss'])
-  assert all(math.isnan(plain[s]['loss']) for s in range(nan.start, 61))
-  # The guard skips the spike and the NaN batch, and the poisoned data
+    assert records[spike]['grad_norm'] > 1000
+    assert records[nan]['grad_norm'] == 'nan'
+  # Plain optax clips the spike and trains on; the NaN gradients kill it.
+  assert plain[nan - 1]['loss'] != 'nan'
+  assert all(plain[s]['loss'] == 'nan' for s in range(nan + 1, 61))
+  # The guard skips the spike and the NaN step, and the poisoned data
   # until it rolls back past it.
-  assert guarded[spike.start]['skipped'] and guarded[spike.start]['spike']
-  assert guarded[nan.start]['skipped'] and guarded[nan.start]['nonfinite']
-  poisoned = [guarded[s] for s in range(poison.start, poison.end)
-              if s in guarded]
+  assert guarded[spike]['skipped'] and guarded[spike]['spike']
+  assert guarded[nan]['skipped'] and guarded[nan]['nonfinite']
+  first, last = windows['poison']
+  poisoned = [guarded[s] for s in range(first, last + 1) if s in guarded]
   assert poisoned and all(r['skipped'] for r in poisoned)
   assert math.isfinite(guarded[FAST_STEPS]['loss'])
 
@@ -87,19 +95,21 @@ def test_each_fault_hits_both_runs_at_its_printed_step(demo):
 def test_logs_hold_one_line_per_step_and_the_events(demo):
   plain_steps = [r['step'] for r in _records(demo, 'plain')]
   assert plain_steps == list(range(1, FAST_STEPS + 1))
-  events = logs_lib.events(demo, 'guarded')
-  kinds = [e['event'] for e in events]
-  assert kinds == ['rollback', 'preempt', 'resume']
-  rollback = events[0]
-  skipped_batches = range(rollback['step'] + 1, rollback['resume_step'] + 1)
+  events = _events(demo, 'guarded')
+  kinds = [e['kind'] for e in events if e['kind'] != 'skipped_step']
+  assert kinds == ['rollback', 'preempted', 'resumed']
+  rollback = next(e for e in events if e['kind'] == 'rollback')
+  dropped = range(rollback['step'] + 1, rollback['resume_step'] + 1)
   guarded_steps = [r['step'] for r in _records(demo, 'guarded')]
   assert guarded_steps == [
-      s for s in range(1, FAST_STEPS + 1) if s not in skipped_batches
+      s for s in range(1, FAST_STEPS + 1) if s not in dropped
   ]
   # The preemption resumed from the checkpoint it saved.
-  assert events[1]['step'] == events[2]['step']
-  for run in ('plain', 'guarded'):
-    assert list((demo / 'tensorboard' / run).glob('events.out.tfevents.*'))
+  preempted, resumed = [e for e in events
+                        if e['kind'] in ('preempted', 'resumed')]
+  assert preempted['step'] == resumed['step']
+  for run in run_lib.RUNS:
+    assert list((demo / run).glob('events.out.tfevents.*'))
 
 
 def test_report_png_is_rendered_and_rerendered(demo, capsys):
@@ -114,10 +124,12 @@ def test_report_png_is_rendered_and_rerendered(demo, capsys):
 def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
                                                           monkeypatch):
   monkeypatch.chdir(demo.parent)  # A relative path, as the README gives it.
+  monkeypatch.setenv('COLUMNS', '80')
   assert cli.main(['inspect', 'run/checkpoints']) == 0
   table = capsys.readouterr().out
-  assert str(FAST_STEPS) in table and 'yes' in table
-  assert 'unreadable' not in table
+  assert f'{FAST_STEPS} *' in table  # the last good one
+  assert 'unreadable' not in table and '…' not in table
+  assert max(len(line) for line in table.splitlines()) <= 80
 
 
 def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):
@@ -157,15 +169,19 @@ def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):
   assert f'step {newest} ' in messages and 'skipped and moved' in messages
   reference = json.loads((demo / 'summary.json').read_text())
   assert summary['guarded'] == reference['guarded']
+  # Each step logged once, as in the uninterrupted run.
   assert _records(out, 'guarded') == _records(demo, 'guarded')
   # The events are the uninterrupted run's, plus the resume after the kill.
-  events = logs_lib.events(out)
-  preempted = {e['step'] for e in events if e['event'] == 'preempt'}
+  events = _events(out, 'guarded')
+  preempted = {e['step'] for e in events if e['kind'] == 'preempted'}
   after_kill = [e for e in events
-                if e['event'] == 'resume' and e['step'] not in preempted]
+                if e['kind'] == 'resumed' and e['step'] not in preempted]
   assert len(after_kill) == 1
   events.remove(after_kill[0])
-  assert events == logs_lib.events(demo)
+  reference_events = _events(demo, 'guarded')
+  for e in events + reference_events:
+    e.pop('counts', None)
+  assert events == reference_events
 
 
 def test_rerun_of_a_finished_demo_changes_nothing(demo):
@@ -204,60 +220,70 @@ def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path):
   shutil.copytree(demo / 'checkpoints', copy)
   steps = sorted(int(p.name) for p in copy.glob('*') if p.name.isdigit())
   _flip_a_bit(copy / str(steps[-1]))
-  from optax_guard.demo import checkpoints  # pylint: disable=g-import-not-at-top
-  infos = {info.step: info for info in checkpoints.describe(copy)}
-  assert not infos[steps[-1]].valid
-  assert 'fingerprints' in infos[steps[-1]].problem
-  assert all(infos[s].valid for s in steps[:-1])
-  assert sum(info.last_good for info in infos.values()) == 1
+  records = {r['step']: r for r in og.Checkpointer.describe(copy)}
+  assert not records[steps[-1]]['valid']
+  assert records[steps[-1]]['problem'] == 'fingerprint mismatch'
+  assert all(records[s]['valid'] for s in steps[:-1])
+  assert sum(r['last_good'] for r in records.values()) == 1
+
+
+def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
+  import io  # pylint: disable=g-import-not-at-top
+  from rich.console import Console  # pylint: disable=g-import-not-at-top
+
+  metrics = {'loss': 2.3456}
+  counts = {'skipped_step': 12, 'rollback': 1}
+  terminal = Console(width=80, force_terminal=True, record=True,
+                     file=io.StringIO())
+  listener = cli._RichListener(terminal)  # pylint: disable=protected-access
+  listener.start('guarded', 600)
+  listener.step('guarded', 420, metrics, counts)
+  listener.stop()
+  shown = terminal.export_text()
+  assert '420/600' in shown and '0:00:0' in shown and 'rollbacks 1' in shown
+  assert '…' not in shown
+  piped = Console(width=80, file=io.StringIO())
+  listener = cli._RichListener(piped, every=50)  # pylint: disable=protected-access
+  listener.start('guarded', 600)
+  for step in range(1, 101):
+    listener.step('guarded', step, metrics, counts)
+  lines = piped.file.getvalue().splitlines()
+  assert [line.split('  ')[0].strip() for line in lines] == [
+      'guarded step 50/600', 'guarded step 100/600']
 
 
 # ----------------------------------------------------------------------------
 # The pieces, without training.
 
 
-def test_batches_are_a_function_of_the_position():
+def test_batches_are_restorable_windows_of_the_text():
   corpus = data_lib.load_corpus()
   assert corpus.vocab_size > 80
   assert corpus.decode(corpus.train[:3]) == 'The'
-  first = data_lib.BatchIterator(corpus.train, batch_size=4, seq_len=16, seed=3)
+  first = data_lib.train_batches(corpus, batch_size=4, seq_len=16, seed=3)
   batches = [next(first) for _ in range(5)]
-  second = data_lib.BatchIterator(
-      corpus.train, batch_size=4, seq_len=16, seed=3
-  )
-  second.set_state({'position': 3})
-  np.testing.assert_array_equal(next(second)['tokens'], batches[3]['tokens'])
+  second = data_lib.train_batches(corpus, batch_size=4, seq_len=16, seed=3)
+  for _ in range(3):
+    next(second)
+  state = second.get_state()
+  third = data_lib.train_batches(corpus, batch_size=4, seq_len=16, seed=3)
+  third.set_state(state)
+  np.testing.assert_array_equal(next(third)['tokens'], batches[3]['tokens'])
   assert batches[0]['tokens'].shape == (4, 17)
 
 
-def test_faults_break_exactly_their_batches():
-  corpus = data_lib.load_corpus()
-  faults = faults_lib.parse_faults(
-      ['spike@2', 'nan@3', 'poison@5-8'], steps=10
-  )
-  batches = faults_lib.FaultyBatches(
-      data_lib.BatchIterator(corpus.train, batch_size=32, seq_len=64, seed=0),
-      faults, vocab_size=corpus.vocab_size, seed=0,
-  )
-  clean = data_lib.BatchIterator(corpus.train, batch_size=32, seq_len=64,
-                                 seed=0)
-  for step in range(1, 10):
-    broken, reference = next(batches), next(clean)
-    weights = broken['weights']
-    if step == 2:
-      np.testing.assert_array_equal(weights, faults_lib.SPIKE_FACTOR)
-    elif step == 3:
-      assert np.isnan(weights[0, 0]) and np.isfinite(weights.flat[1:]).all()
-    else:
-      np.testing.assert_array_equal(weights, 1.0)
-    changed = np.mean(broken['tokens'] != reference['tokens'])
-    if 5 <= step <= 8:
-      # 50% noise growing to 100%; a noise token equals the text's 1% of
-      # the time.
-      share = 0.5 + 0.5 * (step - 4) / 4
-      assert abs(changed - share * (1 - 1 / corpus.vocab_size)) < 0.06
-    else:
-      assert changed == 0
+def test_the_schedule_breaks_exactly_its_batches():
+  windows = faults_lib.schedule(['spike@2', 'nan@3', 'poison@5-8',
+                                 'preempt@9'], steps=10)
+  plan = faults_lib.plan(windows, steps=10)
+  assert sorted(plan) == [1, 2, 4, 5, 6, 7]
+  assert {f.kind for f in plan.values()} == {'poisoned_batch'}
+  assert plan[1].scale == faults_lib.SPIKE_SCALE and math.isnan(plan[2].scale)
+  assert all(plan[i].scale == faults_lib.POISON_SCALE for i in range(4, 8))
+  assert faults_lib.describe('poison', windows['poison']).startswith(
+      'steps 5-8: ')
+  assert faults_lib.describe('preempt', windows['preempt']).startswith(
+      'after step 9: ')
 
 
 @pytest.mark.parametrize('spec, message', [
@@ -269,8 +295,8 @@ def test_faults_break_exactly_their_batches():
 ])
 def test_bad_fault_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
-    faults_lib.parse_faults(spec, steps=50)
+    faults_lib.schedule(spec, steps=50)
 
 
 def test_no_faults():
-  assert faults_lib.parse_faults(['none'], steps=50) == ()
+  assert faults_lib.schedule(['none'], steps=50) == {}

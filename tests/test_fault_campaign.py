@@ -1,4 +1,4 @@
-"""Fault injection and the seeded fault campaign."""
+"""Fault injection (og.testing) and the seeded fault campaign (benchmarks/)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 import optax_guard as og
+from benchmarks.faults import run_fault_campaign
 from optax_guard import testing as faults
 
 
 @pytest.fixture(scope='module')
 def campaign():
-  return faults.run_fault_campaign(
+  return run_fault_campaign(
       seed=0, num_steps=160, num_faults=16, bursts=1, save_interval_steps=20
   )
 
@@ -29,7 +30,7 @@ def test_guarded_campaign_survives_every_fault(campaign):
 
 
 def test_unguarded_campaign_is_wrecked():
-  baseline = faults.run_fault_campaign(
+  baseline = run_fault_campaign(
       seed=0, num_steps=40, num_faults=3, bursts=0, kinds=['nan_grad'],
       guarded=False,
   )

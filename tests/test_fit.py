@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import struct
 
@@ -14,6 +15,8 @@ from tensorboardX.proto import event_pb2
 
 import optax_guard as og
 from optax_guard import testing as faults
+from optax_guard.host.fit import Saved
+from optax_guard.host.fit import SkippedStep
 
 TX = og.guard(
     optax.inject_hyperparams(optax.adam)(learning_rate=0.05),
@@ -62,9 +65,14 @@ def uninterrupted(train_step, tmp_path_factory):
   return host(result.state)
 
 
+def _no_constants(name):
+  raise ValueError(f'{name} is not JSON')
+
+
 def read_jsonl(path):
+  """Strict JSON lines: NaN or Infinity literals fail the test."""
   with open(path) as f:
-    return [json.loads(line) for line in f]
+    return [json.loads(line, parse_constant=_no_constants) for line in f]
 
 
 def read_tensorboard_scalars(log_dir):
@@ -102,21 +110,114 @@ def test_logs_metrics_events_and_tensorboard(tmp_path, train_step):
       ('skipped_step', 5, 'nonfinite'), ('skipped_step', 12, 'nonfinite')]
   assert result.events.counts == {'skipped_step': 2}
   scalars = read_tensorboard_scalars(log_dir)
-  assert sorted(scalars['train/loss']) == list(range(1, 16))
+  finite_steps = [s for s in range(1, 16) if s - 1 not in NAN_LOSS_BATCHES]
+  assert sorted(scalars['train/loss']) == finite_steps
   assert scalars['train/loss'][3] == pytest.approx(records[2]['loss'])
   assert scalars['train/skipped'][5] == 1.0
+  # The NaN losses: a string in the JSON lines, a count in TensorBoard.
+  assert [records[b]['loss'] for b in NAN_LOSS_BATCHES] == ['nan', 'nan']
+  assert scalars['nonfinite/loss'] == {5: 1.0, 12: 1.0}
 
 
-def test_progress_bar(capsys, train_step):
-  og.fit(train_step, make_init(), make_data(), num_steps=3, progress=True)
-  err = capsys.readouterr().err
-  assert '3/3' in err and 'loss=' in err and 'skips=0' in err
+def test_tensorboard_prints_nothing_for_non_finite_values(
+    tmp_path, train_step, capfd):
+  og.fit(train_step, make_init(), make_data(), num_steps=6,
+         log_dir=tmp_path, progress=False)
+  captured = capfd.readouterr()
+  assert 'NaN or Inf' not in captured.out + captured.err
+
+
+def test_callback_receives_the_steps_events(tmp_path, train_step):
+  seen = []
+  with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+    og.fit(train_step, make_init(), make_data(), num_steps=12,
+           checkpointer=ckpt, progress=False,
+           callback=lambda state, m, events: seen.extend(events))
+  # The initial save (a rollback target) comes with the first step.
+  assert [(type(e), e.step) for e in seen] == [
+      (Saved, 0), (SkippedStep, 5), (Saved, 5), (Saved, 10),
+      (SkippedStep, 12)]
+  assert seen[1].reason == 'nonfinite' and seen[2].healthy is False
+  assert seen[3].healthy is True
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(
+    capsys, train_step):
+  og.fit(train_step, make_init(), make_data(), num_steps=3, progress=True,
+         progress_every=0)
+  lines = capsys.readouterr().err.splitlines()
+  assert [line.split('  ')[0] for line in lines] == [
+      'step 1/3 (33%)', 'step 2/3 (66%)', 'step 3/3 (100%)']
+  assert all('\r' not in line and 'skips 0' in line for line in lines)
+
+
+def test_crash_resume_leaves_each_step_once_in_the_logs(tmp_path, train_step):
+  log_dir, ckpt_dir = tmp_path / 'logs', tmp_path / 'ckpt'
+  with og.Checkpointer(ckpt_dir, save_interval_steps=5) as ckpt:
+    og.fit(train_step, make_init(), make_data(), num_steps=14,
+           checkpointer=ckpt, log_dir=log_dir, progress=False)
+  # A SIGKILL after step 14 was logged but before its save: the newest
+  # checkpoint is step 10, and the logs hold steps 11 to 14 already.
+  shutil.rmtree(ckpt_dir / '14')
+  with open(log_dir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 15, "lo')  # a line torn by the kill
+  with og.Checkpointer(ckpt_dir, save_interval_steps=5) as ckpt:
+    og.fit(train_step, make_init(), make_data(), num_steps=15,
+           checkpointer=ckpt, log_dir=log_dir, progress=False)
+  records = read_jsonl(log_dir / 'metrics.jsonl')
+  assert [r['step'] for r in records] == list(range(1, 16))
+  events = read_jsonl(log_dir / 'events.jsonl')
+  assert [(e['kind'], e['step']) for e in events] == [
+      ('skipped_step', 5), ('resumed', 10), ('skipped_step', 12)]
+
+
+class RaisingAt:
+  """Batches of ``data`` until the draw of batch ``index`` raises."""
+
+  def __init__(self, data, index, error):
+    self.data, self.index, self.error, self.drawn = data, index, error, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.drawn == self.index:
+      raise self.error
+    self.drawn += 1
+    return next(self.data)
+
+  def get_state(self):
+    return self.data.get_state()
+
+  def set_state(self, state):
+    self.data.set_state(state)
+
+
+@pytest.mark.parametrize('error, last, healthy', [
+    (RuntimeError('disk gone'), 6, True),  # batch 7 (index 6) raises
+    (KeyboardInterrupt(), 5, False),  # step 5 was skipped (a NaN loss)
+])
+def test_an_exception_saves_the_last_completed_step(
+    tmp_path, train_step, uninterrupted, caplog, error, last, healthy):
+  with og.Checkpointer(tmp_path, save_interval_steps=4) as ckpt:
+    with pytest.raises(type(error)):
+      og.fit(train_step, make_init(), RaisingAt(make_data(), last, error),
+             num_steps=20, checkpointer=ckpt, progress=False)
+    assert ckpt.all_steps() == [0, 4, last]
+    assert ckpt.is_healthy(last) == healthy
+  assert f'after step {last}; saved step {last} in {tmp_path}' in caplog.text
+  with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+    result = og.fit(train_step, make_init(), make_data(), num_steps=20,
+                    checkpointer=ckpt, progress=False)
+  for got, want in zip(jax.tree.leaves(host(result.state)),
+                       jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_exits_zero(
     tmp_path, train_step, uninterrupted, signum):
-  def send_signal(state, metrics):
+  def send_signal(state, metrics, events):
     if state.step == 7:  # off the save interval: only preemption saves it
       os.kill(os.getpid(), signum)
 
@@ -139,7 +240,7 @@ def test_signal_finishes_the_step_saves_and_exits_zero(
 
 
 def test_preemption_can_return_instead_of_exiting(tmp_path, train_step):
-  def send_signal(state, metrics):
+  def send_signal(state, metrics, events):
     if state.step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
 

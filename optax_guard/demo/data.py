@@ -2,17 +2,22 @@
 
 The corpus is the standard library's ``pydoc_data.topics``: the ~460 kB of
 reference text behind ``help('assert')`` and friends. Nothing is downloaded.
+The text is cut into windows of ``seq_len + 1`` characters, which
+:func:`optax_guard.batches` shuffles into restorable grain batches.
 """
 
-import dataclasses
 from typing import Any
 
+import dataclasses
+
 import numpy as np
+
+import optax_guard as og
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """The text split into train and held-out token ids over a char vocabulary.
+  """The text as token ids over a character vocabulary.
 
   Attributes:
     vocab: every character of the text, sorted; a token is an index into it.
@@ -55,80 +60,33 @@ def load_corpus(heldout_fraction: float = 0.1) -> Corpus:
   return Corpus(vocab=vocab, train=ids[:split], heldout=ids[split:])
 
 
-def batch_at(
-    tokens: np.ndarray, position: int, *, batch_size: int, seq_len: int,
-    seed: int,
-) -> dict[str, np.ndarray]:
-  """The batch number ``position`` of a stream: random windows of the text.
-
-  A batch depends only on ``(seed, position)``, so any position can be
-  re-read, skipped to or resumed from without replaying the stream.
+def windows(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """Consecutive, non-overlapping examples of ``seq_len + 1`` tokens.
 
   Returns:
-    ``{'tokens': int32[batch_size, seq_len + 1], 'weights':
-    float32[batch_size, seq_len]}``: inputs are ``tokens[:, :-1]``, targets
-    ``tokens[:, 1:]``, and ``weights`` scale each target's loss (all ones
-    for clean data).
-  """
-  rng = np.random.default_rng((seed, position))
-  starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-  windows = tokens[starts[:, None] + np.arange(seq_len + 1)]
-  return {
-      'tokens': windows.astype(np.int32),
-      'weights': np.ones((batch_size, seq_len), np.float32),
-  }
-
-
-class BatchIterator:
-  """Deterministic, resumable batches of a token stream.
-
-  Its whole state is the position in the stream (``get_state`` /
-  ``set_state``, as grain's iterators have), so a checkpoint that saves it
-  resumes on exactly the batch that came next.
+    ``{'tokens': int32[n, seq_len + 1], 'weights': float32[n, seq_len]}``:
+    inputs are ``tokens[:, :-1]``, targets ``tokens[:, 1:]``; ``weights``
+    scale each target's loss (ones; a fault may scale them).
 
   Examples:
     >>> import numpy as np
-    >>> from optax_guard.demo.data import BatchIterator
-    >>> it = BatchIterator(np.arange(100), batch_size=2, seq_len=4, seed=0)
-    >>> first = next(it)
-    >>> state = it.get_state()
-    >>> second = next(it)
-    >>> it.set_state(state)
-    >>> bool((next(it)['tokens'] == second['tokens']).all()), state
-    (True, {'position': 1})
+    >>> from optax_guard.demo.data import windows
+    >>> windows(np.arange(10), seq_len=3)['tokens'].tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
   """
+  count = len(tokens) // (seq_len + 1)
+  if count < 1:
+    raise ValueError(
+        f'the text ({len(tokens)} tokens) is shorter than seq_len + 1.')
+  cut = np.asarray(tokens[:count * (seq_len + 1)], np.int32)
+  return {
+      'tokens': cut.reshape(count, seq_len + 1),
+      'weights': np.ones((count, seq_len), np.float32),
+  }
 
-  def __init__(
-      self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int
-  ):
-    if batch_size < 1 or seq_len < 1:
-      raise ValueError(
-          f'batch_size and seq_len must be >= 1, got {batch_size} and'
-          f' {seq_len}.'
-      )
-    if len(tokens) <= seq_len + 1:
-      raise ValueError(
-          f'the text ({len(tokens)} tokens) is shorter than seq_len + 2.'
-      )
-    self.tokens = tokens
-    self.batch_size = batch_size
-    self.seq_len = seq_len
-    self.seed = seed
-    self.position = 0
 
-  def __iter__(self) -> 'BatchIterator':
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = batch_at(
-        self.tokens, self.position, batch_size=self.batch_size,
-        seq_len=self.seq_len, seed=self.seed,
-    )
-    self.position += 1
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return {'position': self.position}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self.position = int(state['position'])
+def train_batches(corpus: Corpus, *, batch_size: int, seq_len: int,
+                  seed: int) -> Any:
+  """Shuffled training batches: a grain iterator (``get_state`` / ``set_state``)."""
+  return og.batches(windows(corpus.train, seq_len), batch_size,
+                            seed=seed)

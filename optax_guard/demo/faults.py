@@ -1,85 +1,59 @@
-"""The demo's faults: what breaks, and at which step.
+"""The demo's fault schedule: what breaks, and at which step.
 
-Steps are numbered from 1 and step ``s`` reads batch ``s - 1`` of the data
-stream in both runs (after a rollback the guarded run's step keeps counting
-batches drawn, as in :func:`optax_guard.fit`). The spike, the NaN batch and
-the poisoned window break the batches of their steps; the preemption stops
-the guarded run after its step.
+A schedule is a list of ``NAME@STEP`` specs (``poison@START-END`` for a
+window). Step ``s`` reads batch ``s - 1`` in both runs (after a rollback the
+guarded run's step keeps counting batches drawn, as :func:`optax_guard.fit`
+does), so a fault hits the same batch in both. The faults themselves are
+:mod:`optax_guard.testing`'s; the preemption is a real SIGTERM after its
+step.
 """
 
-import dataclasses
 import re
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
-import numpy as np
+from optax_guard import testing
 
-SPIKE_FACTOR = 1e4
+SPIKE_SCALE = 1e4
+POISON_SCALE = 30.0
 
 DESCRIPTIONS = {
-    'spike': f'{SPIKE_FACTOR:.0e}x gradient spike (loss weights scaled)',
-    'poison': 'poisoned data: 50% to 100% of the characters replaced by noise',
-    'preempt': 'simulated preemption (the guarded run restarts from disk)',
-    'nan': 'NaN batch (one loss weight is NaN)',
+    'spike': f'{SPIKE_SCALE:.0e}x gradient spike (loss weights scaled)',
+    'poison': f'corrupt data shard (loss weights x{POISON_SCALE:g})',
+    'preempt': 'simulated preemption (SIGTERM; the run restarts from disk)',
+    'nan': 'NaN batch (loss weights NaN)',
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-  """One fault: ``name`` at steps ``start`` to ``start + length - 1``.
-
-  The preemption comes after step ``start``.
-  """
-
-  name: str
-  start: int
-  length: int = 1
-
-  @property
-  def end(self) -> int:
-    return self.start + self.length
-
-  def __str__(self) -> str:
-    where = f'step {self.start}'
-    if self.length > 1:
-      where = f'steps {self.start}-{self.end - 1}'
-    elif self.name == 'preempt':
-      where = f'after step {self.start}'
-    return f'{where}: {DESCRIPTIONS[self.name]}'
-
-  def breaks(self, step: int) -> bool:
-    """Whether this fault breaks the batch of ``step``."""
-    return self.name != 'preempt' and self.start <= step < self.end
-
-
-def default_faults(steps: int) -> tuple[Fault, ...]:
-  """One fault of each kind at fixed fractions of a ``steps``-long run."""
-  return (
-      Fault('spike', round(0.3 * steps)),
-      Fault('poison', round(0.45 * steps), max(12, steps // 12)),
-      Fault('preempt', round(0.7 * steps)),
-      Fault('nan', round(0.8 * steps)),
-  )
-
-
+# All three break the batch's data (its float loss weights), so the steps
+# are the plain ones: no fault code in the compiled step.
+_KINDS = {
+    'spike': testing.Fault('poisoned_batch', SPIKE_SCALE),
+    'poison': testing.Fault('poisoned_batch', POISON_SCALE),
+    'nan': testing.Fault('poisoned_batch', float('nan')),
+}
 _SPEC = re.compile(r'^(?P<name>[a-z]+)(@(?P<start>\d+)(-(?P<end>\d+))?)?$')
 
 
-def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
-  """Faults from ``NAME[@STEP]`` specs (``poison@START-END`` for a window).
+def default_specs(steps: int) -> tuple[str, ...]:
+  """One fault of each kind at 30%, 45%, 70% and 80% of the run."""
+  poison = round(0.45 * steps)
+  return (f'spike@{round(0.3 * steps)}',
+          f'poison@{poison}-{poison + max(12, steps // 12) - 1}',
+          f'preempt@{round(0.7 * steps)}', f'nan@{round(0.8 * steps)}')
+
+
+def schedule(specs: Sequence[str], steps: int) -> dict[str, tuple[int, int]]:
+  """``{name: (first_step, last_step)}`` from specs, sorted by step.
 
   ``none`` means no faults; a bare ``NAME`` takes its default step.
 
   Examples:
-    >>> from optax_guard.demo.faults import parse_faults
-    >>> for fault in parse_faults(['nan@30', 'poison@10-19'], steps=50):
-    ...   print(fault)
-    steps 10-19: poisoned data: 50% to 100% of the characters replaced by noise
-    step 30: NaN batch (one loss weight is NaN)
+    >>> from optax_guard.demo.faults import schedule
+    >>> schedule(['nan@30', 'poison@10-19'], steps=50)
+    {'poison': (10, 19), 'nan': (30, 30)}
   """
   if list(specs) == ['none']:
-    return ()
-  defaults = {fault.name: fault for fault in default_faults(steps)}
-  faults = {}
+    return {}
+  defaults = {spec.split('@')[0]: spec for spec in default_specs(steps)}
+  windows = {}
   for spec in specs:
     match = _SPEC.match(spec)
     if match is None or match['name'] not in defaults:
@@ -88,80 +62,45 @@ def parse_faults(specs: Sequence[str], steps: int) -> tuple[Fault, ...]:
           f' with NAME in {sorted(defaults)}, or "none".'
       )
     name = match['name']
-    fault = defaults[name]
-    if match['start'] is not None:
-      start = int(match['start'])
-      length = fault.length if name == 'poison' else 1
-      if match['end'] is not None:
-        if name != 'poison':
-          raise ValueError(f'only poison takes a window, got {spec!r}.')
-        length = int(match['end']) - start + 1
-        if length < 1:
-          raise ValueError(f'empty poison window in {spec!r}.')
-      fault = Fault(name, start, length)
-    if not 1 <= fault.start <= steps:
+    if match['start'] is None:
+      match = _SPEC.match(defaults[name])
+    start = int(match['start'])
+    end = int(match['end'] or start)
+    if name == 'poison' and match['end'] is None:
+      end = start + max(12, steps // 12) - 1
+    if name != 'poison' and end != start:
+      raise ValueError(f'only poison takes a window, got {spec!r}.')
+    if end < start:
+      raise ValueError(f'empty poison window in {spec!r}.')
+    if not 1 <= start <= steps:
       raise ValueError(f'fault {spec!r} is outside the run (steps={steps}).')
-    if name in faults:
+    if name in windows:
       raise ValueError(f'fault {name!r} is given twice.')
-    faults[name] = fault
-  return tuple(sorted(faults.values(), key=lambda f: f.start))
+    windows[name] = (start, end)
+  return dict(sorted(windows.items(), key=lambda item: item[1]))
 
 
-class FaultyBatches:
-  """A :class:`~optax_guard.demo.data.BatchIterator` with faults injected.
+def describe(name: str, window: tuple[int, int]) -> str:
+  """``'steps 10-19: corrupt data shard ...'``."""
+  start, end = window
+  where = f'steps {start}-{end}' if end > start else f'step {start}'
+  if name == 'preempt':
+    where = f'after step {start}'
+  return f'{where}: {DESCRIPTIONS[name]}'
 
-  Restorable like the stream it wraps: its state is the stream's position.
-  """
 
-  def __init__(self, batches: Any, faults: Sequence[Fault], *,
-               vocab_size: int, seed: int):
-    self.batches = batches
-    self.faults = tuple(faults)
-    self.vocab_size = vocab_size
-    self.seed = seed
+def fault_at(windows: dict[str, tuple[int, int]], step: int):
+  """The name of the fault that breaks ``step``'s batch, or ``None``."""
+  for name, (start, end) in windows.items():
+    if name != 'preempt' and start <= step <= end:
+      return name
+  return None
 
-  def __iter__(self) -> 'FaultyBatches':
-    return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    step = self.batches.position + 1
-    return self.apply(step, next(self.batches))
-
-  def get_state(self) -> dict[str, Any]:
-    return self.batches.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self.batches.set_state(state)
-
-  @property
-  def preempt_step(self) -> Optional[int]:
-    for fault in self.faults:
-      if fault.name == 'preempt':
-        return fault.start
-    return None
-
-  def fault_at(self, step: int) -> Optional[Fault]:
-    for fault in self.faults:
-      if fault.breaks(step):
-        return fault
-    return None
-
-  def apply(self, step: int, batch: dict[str, np.ndarray]):
-    """The batch of ``step`` as the faults break it."""
-    fault = self.fault_at(step)
-    if fault is None:
-      return batch
-    tokens, weights = batch['tokens'].copy(), batch['weights'].copy()
-    if fault.name == 'nan':
-      weights[0, 0] = np.nan
-    elif fault.name == 'spike':
-      weights *= SPIKE_FACTOR
-    elif fault.name == 'poison':
-      # The share of noise grows over the window, from a half to all, like
-      # a data source going bad.
-      share = 0.5 + 0.5 * (step + 1 - fault.start) / fault.length
-      rng = np.random.default_rng((self.seed, step, 1))
-      noisy = rng.random(tokens.shape) < share
-      noise = rng.integers(0, self.vocab_size, tokens.shape, dtype=np.int32)
-      tokens = np.where(noisy, noise, tokens).astype(np.int32)
-    return {'tokens': tokens, 'weights': weights}
+def plan(windows: dict[str, tuple[int, int]], steps: int):
+  """``{batch index: optax_guard.testing.Fault}`` for a FaultInjector."""
+  return {
+      step - 1: _KINDS[name]
+      for step in range(1, steps + 1)
+      if (name := fault_at(windows, step)) is not None
+  }

@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import transforms  # pylint: disable=g-import-not-at-top
 
 from optax_guard.demo import faults as faults_lib
-from optax_guard.demo import logs as logs_lib
 
 REPORT_FILE = 'report.png'
 COLORS = {'plain': '#d62728', 'guarded': '#1f77b4'}
@@ -31,10 +30,25 @@ FAULT_COLORS = {
     'spike': '#ff7f0e', 'poison': '#9467bd', 'preempt': '#7f7f7f',
     'nan': '#8c564b',
 }
+ZCLIP_Z = 2.5
 
 
 class NotADemoDirectory(ValueError):
   """The directory holds no optax-guard demo logs."""
+
+
+def _number(value: Any) -> Any:
+  """A logged value: og.fit writes non-finite numbers as "nan" / "inf"."""
+  return float(value) if value in ('nan', 'inf', '-inf') else value
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file written by :func:`optax_guard.fit`."""
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [{k: _number(v) for k, v in json.loads(line).items()}
+            for line in f]
 
 
 def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
@@ -42,23 +56,20 @@ def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
   run_dir = pathlib.Path(run_dir)
   if not run_dir.is_dir():
     raise NotADemoDirectory(f'{run_dir} does not exist or is not a directory.')
-  metrics_path = run_dir / logs_lib.METRICS_FILE
   config_path = run_dir / 'config.json'
-  if not metrics_path.exists() or not config_path.exists():
+  if not config_path.exists():
     raise NotADemoDirectory(
-        f'{run_dir} is not an optax-guard demo directory (no'
-        f' {logs_lib.METRICS_FILE} or config.json); create one with'
-        ' `optax-guard demo --out DIR`.'
+        f'{run_dir} is not an optax-guard demo directory (no config.json);'
+        ' create one with `optax-guard demo --out DIR`.'
     )
-  config = json.loads(config_path.read_text())
-  records = logs_lib.read_jsonl(metrics_path)
-  events = logs_lib.events(run_dir)
-  runs = {run: [r for r in records if r['run'] == run] for run in COLORS}
+  runs = {run: read_jsonl(run_dir / run / 'metrics.jsonl') for run in COLORS}
   if not any(runs.values()):
-    raise NotADemoDirectory(f'{metrics_path} holds no steps yet.')
+    raise NotADemoDirectory(f'{run_dir} holds no logged steps yet.')
+  events = {run: read_jsonl(run_dir / run / 'events.jsonl') for run in COLORS}
   summary_path = run_dir / 'summary.json'
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-  return {'config': config, 'runs': runs, 'events': events, 'summary': summary}
+  return {'config': json.loads(config_path.read_text()), 'runs': runs,
+          'events': events, 'summary': summary}
 
 
 def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
@@ -69,7 +80,7 @@ def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
   """
   undone = set()
   for event in events:
-    if event['event'] == 'rollback':
+    if event['kind'] == 'rollback':
       undone.update(range(event['to_step'] + 1, event['step'] + 1))
   pieces: list[tuple[list[dict[str, Any]], bool]] = []
   previous_step = None
@@ -85,11 +96,18 @@ def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
   return pieces
 
 
+def _clip_bound(run: str, record: dict[str, Any], clip_norm: float) -> float:
+  """The norm above which the run clips (ZClip's bound once warmed up)."""
+  if run == 'guarded' and record.get('zclip_mean', 0) > 0:
+    return min(clip_norm, record['zclip_mean'] + ZCLIP_Z * record['zclip_std'])
+  return clip_norm
+
+
 def _finite(value: Any) -> bool:
   return value is not None and math.isfinite(value)
 
 
-def _plot_run(axes, run, records, events):
+def _plot_run(axes, run, records, events, clip_norm):
   color = COLORS[run]
   loss_ax, train_ax, norm_ax = axes
   for piece, kept in _segments(records, events):
@@ -101,7 +119,7 @@ def _plot_run(axes, run, records, events):
     )
     norm_ax.plot(steps, [r['grad_norm'] for r in piece], **style)
     norm_ax.plot(
-        steps, [r['clip_bound'] for r in piece], color=color,
+        steps, [_clip_bound(run, r, clip_norm) for r in piece], color=color,
         alpha=style['alpha'], linewidth=1.2, linestyle='--',
     )
     if not kept:
@@ -140,7 +158,7 @@ def _plot_run(axes, run, records, events):
         label=f'{run}: skipped step',
     )
   for event in events:
-    if event['event'] == 'rollback':
+    if event['kind'] == 'rollback':
       train_ax.annotate(
           '', xy=(event['to_step'], 0.85), xytext=(event['step'], 0.85),
           xycoords=top(train_ax.transData, train_ax.transAxes),
@@ -148,12 +166,13 @@ def _plot_run(axes, run, records, events):
       )
       train_ax.text(
           event['to_step'], 0.72,
-          f'rollback to step {event["to_step"]},\nbatches'
-          f' {event["step"] + 1}-{event["resume_step"]} skipped',
+          f'rollback to step {event["to_step"]}, skipping\nbatches'
+          f' {event["to_step"]}..{event["resume_step"] - 1} (steps'
+          f' {event["to_step"] + 1}-{event["resume_step"]})',
           color=color, fontsize=8,
           transform=top(train_ax.transData, train_ax.transAxes),
       )
-    elif event['event'] == 'resume':
+    elif event['kind'] == 'resumed':
       for ax in axes:
         ax.axvline(event['step'], color=color, linestyle='-.', linewidth=1)
       train_ax.text(
@@ -171,24 +190,23 @@ def render(run_dir: os.PathLike, output: os.PathLike = None) -> pathlib.Path:
       gridspec_kw={'height_ratios': [1.2, 1, 1]},
   )
   loss_ax, train_ax, norm_ax = axes
-  for fault in logs['config']['faults']:
-    fault = faults_lib.Fault(**fault)
+  config = logs['config']
+  windows = faults_lib.schedule(config['faults'], config['steps'])
+  for name, (start, end) in windows.items():
     for ax in axes:
-      if fault.length > 1:
-        ax.axvspan(fault.start - 0.5, fault.end - 0.5, linewidth=0,
-                   color=FAULT_COLORS[fault.name], alpha=0.15)
+      if end > start:
+        ax.axvspan(start - 0.5, end + 0.5, linewidth=0,
+                   color=FAULT_COLORS[name], alpha=0.15)
       else:
-        ax.axvline(fault.start, color=FAULT_COLORS[fault.name], alpha=0.6,
-                   linewidth=2)
+        ax.axvline(start, color=FAULT_COLORS[name], alpha=0.6, linewidth=2)
     loss_ax.text(
-        fault.start, 1.01, fault.name, color=FAULT_COLORS[fault.name],
+        start, 1.01, name, color=FAULT_COLORS[name],
         fontsize=8, transform=transforms.blended_transform_factory(
             loss_ax.transData, loss_ax.transAxes),
     )
   for run, records in logs['runs'].items():
     if records:
-      events = [e for e in logs['events'] if e['run'] == run]
-      _plot_run(axes, run, records, events)
+      _plot_run(axes, run, records, logs['events'][run], config['clip_norm'])
   for run in COLORS:
     label = LABELS[run]
     if run in logs['summary']:

@@ -2,9 +2,12 @@
 
 ``plain``: optax's ``adamw`` after ``optax.clip_by_global_norm``, as most
 training loops do. ``guarded``: the same ``adamw`` inside :func:`og.guard`
-with ZClip and spike skipping, Orbax checkpoints every few steps, rollback
-to the last good checkpoint when the guard reports ``diverged`` and resume
-from the newest valid checkpoint after a preemption or a crash.
+with ZClip and spike skipping, Orbax checkpoints, rollback to the last good
+checkpoint when the guard reports ``diverged`` and resume from the newest
+valid checkpoint after a preemption or a crash. Both runs are
+:func:`optax_guard.fit` calls over the same batches and faults
+(:class:`optax_guard.testing.FaultInjector`); this module adds only the model, the data, the
+fault schedule and what to show.
 """
 
 import dataclasses
@@ -24,15 +27,15 @@ import optax
 from flax import nnx
 
 import optax_guard as og
-from optax_guard.host.fit import FitResult
+from optax_guard import testing
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
-from optax_guard.demo import logs as logs_lib
 from optax_guard.demo import model as model_lib
 
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'
+RUNS = ('plain', 'guarded')
 ZCLIP_Z = 2.5
 
 
@@ -41,12 +44,12 @@ class DemoConfig:
   """Everything that decides the demo's numbers.
 
   The defaults train the ~250k-parameter model for 600 steps of 32 x 64
-  characters. ``faults=None`` takes :func:`faults.default_faults`.
+  characters. ``faults=None`` takes :func:`faults.default_specs`.
   """
 
   steps: int = 600
   seed: int = 0
-  faults: Optional[tuple[faults_lib.Fault, ...]] = None
+  faults: Optional[tuple[str, ...]] = None
   batch_size: int = 32
   seq_len: int = 64
   width: int = 96
@@ -63,18 +66,17 @@ class DemoConfig:
   def __post_init__(self):
     if self.steps < 20:
       raise ValueError(f'steps must be >= 20, got {self.steps}.')
-    if self.faults is None:
-      object.__setattr__(
-          self, 'faults', faults_lib.default_faults(self.steps)
-      )
+    specs = self.faults or faults_lib.default_specs(self.steps)
+    object.__setattr__(self, 'faults', tuple(specs))
+    faults_lib.schedule(self.faults, self.steps)  # Validates the specs.
+
+  @property
+  def windows(self) -> dict[str, tuple[int, int]]:
+    return faults_lib.schedule(self.faults, self.steps)
 
   @property
   def checkpoint_every(self) -> int:
     return max(5, min(25, self.steps // 12))
-
-  @property
-  def warmup_steps(self) -> int:
-    return max(2, min(30, self.steps // 10))
 
   @property
   def statistics_window(self) -> int:
@@ -86,48 +88,34 @@ class DemoConfig:
     """Batches a rollback skips past the step that diverged (PaLM: 200-500)."""
     return max(8, self.steps // 15)
 
-  def to_json(self) -> dict[str, Any]:
-    fields = dataclasses.asdict(self)
-    fields['faults'] = [dataclasses.asdict(f) for f in self.faults]
-    return fields
-
-
-# ----------------------------------------------------------------------------
-# The model, its optimizers and its steps.
-
 
 @dataclasses.dataclass
 class Setup:
-  """What both runs share: data, model definition, steps, evaluation."""
+  """What both runs share: data, model, optimizers, steps, evaluation."""
 
   config: DemoConfig
   corpus: data_lib.Corpus
   init_params: Callable[[], nnx.State]
-  plain_tx: optax.GradientTransformation
-  guarded_tx: optax.GradientTransformation
-  plain_step: Callable[..., Any]
-  guarded_step: Callable[..., Any]
-  heldout_loss: Callable[[nnx.State], float]
+  txs: dict[str, optax.GradientTransformation]
+  steps: dict[str, Callable[..., Any]]
+  heldout_loss: Callable[[nnx.State], jax.Array]
 
   def init_state(self, tx: optax.GradientTransformation):
-    """Fresh ``(params, opt_state)``, committed to the device.
-
-    Arrays restored from a checkpoint are committed too; the same placement
-    lets the train step compiled for one serve the other.
-    """
+    """Fresh ``(params, opt_state)`` for ``tx``."""
     params = self.init_params()
-    return jax.device_put((params, tx.init(params)), jax.devices()[0])
+    return params, tx.init(params)
 
-  def batches(self) -> faults_lib.FaultyBatches:
-    """The training batches, with the configured faults, from the start."""
-    return faults_lib.FaultyBatches(
-        data_lib.BatchIterator(
-            self.corpus.train, batch_size=self.config.batch_size,
-            seq_len=self.config.seq_len, seed=self.config.seed,
-        ),
-        self.config.faults, vocab_size=self.corpus.vocab_size,
-        seed=self.config.seed,
+  def batches(self) -> testing.FaultInjector:
+    """The training batches with the configured faults, from the start."""
+    config = self.config
+    return testing.FaultInjector(
+        data_lib.train_batches(self.corpus, batch_size=config.batch_size,
+                               seq_len=config.seq_len, seed=config.seed),
+        faults_lib.plan(config.windows, config.steps),
     )
+
+  def evaluate(self, state: og.TrainState) -> dict[str, jax.Array]:
+    return {'eval_loss': self.heldout_loss(state.params)}
 
 
 def _plain_step(loss_fn, tx):
@@ -137,7 +125,7 @@ def _plain_step(loss_fn, tx):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    return params, opt_state, {'loss': loss, 'grad_norm': og.global_norm(grads)}
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -151,60 +139,45 @@ def make_setup(config: DemoConfig) -> Setup:
       vocab_size=corpus.vocab_size, seq_len=config.seq_len,
       width=config.width, depth=config.depth, heads=config.heads,
   )
-  graphdef, _ = nnx.split(
-      nnx.eval_shape(
-          lambda: model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(0))
-      )
-  )
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(0))))
 
-  # One compiled initialization instead of one small compile per layer.
-  @jax.jit
+  @jax.jit  # One compiled initialization instead of one per layer.
   def init_params() -> nnx.State:
-    model = model_lib.TinyTransformer(
-        model_config, rngs=nnx.Rngs(config.seed)
-    )
-    return nnx.state(model)
+    return nnx.state(
+        model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(config.seed)))
 
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.steps,
-      end_value=config.learning_rate / 10,
+      0.0, config.learning_rate, max(2, min(30, config.steps // 10)),
+      config.steps, end_value=config.learning_rate / 10,
   )
   adamw = lambda: optax.adamw(schedule, weight_decay=config.weight_decay)
-  plain_tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw())
   window = config.statistics_window
-  guarded_tx = og.guard(
-      adamw(),
-      clip=og.zclip(
-          z_thresh=ZCLIP_Z, max_norm=config.clip_norm, warmup_steps=window
+  txs = {
+      'plain': optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                           adamw()),
+      'guarded': og.guard(
+          adamw(),
+          clip=og.zclip(z_thresh=ZCLIP_Z, max_norm=config.clip_norm,
+                        warmup_steps=window),
+          spikes={'window': window, 'sigma': 6.0},
+          max_consecutive_skips=config.max_consecutive_skips,
       ),
-      spikes={'window': window, 'sigma': 6.0},
-      max_consecutive_skips=config.max_consecutive_skips,
-  )
+  }
   loss_fn = model_lib.make_loss_fn(graphdef)
-
-  heldout = [
-      data_lib.batch_at(
-          corpus.heldout, i, batch_size=config.batch_size,
-          seq_len=config.seq_len, seed=config.seed,
-      )['tokens']
-      for i in range(config.eval_batches)
-  ]
-  heldout = jnp.asarray(np.concatenate(heldout))
+  heldout = data_lib.windows(corpus.heldout, config.seq_len)['tokens']
+  heldout = jnp.asarray(heldout[:config.eval_batches * config.batch_size])
 
   @jax.jit
-  def heldout_loss_fn(params):
+  def heldout_loss(params):
     model = nnx.merge(graphdef, params)
     return jnp.mean(model_lib.token_losses(model, heldout))
 
   return Setup(
-      config=config,
-      corpus=corpus,
-      init_params=init_params,
-      plain_tx=plain_tx,
-      guarded_tx=guarded_tx,
-      plain_step=_plain_step(loss_fn, plain_tx),
-      guarded_step=og.make_train_step(loss_fn, guarded_tx),
-      heldout_loss=lambda params: float(heldout_loss_fn(params)),
+      config=config, corpus=corpus, init_params=init_params, txs=txs,
+      steps={'plain': _plain_step(loss_fn, txs['plain']),
+             'guarded': og.make_train_step(loss_fn, txs['guarded'])},
+      heldout_loss=heldout_loss,
   )
 
 
@@ -216,260 +189,132 @@ def params_sha256(params: nnx.State) -> str:
   return digest.hexdigest()
 
 
-def _all_finite(params: nnx.State, loss: float) -> bool:
-  leaves = jax.device_get(jax.tree.leaves(params))
-  return math.isfinite(loss) and all(np.isfinite(x).all() for x in leaves)
-
-
-def _scalars(metrics: dict[str, jax.Array]) -> dict[str, Any]:
-  """Host copies of a step's metrics as plain JSON-able numbers."""
-  out = {}
-  for name, value in jax.device_get(metrics).items():
-    value = np.asarray(value)
-    if value.dtype == np.bool_:
-      out[name] = bool(value)
-    elif np.issubdtype(value.dtype, np.integer):
-      out[name] = int(value)
-    else:
-      out[name] = float(value)
-  return out
-
-
-# ----------------------------------------------------------------------------
-# Reporting progress to the caller.
-
-
 class Listener:
   """Hooks the CLI implements to show a run live; the default is silent."""
 
-  def start(self, run: str, total: int, done: int) -> None:
+  def start(self, run: str, total: int) -> None:
     pass
 
-  def step(self, run: str, record: dict[str, Any]) -> None:
+  def step(self, run: str, step: int, metrics: dict[str, Any],
+           counts: dict[str, int]) -> None:
     pass
 
   def note(self, run: str, message: str) -> None:
     pass
 
 
-def _fault_note(run: str, fault: faults_lib.Fault, m: dict[str, Any]):
-  """One line on what a run did with a fault, or ``None`` if not yet."""
+def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
+  """What ``run`` did with ``fault`` at this step (``None``: not yet told)."""
   if run == 'plain':
-    if not math.isfinite(m['loss']) or not math.isfinite(m['grad_norm']):
-      outcome = 'NaN reached the parameters'
-    elif fault.name == 'poison':
-      outcome = 'trained on (plain optax has no way to refuse a batch)'
-    else:
-      outcome = (f'applied (grad norm {m["grad_norm"]:.3g} clipped to'
-                 f' {m["clip_bound"]:g})')
-  elif m['skipped']:
-    outcome = 'skipped, optimizer state held bit for bit'
-    if fault.name == 'poison':
-      outcome = f'loss {m["loss"]:.2f} is a spike: ' + outcome
-  elif fault.name == 'poison':
-    return None  # Mildly poisoned batches pass until the loss spikes.
-  else:
-    outcome = 'accepted'
-  return f'step {m["step"]}: {faults_lib.DESCRIPTIONS[fault.name]} -> {outcome}'
+    if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
+      return 'NaN reached the parameters'
+    if fault == 'poison':
+      return 'trained on (plain optax has no way to refuse a batch)'
+    return f'applied (grad norm {metrics["grad_norm"]:.3g} clipped to 1)'
+  if metrics['skipped']:
+    return 'skipped, optimizer state held bit for bit'
+  return None if fault == 'poison' else 'accepted'
 
 
-def _note_fault(listener, run, fault, record, noted: set[str]) -> None:
-  """Tells ``listener`` once per fault what ``run`` did with it."""
-  if fault is not None and fault.name not in noted:
-    note = _fault_note(run, fault, record)
-    if note is not None:
-      noted.add(fault.name)
-      listener.note(run, note)
+class _Watcher:
+  """``fit``'s callback for one run: counts, fault notes, the preemption."""
 
+  def __init__(self, run: str, config: DemoConfig, listener: Listener):
+    self.run, self.config, self.listener = run, config, listener
+    self.counts = {'skipped_step': 0, 'rollback': 0}
+    self.noted: set[str] = set()
+    self.preempted = False
 
-# ----------------------------------------------------------------------------
-# The plain run.
-
-
-def run_plain(setup: Setup, out_dir: pathlib.Path, listener: Listener):
-  """Trains with plain optax; with no checkpoints it starts from scratch."""
-  config = setup.config
-  log = logs_lib.RunLog(out_dir, 'plain')
-  log.start(first_step=1)
-  params, opt_state = setup.init_state(setup.plain_tx)
-  batches = setup.batches()
-  listener.start('plain', config.steps, 0)
-  noted = set()
-  try:
-    for step in range(1, config.steps + 1):
-      params, opt_state, metrics = setup.plain_step(
-          params, opt_state, next(batches)
-      )
-      fault = batches.fault_at(step)
-      record = {
-          'step': step, 'fault': None if fault is None else fault.name,
-          'clip_bound': config.clip_norm, **_scalars(metrics),
-      }
-      if step % config.eval_every == 0 or step == config.steps:
-        record['eval_loss'] = setup.heldout_loss(params)
-      log.step(record)
-      listener.step('plain', record)
-      _note_fault(listener, 'plain', fault, record, noted)
-  finally:
-    log.close()
-  final_loss = setup.heldout_loss(params)
-  return {
-      'final_loss': final_loss,
-      'finite': _all_finite(params, final_loss),
-      'skips': 0,
-      'rollbacks': 0,
-  }
-
-
-# ----------------------------------------------------------------------------
-# The guarded run.
+  def __call__(self, state: og.TrainState, metrics: dict[str, Any],
+               events: tuple[Any, ...]) -> None:
+    step = state.step  # The step whose metrics these are, unless rolled back.
+    for event in events:
+      if event.kind == 'resumed':
+        self.counts.update(event.counts)
+        self.listener.note(self.run, str(event))
+      elif event.kind == 'rollback':
+        step = event.step
+      if event.kind in self.counts and event.kind != 'resumed':
+        self.counts[event.kind] += 1
+    fault = faults_lib.fault_at(self.config.windows, step)
+    if fault is not None and fault not in self.noted:
+      outcome = _outcome(self.run, fault, metrics)
+      if outcome is not None:
+        self.noted.add(fault)
+        self.listener.note(self.run, f'step {step}: {fault} -> {outcome}')
+    for event in events:
+      if event.kind == 'rollback':
+        self.listener.note(self.run, str(event))
+    self.listener.step(self.run, state.step, metrics, dict(self.counts))
+    preempt = self.config.windows.get('preempt', (None,))[0]
+    # A rollback may jump past the planned step: then it comes right after.
+    if self.run == 'guarded' and preempt is not None and (
+        step <= preempt <= state.step):
+      self.listener.note(self.run, f'step {state.step}: SIGTERM (simulated'
+                         ' preemption); the run restarts from disk')
+      self.preempted = True
+      signal.raise_signal(signal.SIGTERM)
 
 
 class Interrupted(Exception):
   """A signal stopped the guarded run; its state is saved."""
 
 
-class GuardedRun:
-  """The guarded run: :func:`optax_guard.fit` with checkpoints and recovery.
-
-  Each :func:`optax_guard.fit` call resumes from the newest valid checkpoint
-  (or starts fresh). The simulated preemption is a real SIGTERM to this
-  process: ``fit`` finishes the step, saves and returns; the run then
-  starts over from what is on disk, as a restarted job would.
-  """
-
-  def __init__(self, setup: Setup, out_dir: pathlib.Path, listener: Listener):
-    self.setup = setup
-    self.config = setup.config
-    self.listener = listener
-    self.directory = out_dir / CHECKPOINT_DIR
-    self.log = logs_lib.RunLog(out_dir, 'guarded')
-    self.checkpointer: Optional[og.Checkpointer] = None
-    self.preempting = False
-    self.noted: set[str] = set()
-    self.skips = self.rollbacks = 0  # For the progress display.
-
-  def _clip_bound(self, metrics: dict[str, Any]) -> float:
-    """The norm above which ZClip clips the next step."""
-    bound = self.config.clip_norm
-    if metrics['zclip_mean'] > 0:  # Zero until ZClip's warm-up is over.
-      z_bound = metrics['zclip_mean'] + ZCLIP_Z * metrics['zclip_std']
-      bound = min(bound, z_bound)
-    return bound
-
-  def _on_step(self, state: og.TrainState, metrics: dict[str, Any]) -> None:
-    """``fit``'s callback: log, show, and inject the preemption."""
-    config = self.config
-    diverged = bool(metrics['diverged'])
-    # A rollback has already moved state.step past the skipped batches.
-    step = state.step - config.skip_batches if diverged else state.step
-    if not self.log.started:
-      self.log.start(first_step=step)
-      # Counts for the progress display, from what is logged before `step`.
-      self.skips = sum(r['skipped'] for r in self.log.records())
-      self.rollbacks = sum(
-          e['event'] == 'rollback' for e in logs_lib.events(
-              self.log.out_dir, 'guarded')
-      )
-      if step > 1:
-        self.log.event('resume', step - 1)
-        self.listener.note(
-            'guarded', f'resumed from the checkpoint of step {step - 1}'
-        )
-    fault = self.batches.fault_at(step)
-    self.skips += metrics['skipped']
-    self.rollbacks += diverged
-    record = {
-        'step': step, 'fault': None if fault is None else fault.name,
-        'clip_bound': self._clip_bound(metrics), 'skips': self.skips,
-        'rollbacks': self.rollbacks, **metrics,
-    }
-    if step % config.eval_every == 0 or step == config.steps:
-      record['eval_loss'] = self.setup.heldout_loss(state.params)
-    self.log.step(record)
-    self.listener.step('guarded', record)
-    _note_fault(self.listener, 'guarded', fault, record, self.noted)
-    if diverged:
-      to_step = self.checkpointer.last_good_step()
-      self.log.event(
-          'rollback', step, to_step=to_step, resume_step=state.step
-      )
-      self.listener.note(
-          'guarded',
-          f'step {step}: {metrics["consecutive_skips"]} skips in a row ->'
-          f' rolled back to the last good checkpoint (step {to_step}),'
-          f' skipping batches {step + 1}-{state.step}',
-      )
-    preempt_step = self.batches.preempt_step
-    # A rollback may skip past the planned step: then it comes right after.
-    if preempt_step is not None and step <= preempt_step <= state.step:
-      self.log.event('preempt', state.step)
-      self.listener.note(
-          'guarded', f'step {state.step}: SIGTERM (simulated preemption)'
-      )
-      self.preempting = True
-      signal.raise_signal(signal.SIGTERM)
-
-  def _fit_once(self) -> FitResult:
-    """One process lifetime: resume from disk, train until done or signal."""
-    setup = self.setup
-    self.batches = setup.batches()
-    self.log.close()
-    init = og.TrainState(0, *setup.init_state(setup.guarded_tx))
-    with og.Checkpointer(
-        self.directory, save_interval_steps=self.config.checkpoint_every,
-        max_to_keep=3,
-    ) as self.checkpointer:
-      return og.fit(
-          setup.guarded_step, init, self.batches,
-          num_steps=self.config.steps, checkpointer=self.checkpointer,
-          recovery=og.RecoveryPolicy(
-              max_rollbacks=self.config.max_rollbacks,
-              skip_extra_batches=self.config.skip_batches,
-          ),
-          progress=False, exit_on_preemption=False, callback=self._on_step,
-      )
-
-  def train(self) -> dict[str, Any]:
-    self.listener.start('guarded', self.config.steps, 0)
-    try:
-      while True:
-        self.preempting = False
-        result = self._fit_once()
-        if not result.preempted:
-          break
-        if not self.preempting:
-          raise Interrupted(
-              f'stopped at step {result.state.step}; its checkpoint is saved'
-          )
-        self.listener.note(
-            'guarded',
-            f'step {result.state.step}: checkpoint saved; the training state'
-            ' is dropped and restored from disk',
-        )
-    finally:
-      self.log.close()
-    final_loss = self.setup.heldout_loss(result.state.params)
-    return {
-        'final_loss': final_loss,
-        'finite': _all_finite(result.state.params, final_loss),
-        'skips': result.events.counts['skipped_step'],
-        'rollbacks': len(result.recovery.rollbacks),
-        'params_sha256': params_sha256(result.state.params),
-    }
+def _fit(setup: Setup, run: str, out_dir: pathlib.Path, watcher: _Watcher,
+         checkpointer: Optional[og.Checkpointer] = None) -> Any:
+  config = setup.config
+  return og.fit(
+      setup.steps[run], og.TrainState(0, *setup.init_state(setup.txs[run])),
+      setup.batches(),
+      num_steps=config.steps, checkpointer=checkpointer,
+      recovery=checkpointer and og.RecoveryPolicy(
+          max_rollbacks=config.max_rollbacks,
+          skip_extra_batches=config.skip_batches),
+      log_dir=out_dir / run, progress=False, exit_on_preemption=False,
+      handle_preemption=checkpointer is not None, eval_fn=setup.evaluate,
+      eval_every=config.eval_every, callback=watcher,
+  )
 
 
-# ----------------------------------------------------------------------------
-# The whole demo.
+def train(setup: Setup, run: str, out_dir: pathlib.Path,
+          listener: Listener) -> dict[str, Any]:
+  """One run to the end; the guarded one resumes from disk after a signal."""
+  listener.start(run, setup.config.steps)
+  watcher = _Watcher(run, setup.config, listener)
+  while True:
+    if run == 'plain':  # No checkpoints: a rerun starts from scratch.
+      result = _fit(setup, run, out_dir, watcher)
+      break
+    with og.Checkpointer(out_dir / CHECKPOINT_DIR, max_to_keep=3,
+                         save_interval_steps=setup.config.checkpoint_every
+                         ) as checkpointer:
+      watcher.preempted = False
+      result = _fit(setup, run, out_dir, watcher, checkpointer)
+    if not result.preempted:
+      break
+    if not watcher.preempted:
+      raise Interrupted(f'stopped at step {result.state.step}; its'
+                        ' checkpoint is saved')
+  params = result.state.params
+  final_loss = float(setup.heldout_loss(params))
+  return {
+      'final_loss': final_loss,
+      'finite': math.isfinite(final_loss) and all(
+          bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params)),
+      'skips': result.events.counts['skipped_step'],
+      'rollbacks': result.events.counts['rollback'],
+      'params_sha256': params_sha256(params),
+  }
 
 
 def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
   """Refuses a directory that holds something else than this demo's run."""
   config_path = out_dir / CONFIG_FILE
+  wanted = json.loads(json.dumps(dataclasses.asdict(config)))
   if config_path.exists():
     saved = json.loads(config_path.read_text())
-    if saved != config.to_json():
-      changed = sorted(k for k in saved if saved[k] != config.to_json().get(k))
+    if saved != wanted:
+      changed = sorted(k for k in saved if saved[k] != wanted.get(k))
       raise ValueError(
           f'{out_dir} holds a demo run with other settings ({", ".join(changed)}'
           ' differ); pass the same options to resume it, or another --out.'
@@ -481,27 +326,23 @@ def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
     )
 
 
-def run_demo(
-    config: DemoConfig,
-    out_dir: os.PathLike,
-    listener: Optional[Listener] = None,
-) -> dict[str, Any]:
+def run_demo(config: DemoConfig, out_dir: os.PathLike,
+             listener: Optional[Listener] = None) -> dict[str, Any]:
   """Runs (or resumes) the demo into ``out_dir``; returns the summary."""
   listener = listener or Listener()
   out_dir = pathlib.Path(out_dir)
   check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _write_json(out_dir / CONFIG_FILE, config.to_json())
+  _write_json(out_dir / CONFIG_FILE, dataclasses.asdict(config))
   summary_path = out_dir / SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   setup = make_setup(config)
-  if 'plain' in summary:
-    listener.note('plain', 'already complete in this directory')
-  else:
-    summary['plain'] = run_plain(setup, out_dir, listener)
+  for run in RUNS:
+    if run == 'plain' and run in summary:
+      listener.note(run, 'already complete in this directory')
+      continue
+    summary[run] = train(setup, run, out_dir, listener)
     _write_json(summary_path, summary)
-  summary['guarded'] = GuardedRun(setup, out_dir, listener).train()
-  _write_json(summary_path, summary)
   return summary
 
 

@@ -1084,6 +1084,126 @@ class Checkpointer:
       self._manager.reload()
 
 
+  # -- Describing (read-only) -------------------------------------------------
+
+  @staticmethod
+  def describe(directory: epath.PathLike) -> list[dict[str, Any]]:
+    """One record per step in ``directory``, read without changing anything.
+
+    Opens no writer (no lock, no clean-up): unfinished saves and steps moved
+    to ``corrupted/`` are listed too. A step is ``valid`` when its arrays
+    load, match the fingerprints saved with them (compared as a multiset:
+    without the training code the leaf paths are unknown) and hold finite
+    parameters.
+
+    Examples:
+      >>> import tempfile
+      >>> import jax.numpy as jnp
+      >>> import optax_guard as og
+      >>> directory = tempfile.mkdtemp()
+      >>> with og.Checkpointer(directory) as ckpt:
+      ...   ckpt.save(og.TrainState(5, {'w': jnp.ones(2)}, ()), force=True)
+      True
+      >>> [(r['step'], r['valid'], r['last_good'])
+      ...  for r in og.Checkpointer.describe(directory)]
+      [(5, True, True)]
+
+    Args:
+      directory: a checkpoint directory.
+
+    Returns:
+      Records sorted by step, with keys ``step``, ``valid``, ``healthy``,
+      ``last_good`` (the newest valid healthy step: the rollback target),
+      ``data`` (the data iterator's saved state), ``events`` (what was saved
+      with it, e.g. :func:`optax_guard.fit`'s event counts), ``bytes`` (on
+      disk) and ``problem`` (why it is not valid, or ``None``).
+
+    Raises:
+      ValueError: if ``directory`` is missing or holds no checkpoints.
+    """
+    path = epath.Path(directory).absolute()
+    if not path.is_dir():
+      raise ValueError(f'{directory} does not exist or is not a directory.')
+
+    def size(where):
+      if not where.is_dir():
+        return where.stat().length
+      return sum(size(child) for child in where.iterdir())
+
+    def record(step, where, **fields):
+      return {'step': step, 'valid': False, 'healthy': False,
+              'last_good': False, 'data': None, 'events': None,
+              'bytes': size(where),
+              'problem': None, **fields}
+
+    def check(manager, step):
+      found = record(step, path / str(step))
+      try:
+        found['healthy'] = bool(_healthy(manager.metrics(step)))
+        saved = manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.JsonRestore() for item in json_items}))
+        found['data'] = (saved[_DATA] or {}).get('value')
+        found['events'] = saved[_EVENTS]
+        arrays = manager.restore(step, args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore()}))[_STATE]
+      except Exception as e:  # pylint: disable=broad-except
+        return {**found, 'problem': f'unreadable ({_first_line(e)})'}
+      expected = (saved[_INTEGRITY] or {}).get('fingerprints')
+      if expected is not None and sorted(
+          fingerprint(arrays).values()) != sorted(expected.values()):
+        return {**found, 'problem': 'fingerprint mismatch'}
+      params = jax.tree.leaves(arrays.get('params', {}))
+      if not all(_map_leaves(_all_finite, params)):
+        return {**found, 'problem': 'non-finite parameter values'}
+      return {**found, 'valid': True}
+
+    json_items = (_DATA, _EVENTS, _INTEGRITY)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(_STATE, ocp.args.StandardRestore)
+    for item in json_items:
+      registry.add(item, ocp.args.JsonRestore)
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, lightweight_initialize=True,
+        save_interval_steps=0,  # What read_only sets, with a warning.
+    )
+    # Orbax warns that the directory is read-only: so it is meant to be.
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+      with ocp.CheckpointManager(path, options=options,
+                                 handler_registry=registry) as manager:
+        records = [check(manager, step) for step in manager.all_steps()]
+    finally:
+      absl_logger.setLevel(level)
+    for name in ocp.path.step.tmp_checkpoints(path):
+      records.append(record(
+          ocp.path.step.step_from_checkpoint_name(name), path / name,
+          problem='unfinished save: removed when a writer opens'))
+    quarantine = path / QUARANTINE_DIR
+    for moved in sorted(quarantine.iterdir()) if quarantine.is_dir() else ():
+      records.append(record(
+          int(moved.name.split('-')[0]), moved,
+          problem=f'quarantined in {QUARANTINE_DIR}/{moved.name}'))
+    if not records:
+      raise ValueError(
+          f'{directory} holds no optax_guard checkpoints (numbered Orbax step'
+          ' directories written by og.Checkpointer, e.g. the checkpoints/ of'
+          ' a demo run).'
+      )
+    records.sort(key=lambda r: r['step'])
+    good = [r for r in records if r['valid'] and r['healthy']]
+    if good:
+      good[-1]['last_good'] = True
+    return records
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+  """The shape Orbax stores: a typed PRNG key is stored as its key data."""
+  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return tuple(np.shape(leaf))
+
+
 def _state_tree(state: TrainState) -> dict[str, Any]:
   tree = {'params': state.params, 'opt_state': state.opt_state}
   if state.rng is not None:

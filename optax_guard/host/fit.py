@@ -9,13 +9,16 @@ for users who don't want to write one.
 """
 
 import collections
+import dataclasses
 import json
+import math
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -79,25 +82,76 @@ class PreemptionHandler:
     self._previous.clear()
 
 
+def _json_safe(value: Any) -> Any:
+  """``value`` as strict JSON: non-finite floats become ``'nan'``/``'inf'``."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  if isinstance(value, Mapping):
+    return {key: _json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(item) for item in value]
+  return value
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+  return json.dumps(_json_safe(record), allow_nan=False) + '\n'
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the records with ``step <= last_step``; drops a torn line.
+
+  The file is replaced atomically, so a kill leaves the old or the new one.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A kill mid-write leaves a partial last line.
+    if record.get('step', 0) <= last_step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if kept != lines:
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
 class RunLogger:
-  """Writes per-step metrics and events as JSONL (and TensorBoard scalars).
+  """Writes per-step metrics and events as JSON lines (and TensorBoard).
 
   Files in ``log_dir``: ``metrics.jsonl`` (one object per step: ``step``,
-  ``time`` and the scalar metrics), ``events.jsonl`` (one object per event:
-  skipped steps, rollbacks, preemption) and, with ``tensorboard``, a
-  tensorboardX event file. Appends, so a resumed run continues the files
-  (steps redone after a crash appear again; the last record of a step wins).
+  ``time`` and the scalar metrics), ``events.jsonl`` (one object per
+  :class:`Event`) and, with ``tensorboard``, a tensorboardX event file.
+  Lines are strict JSON: a non-finite number is written as the string
+  ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads them back).
+  TensorBoard receives finite scalars only; a non-finite one is counted as
+  ``1`` under ``nonfinite/<name>`` at its step.
+
+  A run that starts (or resumes) at ``start_step`` first cuts both files
+  back to the records with ``step <= start_step`` and hides later
+  TensorBoard points, so a crash-resume leaves each step once.
 
   Args:
     log_dir: the directory, created if needed.
     tensorboard: also write TensorBoard event files (needs tensorboardX).
+    start_step: the step training continues from.
   """
 
-  def __init__(self, log_dir: str | os.PathLike, *, tensorboard: bool = True):
+  def __init__(
+      self, log_dir: str | os.PathLike, *, tensorboard: bool = True,
+      start_step: int = 0,
+  ):
     os.makedirs(log_dir, exist_ok=True)
     self.log_dir = os.fspath(log_dir)
-    self._metrics = open(os.path.join(log_dir, 'metrics.jsonl'), 'a')
-    self._events = open(os.path.join(log_dir, 'events.jsonl'), 'a')
+    paths = [os.path.join(self.log_dir, name) for name in
+             ('metrics.jsonl', 'events.jsonl')]
+    for path in paths:
+      _truncate_jsonl(path, start_step)
+    self._metrics, self._events = (open(path, 'a') for path in paths)
     self._writer = None
     if tensorboard:
       try:
@@ -107,23 +161,30 @@ class RunLogger:
             'TensorBoard logging needs tensorboardX (pip install tensorboardX)'
             ' or pass tensorboard=False.'
         ) from e
-      self._writer = tensorboardX.SummaryWriter(self.log_dir)
+      self._writer = tensorboardX.SummaryWriter(
+          self.log_dir, purge_step=start_step + 1 if start_step else None
+      )
 
   def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Appends one step's scalar metrics."""
-    record = {'step': step, 'time': time.time(), **metrics}
-    self._metrics.write(json.dumps(record) + '\n')
+    self._metrics.write(_json_line({'step': step, 'time': time.time(),
+                                    **metrics}))
+    # On disk before the next step: a killed run keeps what it logged.
+    self._metrics.flush()
     if self._writer is not None:
       for name, value in metrics.items():
-        self._writer.add_scalar(f'train/{name}', float(value), step)
+        if math.isfinite(value):
+          self._writer.add_scalar(f'train/{name}', float(value), step)
+        else:
+          self._writer.add_scalar(f'nonfinite/{name}', 1.0, step)
 
-  def log_event(self, event: Mapping[str, Any]) -> None:
+  def log_event(self, event: 'Event') -> None:
     """Appends one event."""
-    self._events.write(json.dumps({'time': time.time(), **event}) + '\n')
+    record = {'time': time.time(), **event.to_json()}
+    self._events.write(_json_line(record))
+    self._events.flush()
     if self._writer is not None:
-      self._writer.add_text(
-          f'events/{event["kind"]}', json.dumps(event), event['step']
-      )
+      self._writer.add_text(f'events/{event.kind}', str(event), event.step)
 
   def flush(self) -> None:
     self._metrics.flush()
@@ -138,14 +199,118 @@ class RunLogger:
       self._writer.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Event:
+  """Something :func:`fit` did or saw at a loop step.
+
+  The subclasses are the kinds :func:`fit` emits; each is passed to the
+  ``callback`` of its step and, except :class:`Saved`, written to
+  ``events.jsonl`` and counted in the :class:`EventLog` under its ``kind``.
+
+  Attributes:
+    step: the loop step (batches drawn) it belongs to.
+  """
+
+  kind: ClassVar[str] = 'event'
+  step: int
+
+  def to_json(self) -> dict[str, Any]:
+    return {'kind': self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedStep(Event):
+  """The guard rejected the step (``reason``: ``nonfinite`` or ``spike``)."""
+
+  kind: ClassVar[str] = 'skipped_step'
+  reason: str
+  loss: float
+  grad_norm: Optional[float]
+
+  def __str__(self) -> str:
+    return f'step {self.step}: skipped ({self.reason}, loss {self.loss:.4g})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollback(Event):
+  """Step ``step`` diverged; training went back to checkpoint ``to_step``.
+
+  The loop continues at ``resume_step``: the batches drawn at steps
+  ``to_step + 1`` to ``resume_step`` (batch indices ``to_step`` to
+  ``resume_step - 1``) never count; :attr:`dropped_steps` is that window.
+  """
+
+  kind: ClassVar[str] = 'rollback'
+  to_step: int
+  resume_step: int
+  reason: str
+  skipped_batches: int = 0
+  worst_leaves: tuple[tuple[str, float], ...] = ()
+
+  @property
+  def dropped_steps(self) -> range:
+    return range(self.to_step + 1, self.resume_step + 1)
+
+  def __str__(self) -> str:
+    # Worded as the recovery's own warning: batch indices, then steps.
+    return (
+        f'step {self.step}: {self.reason} -> rolled back to step'
+        f' {self.to_step}, skipping batches {self.to_step}..'
+        f'{self.resume_step - 1} (steps {self.to_step + 1}-{self.resume_step})'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Diverged(Event):
+  """The guard reported ``diverged`` and no recovery is configured."""
+
+  kind: ClassVar[str] = 'diverged'
+  reason: str
+
+  def __str__(self) -> str:
+    return f'step {self.step}: diverged ({self.reason})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved(Event):
+  """A checkpoint of ``step`` was written (``healthy``: a rollback target)."""
+
+  kind: ClassVar[str] = 'saved'
+  healthy: bool
+
+  def __str__(self) -> str:
+    health = 'healthy' if self.healthy else 'not healthy'
+    return f'step {self.step}: saved ({health})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Preempted(Event):
+  """A signal asked to stop; the state of ``step`` is saved."""
+
+  kind: ClassVar[str] = 'preempted'
+  signal: str
+
+  def __str__(self) -> str:
+    return f'step {self.step}: {self.signal}, saving and stopping'
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed(Event):
+  """The run continued from the checkpoint of ``step``.
+
+  Attributes:
+    counts: the event counts restored with it (``{kind: count}``).
+  """
+
+  kind: ClassVar[str] = 'resumed'
+  counts: dict[str, int]
+
+  def __str__(self) -> str:
+    return f'resumed from the checkpoint of step {self.step}'
+
+
 class EventLog:
   """Counts of events and the most recent ones, small enough to checkpoint.
-
-  Kinds written by :func:`fit`: ``skipped_step`` (the guard rejected a
-  step: ``reason`` is ``nonfinite`` or ``spike``), ``diverged`` (the guard
-  raised ``diverged`` and no recovery is configured), ``rollback`` (see
-  :meth:`optax_guard.Recovery.rollback`; ``skipped_batches`` counts the
-  data window skipped), ``preempted``.
 
   Args:
     keep: how many recent events to keep.
@@ -157,10 +322,9 @@ class EventLog:
         maxlen=keep
     )
 
-  def add(self, kind: str, step: int, **details: Any) -> dict[str, Any]:
-    event = {'kind': kind, 'step': step, **details}
-    self.counts[kind] += 1
-    self.recent.append(event)
+  def add(self, event: Event) -> Event:
+    self.counts[event.kind] += 1
+    self.recent.append(event.to_json())
     return event
 
   def state_dict(self) -> dict[str, Any]:
@@ -206,11 +370,126 @@ def _committed(tree: Any) -> Any:
   )
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
+class _Progress:
+  """A tqdm bar on a terminal; elsewhere a plain line every ``every`` seconds.
+
+  Output to a file or a pipe gets no carriage-return redraws, only lines
+  such as ``step 120/600 (20%)  loss 2.31  skips 3  rollbacks 0  42 s``.
+  """
+
+  def __init__(self, total: int, initial: int, every: float):
+    self._total = total
+    self._every = every
+    self._started = self._shown = time.monotonic()
+    self._bar = None
+    if sys.stderr.isatty():
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=initial, unit='step',
+                       dynamic_ncols=True)
+
+  def update(self, step: int, loss: float, counts: Mapping[str, int]) -> None:
+    skips, rollbacks = counts['skipped_step'], counts['rollback']
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f'{loss:.4g}', skips=skips,
+                            rollbacks=rollbacks, refresh=False)
+      return
+    now = time.monotonic()
+    if now - self._shown >= self._every or step == self._total:
+      self._shown = now
+      print(
+          f'step {step}/{self._total} ({100 * step // max(self._total, 1)}%)'
+          f'  loss {loss:.4g}  skips {skips}  rollbacks {rollbacks}'
+          f'  {now - self._started:.0f} s',
+          file=sys.stderr, flush=True,
+      )
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+class _Loop:
+  """The state :func:`fit` threads through its steps, and its side effects.
+
+  Holds the event log, the recovery watch, the logger and the checkpointer,
+  so that recording an event, saving and the save after an error each take
+  one call.
+  """
+
+  def __init__(self, checkpointer, watch, data, logger):
+    self.checkpointer = checkpointer
+    self.watch = watch
+    self.data = data
+    self.logger = logger
+    self.events = EventLog()
+    self.step_events: list[Event] = []
+
+  def record(self, event: Event) -> None:
+    """Passes ``event`` to the callback; logs and counts it unless a save."""
+    self.step_events.append(event)
+    if isinstance(event, Saved):
+      return  # Saves go to the callback only: the logs hold what happened.
+    self.events.add(event)
+    if self.logger is not None:
+      self.logger.log_event(event)
+
+  def take_events(self) -> tuple[Event, ...]:
+    events, self.step_events = tuple(self.step_events), []
+    return events
+
+  def save(self, state: TrainState, *, healthy: bool, force: bool) -> bool:
+    if self.checkpointer is None:
+      return False
+    saved = self.checkpointer.save(
+        state, data_iter=self.data, healthy=healthy, force=force,
+        events={'log': self.events.state_dict(),
+                'recovery': self.watch.state_dict()},
+    )
+    if saved:
+      self.record(Saved(state.step, healthy))
+    return saved
+
+  def save_after_error(self, state: TrainState, error: BaseException) -> None:
+    """Saves the last completed step before ``error`` leaves :func:`fit`."""
+    what = type(error).__name__
+    if self.checkpointer is None:
+      _log.warning('%s at step %d; no checkpointer, nothing saved.', what,
+                   state.step)
+      return
+    directory = self.checkpointer.directory
+    try:
+      saved = self.save(state, healthy=self.watch.healthy, force=True)
+      self.checkpointer.wait_until_finished()
+    except Exception as save_error:  # pylint: disable=broad-except
+      # E.g. the failed step had already consumed its donated buffers.
+      _log.error('%s at step %d; saving step %d to %s failed too: %s', what,
+                 state.step + 1, state.step, directory, save_error)
+      return
+    _log.warning(
+        '%s after step %d; %s step %d in %s (%s); re-raising.', what,
+        state.step, 'saved' if saved else 'already on disk:', state.step,
+        directory, 'healthy' if self.watch.healthy else 'not healthy',
+    )
+
+
+def _resume(checkpointer, state, data, loop) -> TrainState:
+  """Restores the newest valid checkpoint (or saves the initial state)."""
+  state, saved = checkpointer.restore_or_init(state, data_iter=data)
+  if saved:
+    loop.events.load_state_dict(saved['log'])
+    loop.watch.load_state_dict(saved['recovery'])
+    loop.step_events.append(Resumed(state.step, dict(loop.events.counts)))
+  elif checkpointer.latest_step() is None:
+    loop.save(state, healthy=True, force=True)
+  return state
+
+
+def _skip_event(step: int, scalars: Mapping[str, Any]) -> SkippedStep:
+  return SkippedStep(
+      step, reason='nonfinite' if scalars.get('nonfinite') else 'spike',
+      loss=scalars['loss'], grad_norm=scalars.get('grad_norm'),
+  )
 
 
 def fit(
@@ -224,9 +503,14 @@ def fit(
     log_dir: Optional[str | os.PathLike] = None,
     tensorboard: bool = True,
     progress: bool = True,
+    progress_every: float = 10.0,
     handle_preemption: bool = True,
     exit_on_preemption: bool = True,
-    callback: Optional[Callable[[TrainState, dict[str, Any]], None]] = None,
+    eval_fn: Optional[Callable[[TrainState], Mapping[str, Any]]] = None,
+    eval_every: int = 100,
+    callback: Optional[
+        Callable[[TrainState, dict[str, Any], tuple[Event, ...]], None]
+    ] = None,
 ) -> FitResult:
   """Trains to step ``num_steps`` (or until the data ends), fault-tolerant.
 
@@ -244,6 +528,11 @@ def fit(
   state as an uninterrupted run (given a deterministic ``train_step`` and a
   restorable ``data`` iterator).
 
+  On any exception out of the loop (the data iterator or the step raising,
+  ``KeyboardInterrupt``, :class:`TrainingDiverged`), the last completed
+  step is saved (``healthy`` as the recovery watch judges it) and a warning
+  names the step and the directory before the exception propagates.
+
   With ``recovery``: a divergence rolls back to the last good checkpoint,
   skipping the batches drawn since (see :class:`optax_guard.Recovery`).
 
@@ -251,6 +540,13 @@ def fit(
   the state is saved, and the process exits with status 0
   (``exit_on_preemption``; otherwise :func:`fit` returns with
   ``preempted=True``).
+
+  Logs (``log_dir``): ``metrics.jsonl`` and ``events.jsonl`` are strict JSON
+  lines, a non-finite number written as the string ``"nan"``, ``"inf"`` or
+  ``"-inf"``; a run that starts at step ``s`` (fresh or resumed) first cuts
+  both back to the records of steps ``<= s``, so every step appears once.
+  TensorBoard gets finite scalars under ``train/<name>`` and a ``1`` under
+  ``nonfinite/<name>`` for each non-finite one (see :class:`RunLogger`).
 
   Examples:
     >>> import numpy as np
@@ -278,12 +574,22 @@ def fit(
     recovery: rollback policy (needs a ``checkpointer``).
     log_dir: write ``metrics.jsonl``, ``events.jsonl`` and TensorBoard files.
     tensorboard: with ``log_dir``, also write TensorBoard event files.
-    progress: show a tqdm progress bar.
+    progress: show progress on stderr: a tqdm bar on a terminal, otherwise a
+      plain line every ``progress_every`` seconds (and at the end).
+    progress_every: seconds between two plain progress lines.
     handle_preemption: catch SIGTERM / SIGINT (see above).
     exit_on_preemption: raise ``SystemExit(0)`` after the preemption save.
-    callback: called as ``callback(state, metrics)`` after every step, with
-      the scalar metrics as Python numbers. The state's arrays are donated to
-      the next step: read them, don't keep them.
+    eval_fn: called as ``eval_fn(state)`` every ``eval_every`` steps and at
+      ``num_steps``; its scalars join the step's metrics (logged, passed to
+      ``callback``).
+    eval_every: steps between two ``eval_fn`` calls.
+    callback: called as ``callback(state, metrics, events)`` after every
+      step, with the scalar metrics as Python numbers and the step's
+      :class:`Event` records (:class:`SkippedStep`, :class:`Rollback`,
+      :class:`Saved`, :class:`Preempted`, a first :class:`Resumed`, ...).
+      ``state`` is the state the loop continues from (after a rollback, the
+      restored one). Its arrays are donated to the next step: read them,
+      don't keep them.
 
   Returns:
     A :class:`FitResult`.
@@ -295,103 +601,51 @@ def fit(
   """
   if not isinstance(num_steps, int) or num_steps < 0:
     raise ValueError(f'num_steps must be an int >= 0, got {num_steps!r}.')
+  if not isinstance(eval_every, int) or eval_every < 1:
+    raise ValueError(f'eval_every must be an int >= 1, got {eval_every!r}.')
   if recovery is not None and checkpointer is None:
     raise ValueError('recovery needs a checkpointer to roll back to.')
   if recovery is not None and recovery.lr_backoff is not None:
     recovery_lib.scale_hyperparam(state.opt_state, 1.0, recovery.lr_hyperparam)
-  policy = recovery or recovery_lib.RecoveryPolicy()
-  watch = recovery_lib.Recovery(policy, checkpointer)
-  events = EventLog()
-
+  watch = recovery_lib.Recovery(
+      recovery or recovery_lib.RecoveryPolicy(), checkpointer
+  )
+  loop = _Loop(checkpointer, watch, data, logger=None)
   if checkpointer is not None:
-    state, saved = checkpointer.restore_or_init(state, data_iter=data)
+    state = _resume(checkpointer, state, data, loop)
   # Restored arrays are committed to their devices; committing fresh ones too
   # means the step compiles once, not again after a resume or rollback.
   state = state._replace(
       params=_committed(state.params), opt_state=_committed(state.opt_state),
       rng=_committed(state.rng),
   )
-  if checkpointer is not None:
-    if saved:
-      events.load_state_dict(saved['log'])
-      watch.load_state_dict(saved['recovery'])
-    elif checkpointer.latest_step() is None:
-      checkpointer.save(state, data_iter=data, force=True,
-                        events={'log': events.state_dict(),
-                                'recovery': watch.state_dict()})
-
-  def save(current: TrainState, *, healthy: bool, force: bool) -> None:
-    if checkpointer is not None:
-      checkpointer.save(
-          current, data_iter=data, healthy=healthy, force=force,
-          events={'log': events.state_dict(), 'recovery': watch.state_dict()},
-      )
-
-  logger = RunLogger(log_dir, tensorboard=tensorboard) if log_dir else None
-
-  def record(kind: str, step: int, **details: Any) -> None:
-    event = events.add(kind, step, **details)
-    if logger is not None:
-      logger.log_event(event)
-
+  if log_dir:
+    loop.logger = RunLogger(log_dir, tensorboard=tensorboard,
+                            start_step=state.step)
+    for event in loop.step_events:
+      if isinstance(event, Resumed):
+        loop.logger.log_event(event)
   preemption = PreemptionHandler() if handle_preemption else None
-  bar = _progress_bar(progress, num_steps, state.step)
+  bar = _Progress(num_steps, state.step, progress_every) if progress else None
   preempted = False
   try:
     if preemption is not None:
       preemption.__enter__()
-    while state.step < num_steps:
-      try:
-        batch = next(data)
-      except StopIteration:
-        _log.warning('The data ran out at step %d of %d.', state.step,
-                     num_steps)
-        break
-      params, opt_state, metrics = train_step(
-          state.params, state.opt_state, batch
-      )
-      state = state._replace(
-          step=state.step + 1, params=params, opt_state=opt_state
-      )
-      scalars = _host_scalars(metrics)
-      if logger is not None:
-        logger.log_metrics(state.step, scalars)
-      if scalars.get('skipped'):
-        record('skipped_step', state.step,
-               reason='nonfinite' if scalars.get('nonfinite') else 'spike',
-               loss=scalars['loss'], grad_norm=scalars.get('grad_norm'))
-      reason = watch.observe(state.step, scalars)
-      rolled_back = False
-      if reason is not None and recovery is not None:
-        state = watch.rollback(state, reason, data_iter=data, metrics=scalars)
-        details = dict(watch.rollbacks[-1])
-        record('rollback', details.pop('step'), **details)
-        rolled_back = True
-      elif reason is not None:
-        record('diverged', state.step, reason=reason)
-      if callback is not None:
-        callback(state, scalars)
-      stopping = preemption is not None and preemption.requested
-      if stopping:
-        record('preempted', state.step, signal=preemption.signal_name)
-      if rolled_back or stopping or checkpointer is not None and (
-          checkpointer.should_save(state.step)
-      ):
-        # A rolled-back state is the last good one: healthy by definition.
-        save(state, healthy=rolled_back or watch.healthy,
-             force=rolled_back or stopping)
-      if bar is not None:
-        bar.update(state.step - bar.n)
-        bar.set_postfix(
-            loss=f'{scalars["loss"]:.4g}',
-            skips=events.counts['skipped_step'],
-            rollbacks=len(watch.rollbacks), refresh=False,
+    try:
+      while state.step < num_steps:
+        state, stop = _run_step(
+            train_step, state, loop, num_steps=num_steps, recovery=recovery,
+            preemption=preemption, eval_fn=eval_fn, eval_every=eval_every,
+            callback=callback, bar=bar,
         )
-      if stopping:
-        preempted = True
-        break
+        preempted = stop == 'preempted'
+        if stop is not None:
+          break
+    except BaseException as error:
+      loop.save_after_error(state, error)
+      raise
     if not preempted:
-      save(state, healthy=watch.healthy, force=True)
+      loop.save(state, healthy=watch.healthy, force=True)
     if checkpointer is not None:
       checkpointer.wait_until_finished()
   finally:
@@ -399,10 +653,73 @@ def fit(
       preemption.__exit__(None, None, None)
     if bar is not None:
       bar.close()
-    if logger is not None:
-      logger.close()
+    if loop.logger is not None:
+      loop.logger.close()
   if preempted and exit_on_preemption:
     _log.warning('Saved step %d after %s; exiting.', state.step,
                  preemption.signal_name)
     raise SystemExit(0)
-  return FitResult(state, events, watch, preempted)
+  return FitResult(state, loop.events, watch, preempted)
+
+
+def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
+              eval_fn, eval_every, callback, bar):
+  """One loop step: train, log, watch, maybe roll back, maybe save.
+
+  Returns:
+    ``(state, stop)``: the state to continue from and why to stop now
+    (``'preempted'``, ``'data ran out'``) or ``None``.
+  """
+  try:
+    batch = next(loop.data)
+  except StopIteration:
+    _log.warning('The data ran out at step %d of %d.', state.step, num_steps)
+    return state, 'data ran out'
+  params, opt_state, metrics = train_step(state.params, state.opt_state, batch)
+  state = state._replace(step=state.step + 1, params=params,
+                         opt_state=opt_state)
+  scalars = _host_scalars(metrics)
+  if eval_fn is not None and (
+      state.step % eval_every == 0 or state.step == num_steps
+  ):
+    scalars.update(_host_scalars(eval_fn(state)))
+  if loop.logger is not None:
+    loop.logger.log_metrics(state.step, scalars)
+  if scalars.get('skipped'):
+    loop.record(_skip_event(state.step, scalars))
+  watch = loop.watch
+  reason = watch.observe(state.step, scalars)
+  rolled_back = reason is not None and recovery is not None
+  if rolled_back:
+    diverged_step = state.step
+    state = watch.rollback(state, reason, data_iter=loop.data,
+                           metrics=scalars)
+    done = watch.rollbacks[-1]
+    loop.record(Rollback(
+        diverged_step, to_step=done['to_step'], resume_step=state.step,
+        reason=reason, skipped_batches=state.step - done['to_step'],
+        worst_leaves=tuple(map(tuple, done.get('worst_leaves', ()))),
+    ))
+  elif reason is not None:
+    loop.record(Diverged(state.step, reason))
+  stopping = preemption is not None and preemption.requested
+  if stopping:
+    loop.record(Preempted(state.step, preemption.signal_name))
+  checkpointer = loop.checkpointer
+  if rolled_back or stopping or checkpointer is not None and (
+      checkpointer.should_save(state.step)
+  ):
+    # A rolled-back state is the last good one: healthy by definition.
+    loop.save(state, healthy=rolled_back or watch.healthy,
+              force=rolled_back or stopping)
+  if callback is not None:
+    callback(state, scalars, loop.take_events())
+    # The callback may itself send the signal (a simulated preemption).
+    if not stopping and preemption is not None and preemption.requested:
+      loop.record(Preempted(state.step, preemption.signal_name))
+      loop.save(state, healthy=watch.healthy, force=True)
+      stopping = True
+  loop.step_events.clear()
+  if bar is not None:
+    bar.update(state.step, scalars['loss'], loop.events.counts)
+  return state, 'preempted' if stopping else None

@@ -396,7 +396,7 @@ class Recovery:
           ' consecutive skipped steps'
       )
     policy = self.policy
-    armed = (policy.loss_factor is not None
+    armed = (policy.loss_factor is not None and self._ema is not None
              and self._ema_count >= policy.loss_warmup_steps)
     high = not finite or (armed and loss > policy.loss_factor * self._ema)
     if high:
