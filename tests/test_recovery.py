@@ -158,6 +158,24 @@ def test_rollback_passes_over_an_unconfirmed_save(tmp_path, train_step):
   assert recovery.loss_ema == saved_ema and recovery.is_confirmed(22)
 
 
+def test_retention_keeps_the_newest_confirmed_checkpoint(tmp_path):
+  # max_to_keep=1 and no "last good" policy: only Recovery's registered
+  # is_confirmed keeps step 4 (confirmed by steps 4..7) once the run turns
+  # unhealthy from step 8 on and steps 8..12 are saved after it.
+  state = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1,
+                       keep_last_good=False, async_save=False) as ckpt:
+    recovery = Recovery(og.RecoveryPolicy(confirm_steps=3), ckpt)
+    for step in range(1, 13):
+      observe(recovery, step, 1.0, skipped=step >= 8)
+      if step % 4 == 0 or step >= 8:
+        ckpt.save(state._replace(step=step), healthy=recovery.healthy)
+    assert recovery.is_confirmed(4) and not recovery.is_confirmed(8)
+    assert ckpt.all_steps() == [4, 12]
+    assert recovery.rollback(state._replace(step=12), 'diverged').step == 12
+  assert recovery.rollbacks[0]['to_step'] == 4
+
+
 def test_rollback_restores_last_good_and_skips_the_window(tmp_path,
                                                          train_step):
   data = make_data()

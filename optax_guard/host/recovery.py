@@ -69,9 +69,11 @@ class RecoveryPolicy:
       many healthy steps in a row followed it (its own step included when it
       has one): a save made just before a divergence, or during a slow
       ramp, is never restored. ``0`` trusts the ``healthy`` flag given at
-      save time. When no confirmed checkpoint is left on disk (retention
-      removed them), the newest one saved as healthy is restored, with a
-      warning.
+      save time. The checkpointer handed to :class:`Recovery` keeps the
+      newest confirmed checkpoint past its ``max_to_keep``; when none is on
+      disk (each was removed before it was confirmed: keep ``max_to_keep *
+      save_interval_steps`` above ``confirm_steps``), the newest one saved as
+      healthy is restored, with a warning.
     healthy_loss_sigma: a step is healthy when it was not skipped and its
       loss is finite and at most ``healthy_loss_sigma`` standard deviations
       above the loss's moving average (once ``loss_warmup_steps`` losses are
@@ -303,6 +305,9 @@ class Recovery:
     self._runs: list[list[int]] = []
     # Steps holding a restored confirmed state (saved right after a rollback).
     self._restored_steps: list[int] = []
+    if checkpointer is not None and policy.confirm_steps > 0:
+      # Retention must not delete the checkpoint a rollback would restore.
+      checkpointer.preserve_newest(self.is_confirmed)
 
   @property
   def healthy(self) -> bool:
