@@ -53,7 +53,14 @@ class RecoveryPolicy:
       :class:`TrainingDiverged`.
     loss_factor: also roll back when the loss stays above ``loss_factor``
       times its exponential moving average (``None``: only on the guard's
-      ``diverged`` flag).
+      ``diverged`` flag). Off by default, as measured for issue 12 on the
+      300-step linear runs of ``tests/test_slow_faults.py``: ``3.0`` made no
+      rollback on the clean run and on the poisoned-row ramp, but on a
+      learning rate 10x too high it rolled back 3 times (each restored
+      state still too fast with ``lr_backoff=0.5``) and raised
+      :class:`TrainingDiverged`, where the guard alone kept the run finite;
+      the demo, the examples and the campaign's clean start were not
+      measured with it yet.
     loss_patience: how many steps in a row the loss must stay that high.
     loss_ema_decay: decay of the loss EMA (updated with accepted, finite,
       non-alarming losses only, so a blow-up cannot drag it up).
