@@ -81,10 +81,10 @@ class RecoveryPolicy:
       disk (each was removed before it was confirmed: keep ``max_to_keep *
       save_interval_steps`` above ``confirm_steps``), the newest one saved as
       healthy is restored, with a warning.
-    healthy_loss_sigma: a step is healthy when it was not skipped and its
-      loss is finite and at most ``healthy_loss_sigma`` standard deviations
-      above the loss's moving average (once ``loss_warmup_steps`` losses are
-      in; mean and variance are exponential moving averages with
+    healthy_loss_sigma: a step is healthy when the guard skipped it (the
+      state did not change) or its loss is finite and at most
+      ``healthy_loss_sigma`` standard deviations above the loss's moving
+      average (once ``loss_warmup_steps`` losses are in; mean and variance are exponential moving averages with
       ``loss_ema_decay``; the band is at least 1% of the mean wide).
   """
 
@@ -366,7 +366,7 @@ class Recovery:
       >>> from optax_guard.host.recovery import Recovery
       >>> recovery = Recovery(og.RecoveryPolicy(confirm_steps=3))
       >>> for step in range(1, 8):
-      ...   _ = recovery.observe(step, {'loss': 1.0, 'skipped': step == 6})
+      ...   _ = recovery.observe(step, {'loss': 1.0 if step != 6 else float('nan')})
       >>> [s for s in range(8) if recovery.is_confirmed(s)]
       [0, 1, 2]
 
@@ -401,7 +401,10 @@ class Recovery:
     skipped = bool(_scalar(metrics.get('skipped', False)))
     self._skip_streak = int(_scalar(metrics.get('consecutive_skips', 0)))
     finite = math.isfinite(loss)
-    self._record_health(step, not skipped and finite and self._in_band(loss))
+    # A skipped step left the state as it was: no evidence against it, so
+    # it continues a healthy run (isolated skips would otherwise leave no
+    # checkpoint confirmed); a divergence rolls back anyway.
+    self._record_health(step, skipped or (finite and self._in_band(loss)))
     if bool(_scalar(metrics.get('diverged', False))):
       return (
           f'guard diverged at step {step} after {self._skip_streak}'
