@@ -337,7 +337,7 @@ def regression_data(seed: int, num_examples: int, dim: int = 8):
   rng = np.random.default_rng(seed)
   teacher = mlp_init(jax.random.key(seed), [dim, 16, 1])
   x = rng.normal(size=(num_examples, dim)).astype(np.float32)
-  y = np.asarray(mlp_apply(teacher, x)) + 0.1 * rng.normal(
+  y = np.asarray(mlp_apply(teacher, jnp.asarray(x))) + 0.1 * rng.normal(
       size=(num_examples, 1)
   ).astype(np.float32)
   return {'x': x, 'y': y.astype(np.float32)}

@@ -48,8 +48,8 @@ def train(directory: str, record_dir: str, num_steps: int,
     drawn['batch'] = batch
     return step_fn(params, opt_state, batch)
 
-  def record(state, metrics):
-    del metrics
+  def record(state, metrics, events):
+    del metrics, events
     np.savez(os.path.join(record_dir, f'{state.step}.npz'), **drawn['batch'])
     if state.step == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)

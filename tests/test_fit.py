@@ -272,3 +272,28 @@ def test_stops_when_the_data_ends(train_step, caplog):
                   progress=False)
   assert result.state.step == 3
   assert 'The data ran out at step 3 of 10.' in caplog.text
+
+
+def test_eval_results_rank_the_saved_steps_for_restore_best(
+    tmp_path, train_step):
+  held_out = jax.tree.map(jnp.asarray, faults.regression_data(
+      seed=9, num_examples=64))
+
+  def eval_fn(state):
+    return {'eval_loss': loss_fn(state.params, held_out)}
+
+  evaluated = {}
+  with og.Checkpointer(tmp_path, save_interval_steps=4, max_to_keep=2,
+                       best_metric='eval_loss') as checkpointer:
+    og.fit(train_step, make_init(), make_data(), num_steps=24,
+           checkpointer=checkpointer, progress=False, eval_fn=eval_fn,
+           eval_every=4, callback=lambda state, metrics, events: (
+               evaluated.update({state.step: metrics['eval_loss']})
+               if 'eval_loss' in metrics else None))
+    assert sorted(evaluated) == list(range(4, 25, 4))
+    best = min(evaluated, key=evaluated.get)
+    assert checkpointer.best_step() == best
+    assert checkpointer.metrics(best)['eval_loss'] == pytest.approx(
+        evaluated[best], rel=1e-6)
+    restored, _ = checkpointer.restore_best(make_init())
+  assert restored.step == best

@@ -209,7 +209,7 @@ def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
     if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
       return 'NaN reached the parameters'
     if fault == 'poison':
-      return 'trained on (plain optax has no way to refuse a batch)'
+      return 'trained on (plain optax cannot refuse a batch)'
     return f'applied (grad norm {metrics["grad_norm"]:.3g} clipped to 1)'
   if metrics['skipped']:
     return 'skipped, optimizer state held bit for bit'

@@ -35,7 +35,9 @@ IN_MEMORY_READ_OPTIONS = grain.ReadOptions(
 def _leading_size(arrays: Any) -> int:
   """The common first dimension of the leaves of ``arrays``, checked."""
   leaves = jax.tree.leaves(arrays)
-  sizes = [np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves]
+  sizes: list[Any] = [
+      np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves
+  ]
   if not leaves or None in sizes or len(set(sizes)) != 1:
     raise ValueError(
         'arrays must be a non-empty pytree of arrays (e.g. a dict) with the'

@@ -76,6 +76,20 @@ def combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
   return _rescaled_norm(stacked, dtype)
 
 
+def _stack(scalars: list[jax.Array], dtype) -> jax.Array:
+  if not scalars:
+    return jnp.zeros((0,), dtype)
+  return jnp.stack([s.astype(dtype) for s in scalars])
+
+
+def _sqrt_each(sums: list[jax.Array], dtype) -> jax.Array:
+  """``[sqrt(s).astype(dtype) for s in sums]`` as one vector, bit for bit."""
+  if all(s.dtype == dtype for s in sums):
+    return jnp.sqrt(_stack(sums, dtype))
+  # Mixed precisions: each root in its own leaf's dtype, as promised.
+  return _stack([jnp.sqrt(s) for s in sums], dtype)
+
+
 def norm_stats(tree: Any) -> NormStats:
   """Global and per-leaf L2 norms of ``tree``, safe for any finite input.
 
@@ -105,25 +119,28 @@ def norm_stats(tree: Any) -> NormStats:
   sums = [_sum_squares(x, accumulation_dtype(x.dtype)) for x in float_leaves]
   total = sum(s.astype(dtype) for s in sums) if sums else jnp.zeros((), dtype)
 
+  # Both branches return the leaf norms as one vector: the fast path is then
+  # one square root of all the sums (not one small kernel per leaf), and a
+  # cond with one output in place of one per leaf.
   def fast_path():
-    return [jnp.sqrt(s).astype(dtype) for s in sums], jnp.sqrt(total)
+    return _sqrt_each(sums, dtype), jnp.sqrt(total)
 
   def safe_path():
     norms = [
         _rescaled_norm(x, accumulation_dtype(x.dtype)).astype(dtype)
         for x in float_leaves
     ]
-    return norms, combine_norms(norms, dtype)
+    return _stack(norms, dtype), combine_norms(norms, dtype)
 
   # Squares below the smallest normal number lose precision (or vanish), and
   # a non-finite sum may be overflow rather than a NaN/Inf gradient: in both
   # cases recompute with each leaf rescaled by its largest magnitude. Ordinary
   # gradients never take this second pass.
   trustworthy = (total >= jnp.finfo(dtype).tiny) & jnp.isfinite(total)
-  leaf_norm_list, global_norm = jax.lax.cond(trustworthy, fast_path, safe_path)
+  norm_vector, global_norm = jax.lax.cond(trustworthy, fast_path, safe_path)
   leaf_norms = [None] * len(leaves)
-  for position, norm in zip(float_positions, leaf_norm_list):
-    leaf_norms[position] = norm
+  for index, position in enumerate(float_positions):
+    leaf_norms[position] = norm_vector[index]
   return NormStats(
       global_norm=global_norm,
       leaf_norms=jax.tree.unflatten(treedef, leaf_norms),
