@@ -700,7 +700,8 @@ class Checkpointer:
              for step in self.all_steps()}
     scored = [step for step, (has_value, _) in ranks.items() if has_value]
     # Stable sort of the newest first: of equal values, the newest wins.
-    return sorted(sorted(scored, reverse=True), key=ranks.get, reverse=True)
+    return sorted(sorted(scored, reverse=True), key=lambda step: ranks[step],
+                  reverse=True)
 
   def should_save(self, step: int) -> bool:
     """Whether :meth:`save` would write at ``step`` without ``force``."""

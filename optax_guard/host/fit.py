@@ -696,6 +696,7 @@ def fit(
     for event in loop.step_events:
       if isinstance(event, Resumed):
         loop.logger.log_event(event)
+  preemption: Optional[PreemptionHandler]
   if isinstance(handle_preemption, PreemptionHandler):
     preemption = handle_preemption
   else:
@@ -729,7 +730,7 @@ def fit(
       bar.close()
     if loop.logger is not None:
       loop.logger.close()
-  if preempted and exit_on_preemption:
+  if preempted and exit_on_preemption and preemption is not None:
     _log.warning('Saved step %d after %s; exiting.', state.step,
                  preemption.signal_name)
     raise SystemExit(0)

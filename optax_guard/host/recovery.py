@@ -418,9 +418,11 @@ class Recovery:
           ' consecutive skipped steps'
       )
     policy = self.policy
-    armed = (policy.loss_factor is not None and self._ema is not None
-             and self._ema_count >= policy.loss_warmup_steps)
-    high = not finite or (armed and loss > policy.loss_factor * self._ema)
+    bound = None
+    if (policy.loss_factor is not None and self._ema is not None
+        and self._ema_count >= policy.loss_warmup_steps):
+      bound = policy.loss_factor * self._ema
+    high = not finite or (bound is not None and loss > bound)
     if high:
       self._loss_streak += 1
     else:
@@ -438,6 +440,7 @@ class Recovery:
   def _restore_target(self, state: checkpoint_lib.TrainState):
     """The newest usable confirmed checkpoint, else the newest healthy one."""
     checkpointer = self.checkpointer
+    assert checkpointer is not None  # Recovery.rollback checked it.
     if self.policy.confirm_steps == 0:
       return checkpointer.restore_last_good(state)
     for step in sorted(checkpointer.all_steps(), reverse=True):

@@ -298,7 +298,7 @@ class AutoClipState(NamedTuple):
   """
 
   history: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   stats: ClipStats
 
 

@@ -163,7 +163,7 @@ def diagnose(
   scales = np.asarray(_vanishing.floored_param_norm(param_norms, sizes))
   finite = np.isfinite(grad_norms)
   ratios = grad_norms.astype(np.float64) / scales.astype(np.float64)
-  vanished = ()
+  vanished: tuple[str, ...] = ()
   if counters is not None:
     vanished = tuple(n for n, c in zip(names, counters) if c >= vanishing_steps)
   return Diagnosis(

@@ -120,22 +120,65 @@ class GuardState(NamedTuple):
   last_step: StepReport
 
   # The flat names of og.metrics, read from the records above.
-  grad_norm = property(lambda self: self.last_step.grad_norm)
-  leaf_norms = property(lambda self: self.last_step.leaf_norms)
-  loss = property(lambda self: self.last_step.loss)
-  update_norm = property(lambda self: self.last_step.update_norm)
-  clip_threshold = property(lambda self: self.last_step.clip_threshold)
-  skipped = property(lambda self: self.last_step.skipped)
-  nonfinite = property(lambda self: self.last_step.nonfinite)
-  spike = property(lambda self: self.last_step.spike)
-  inner_nonfinite = property(lambda self: self.last_step.inner_nonfinite)
-  diverged = property(lambda self: self.last_step.diverged)
-  consecutive_skips = property(lambda self: self.counters.consecutive_skips)
-  total_skips = property(lambda self: self.counters.total_skips)
-  total_nonfinite = property(lambda self: self.counters.total_nonfinite)
-  total_spikes = property(lambda self: self.counters.total_spikes)
-  total_inner_nonfinite = property(
-      lambda self: self.counters.total_inner_nonfinite)
+  @property
+  def grad_norm(self) -> Any:
+    return self.last_step.grad_norm
+
+  @property
+  def leaf_norms(self) -> Any:
+    return self.last_step.leaf_norms
+
+  @property
+  def loss(self) -> Any:
+    return self.last_step.loss
+
+  @property
+  def update_norm(self) -> Any:
+    return self.last_step.update_norm
+
+  @property
+  def clip_threshold(self) -> Any:
+    return self.last_step.clip_threshold
+
+  @property
+  def skipped(self) -> Any:
+    return self.last_step.skipped
+
+  @property
+  def nonfinite(self) -> Any:
+    return self.last_step.nonfinite
+
+  @property
+  def spike(self) -> Any:
+    return self.last_step.spike
+
+  @property
+  def inner_nonfinite(self) -> Any:
+    return self.last_step.inner_nonfinite
+
+  @property
+  def diverged(self) -> Any:
+    return self.last_step.diverged
+
+  @property
+  def consecutive_skips(self) -> Any:
+    return self.counters.consecutive_skips
+
+  @property
+  def total_skips(self) -> Any:
+    return self.counters.total_skips
+
+  @property
+  def total_nonfinite(self) -> Any:
+    return self.counters.total_nonfinite
+
+  @property
+  def total_spikes(self) -> Any:
+    return self.counters.total_spikes
+
+  @property
+  def total_inner_nonfinite(self) -> Any:
+    return self.counters.total_inner_nonfinite
 
 
 class GuardConfig(NamedTuple):
@@ -271,7 +314,7 @@ def decide(config: GuardConfig, grads: Any, state: GuardState,
     reject = bad_loss | ~health.any_healthy
   grad_norm = clip_norm.astype(jnp.float32)
   spike = jnp.zeros((), jnp.bool_)
-  if config.spikes is not None:
+  if config.spikes is not None and state.window is not None:
     spike = ~reject & _spikes.is_spike(state.window, config.spikes, loss,
                                        grad_norm).spike
   return Decision(
@@ -418,7 +461,7 @@ def next_state(config: GuardConfig, state: GuardState, decision: Decision,
   accept = decision.accept & ~outcome.inner_nonfinite
   skipped = ~accept
   window = state.window
-  if config.spikes is not None:
+  if config.spikes is not None and state.window is not None:
     # Judged again rather than carried in the Decision: XLA computes the
     # check once. A step rejected before the spike check (non-finite) is not
     # counted, so it leaves the window bit for bit.

@@ -122,7 +122,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   _states.check_guard_placement(opt_state, _guard.GuardState)
   states = _states.find_states(opt_state, _STATE_TYPES)
   guards = [(p, s) for p, s in states if isinstance(s, _guard.GuardState)]
-  found = _combined_guards(guards) if len(guards) > 1 else {}
+  found: dict[str, Any] = _combined_guards(guards) if len(guards) > 1 else {}
   for _, node in states:
     for key, value in _own_metrics(node).items():
       found.setdefault(key, value)

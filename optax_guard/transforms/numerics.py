@@ -13,6 +13,7 @@ normal number (overflow, underflow, or a genuine NaN/Inf) a second pass inside a
 rounding for every finite input.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -85,7 +86,8 @@ def _real_parts(x: jax.Array, dtype) -> tuple[jax.Array, ...]:
 
 
 def _sum_squares(x: jax.Array, dtype) -> jax.Array:
-  return sum(jnp.sum(jnp.square(part)) for part in _real_parts(x, dtype))
+  return functools.reduce(
+      jnp.add, [jnp.sum(jnp.square(part)) for part in _real_parts(x, dtype)])
 
 
 def _rescaled_norm(x: jax.Array, dtype) -> jax.Array:

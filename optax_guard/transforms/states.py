@@ -151,7 +151,7 @@ def is_last_in(
     elif (isinstance(key, jax.tree_util.GetAttrKey)
           and key.name == 'inner_state'
           and isinstance(node, wrappers)):
-      node = node.inner_state
+      node = getattr(node, 'inner_state')
     else:
       return False
   return True
