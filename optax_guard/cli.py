@@ -143,6 +143,12 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     listener.stop()
   report = report_lib.render(out_dir)
   console.print(_summary_table(summary))
+  guarded = summary.get('guarded', {})
+  if guarded.get('best_step') is not None:
+    console.print(
+        f'Best checkpoint: step {guarded["best_step"]}, held-out loss'
+        f' {_number(guarded["best_loss"])} (og.Checkpointer.restore_best()).'
+    )
   console.print(
       f'{time.perf_counter() - started:.0f} s. Wrote {out_dir}/: plain/ and'
       ' guarded/ (metrics.jsonl, events.jsonl, TensorBoard files),'

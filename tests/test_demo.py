@@ -70,6 +70,16 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   assert len(guarded['params_sha256']) == 64
 
 
+def test_guarded_run_reports_its_best_checkpoint(demo):
+  guarded = json.loads((demo / 'summary.json').read_text())['guarded']
+  evaluated = {r['step']: r['eval_loss'] for r in _records(demo, 'guarded')
+               if 'eval_loss' in r}
+  # The checkpointer ranks the held-out losses of the steps it saved: the best
+  # is the one logged at its step, and no evaluated step scored lower.
+  assert guarded['best_loss'] == evaluated[guarded['best_step']]
+  assert guarded['best_loss'] == min(evaluated.values())
+
+
 def test_each_fault_hits_both_runs_at_its_printed_step(demo):
   windows = faults_lib.schedule(faults_lib.default_specs(FAST_STEPS),
                                 FAST_STEPS)

@@ -281,15 +281,21 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   """One run to the end; the guarded one resumes from disk after a signal."""
   listener.start(run, setup.config.steps)
   watcher = _Watcher(run, setup.config, listener)
+  best: dict[str, Any] = {}  # The best held-out loss saved, and its step.
   while True:
     if run == 'plain':  # No checkpoints: a rerun starts from scratch.
       result = _fit(setup, run, out_dir, watcher)
       break
     with og.Checkpointer(out_dir / CHECKPOINT_DIR, max_to_keep=3,
-                         save_interval_steps=setup.config.checkpoint_every
+                         save_interval_steps=setup.config.checkpoint_every,
+                         best_metric='eval_loss', best_mode='min'
                          ) as checkpointer:
       watcher.preempted = False
       result = _fit(setup, run, out_dir, watcher, checkpointer)
+      best_step = checkpointer.best_step()
+      best = {} if best_step is None else {
+          'best_step': best_step,
+          'best_loss': checkpointer.metrics(best_step).get('eval_loss')}
     if not result.preempted:
       break
     if not watcher.preempted:
@@ -304,6 +310,7 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
       'skips': result.events.counts['skipped_step'],
       'rollbacks': result.events.counts['rollback'],
       'params_sha256': params_sha256(params),
+      **best,
   }
 
 
