@@ -146,7 +146,8 @@ def _composition(outer, inner_name, spikes, clip):
   if outer == 'inject':
     return optax.inject_hyperparams(
         lambda learning_rate: og.guard(optax.adam(learning_rate),
-                                       max_consecutive_skips=3)
+                                       max_consecutive_skips=3,
+                                       check_updates=True)
     )(learning_rate=1e-2)
   if outer == 'multi':
     return optax.multi_transform({'a': guard(), 'b': og.guard(optax.sgd(0.1))},
