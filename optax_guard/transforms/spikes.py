@@ -23,7 +23,7 @@ class SpikeWindow(NamedTuple):
 
   losses: jax.Array
   grad_norms: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 class SpikeConfig(NamedTuple):
