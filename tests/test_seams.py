@@ -19,6 +19,7 @@ import optax_guard as og
 from optax_guard.host.recovery import Recovery
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms.guard import GuardState
+from optax_guard.transforms.loss_scale import scale_ceiling
 from optax_guard.transforms.states import find_states
 
 
@@ -424,3 +425,25 @@ def test_loss_scale_refuses_an_initial_scale_above_its_ceiling():
   # main: accepted; the first step's updates are then zero.
   with pytest.raises(ValueError, match='initial_scale'):
     og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**127)
+
+
+def test_float16_loss_scale_stops_where_float16_holds_the_scale():
+  # main: the ceiling was 2**126 whatever the gradient dtype; a float16
+  # gradient times any scale above 65504 is inf, so every step past 2**16
+  # overflowed, was skipped and halved the scale again.
+  assert scale_ceiling({'w': jnp.ones(2, jnp.float16)}) == 2.0**15
+  tx = og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**10,
+                             growth_interval=1)
+  params = {'w': jnp.zeros(2, jnp.float16)}
+  state = tx.init(params)
+  grads = jnp.array([0.25, -0.5], jnp.float16)
+  update = jax.jit(tx.update)
+  for index in range(10):
+    scale = og.loss_scale(state)
+    updates, state = update({'w': grads * scale.astype(jnp.float16)}, state,
+                            params)
+    assert not bool(og.metrics(state)['skipped']), index
+    np.testing.assert_array_equal(updates['w'], -grads)
+  assert float(og.loss_scale(state)) == 2.0**15
+  with pytest.raises(ValueError, match=r'initial_scale=65536.0 is above 32768'):
+    og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**16).init(params)

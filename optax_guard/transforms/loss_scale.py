@@ -32,6 +32,31 @@ class LossScaleState(NamedTuple):
 MAX_SCALE = 2.0**126
 
 
+def scale_ceiling(tree: Any) -> float:
+  """The largest loss scale for gradients with the dtypes of ``tree``.
+
+  :data:`MAX_SCALE`, lowered for a narrow gradient dtype to the largest
+  power of two that dtype holds (``2**15`` for float16): the scale itself,
+  and a scaled gradient of magnitude up to one, are then finite numbers of
+  the gradient dtype, so growth alone never turns a unit gradient into an
+  ``inf``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_guard.transforms.loss_scale import scale_ceiling
+    >>> scale_ceiling({'w': jnp.ones(2, jnp.float16)}) == 2.0**15
+    True
+    >>> scale_ceiling({'w': jnp.ones(2, jnp.bfloat16)}) == 2.0**126
+    True
+  """
+  ceiling = MAX_SCALE
+  for leaf in jax.tree.leaves(tree):
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.inexact):
+      ceiling = min(ceiling, 2.0**(jnp.finfo(dtype).maxexp - 1))
+  return ceiling
+
+
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     initial_scale: float = 2.0**15,
@@ -49,9 +74,10 @@ def dynamic_loss_scale(
   loss are not finite is skipped (zero update, every inner state leaf
   unchanged bit for bit) and the scale is divided by ``factor`` (not below
   ``min_scale``); after ``growth_interval`` finite steps in a row it is
-  multiplied by ``factor``, never above ``2**126`` (:data:`MAX_SCALE`, the
-  largest scale whose inverse is a normal float32; above it the unscaled
-  gradients would flush to zero). The count of finite steps restarts at
+  multiplied by ``factor``, never above :func:`scale_ceiling`: ``2**126``
+  (:data:`MAX_SCALE`, the largest scale whose inverse is a normal float32;
+  above it the unscaled gradients would flush to zero), or for float16
+  gradients ``2**15``, the largest power of two float16 holds. The count of finite steps restarts at
   every growth interval, whether the scale grew or sat at its ceiling, as
   in ``torch.amp.GradScaler`` and ``jmp``. :func:`optax_guard.
   make_train_step` scales the loss by itself when the optimizer state holds
@@ -138,6 +164,14 @@ def dynamic_loss_scale(
     return wrapped if _inner_guard_path(inner, tree) is None else inner
 
   def init_fn(params):
+    ceiling = scale_ceiling(params)
+    if initial_scale > ceiling:
+      raise ValueError(
+          f'initial_scale={initial_scale!r} is above {ceiling!r}, the largest'
+          ' loss scale for gradients of the dtypes of these params'
+          ' (optax_guard.transforms.loss_scale.scale_ceiling): the scale'
+          ' itself would overflow them.'
+      )
     return LossScaleState(
         inner_state=guarded(params).init(params),
         loss_scale=jnp.full((), initial_scale, jnp.float32),
@@ -153,7 +187,7 @@ def dynamic_loss_scale(
     overflow = guard_state.nonfinite
     scale = state.loss_scale
     good_steps = optax.safe_increment(state.good_steps)
-    grown = jnp.minimum(scale * factor, jnp.float32(MAX_SCALE))
+    grown = jnp.minimum(scale * factor, jnp.float32(scale_ceiling(updates)))
     interval_done = ~overflow & (good_steps >= growth_interval)
     shrunk = jnp.maximum(scale / factor, jnp.float32(min_scale))
     return updates, LossScaleState(
