@@ -447,3 +447,22 @@ def test_float16_loss_scale_stops_where_float16_holds_the_scale():
   assert float(og.loss_scale(state)) == 2.0**15
   with pytest.raises(ValueError, match=r'initial_scale=65536.0 is above 32768'):
     og.dynamic_loss_scale(optax.sgd(1.0), initial_scale=2.0**16).init(params)
+
+
+def test_masked_guard_sees_only_its_leaves_and_the_guard_outside_sees_all():
+  # As documented (guard docstring, composing guide): optax.masked passes
+  # masked-out updates on unchanged, so a guard inside it cannot check them;
+  # the guard outside the mask skips the step.
+  params = {'trained': jnp.ones(2), 'other': jnp.ones(2)}
+  mask = {'trained': True, 'other': False}
+  grads = {'trained': jnp.ones(2), 'other': jnp.array([jnp.nan, 1.0])}
+  inside = optax.masked(og.guard(optax.sgd(0.1)), mask)
+  updates, state = inside.update(grads, inside.init(params), params)
+  np.testing.assert_array_equal(updates['other'], grads['other'])
+  assert not bool(og.metrics(state)['skipped'])
+  outside = og.guard(optax.masked(optax.sgd(0.1), mask))
+  state = outside.init(params)
+  updates, new_state = outside.update(grads, state, params)
+  assert bool(og.metrics(new_state)['skipped'])
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)

@@ -606,6 +606,11 @@ def guard(
   it): the guard divides the norms by it and, inside its update, the
   gradients, so that checks, clip and ``inner`` see the true gradients.
 
+  A guard checks the leaves it is handed: inside :func:`optax.masked` it
+  never sees the masked-out leaves, whose updates ``masked`` passes on
+  unchanged (NaN included); put the guard outside the mask instead,
+  ``og.guard(optax.masked(inner, mask))``.
+
   The result is a :class:`~optax_guard.transforms.fused.
   FusedGradientTransformation`: called with the extra argument
   ``fuse_apply=True`` (as :func:`optax_guard.make_train_step` does), the
