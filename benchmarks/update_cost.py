@@ -77,6 +77,8 @@ def groups(
 
 # Ratios between two non-baseline candidates of one group, same rounds.
 COMPARISONS = {
+    # The pure transformation against optax's own clip-and-optimizer chain.
+    'guard_pure_over_optax_clip': (GUARD_PURE, OPTAX_CLIP),
     'guard_pure_over_apply_if_finite': (GUARD_PURE, OPTAX_APPLY_IF_FINITE),
     'guard_fused_over_apply_if_finite': (GUARD_FUSED, OPTAX_APPLY_IF_FINITE),
     # What the recommended guard costs beyond the floor of any guard.
