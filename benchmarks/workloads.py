@@ -184,6 +184,10 @@ def single_guards() -> dict[str, Callable[[], optax.GradientTransformation]]:
       "og.guard(granularity='leaf')": lambda: og.guard(
           adamw(), clip=og.zclip(), spikes={}, granularity='leaf'
       ),
+      # The inner optimizer's output checked too (issue 11, item 2).
+      'og.guard(check_updates=True)': lambda: og.guard(
+          adamw(), clip=og.zclip(), spikes={}, check_updates=True
+      ),
   }
 
 
