@@ -125,8 +125,9 @@ def test_a_checkpoint_is_confirmed_by_healthy_steps_after_it():
   for step in range(1, 16):
     observe(recovery, step, losses.get(step, 1.0), skipped=step == 12)
   confirmed = [s for s in range(16) if recovery.is_confirmed(s)]
-  # Runs of healthy steps: 1..8, 10..11, 13..15. Step s needs s..s+3 healthy.
-  assert confirmed == [0, 1, 2, 3, 4, 5]
+  # Runs of healthy steps: 1..8, 10..15 (a skipped step continues a run).
+  # Step s needs s..s+3 healthy.
+  assert confirmed == [0, 1, 2, 3, 4, 5, 10, 11, 12]
   restored = Recovery(recovery.policy)
   restored.load_state_dict(json.loads(json.dumps(recovery.state_dict())))
   assert [s for s in range(16) if restored.is_confirmed(s)] == confirmed
@@ -156,6 +157,25 @@ def test_rollback_passes_over_an_unconfirmed_save(tmp_path, train_step):
   # The loss statistics are those of step 10; the restored state counts as
   # confirmed (fit saves it at once).
   assert recovery.loss_ema == saved_ema and recovery.is_confirmed(22)
+
+
+def test_retention_keeps_the_newest_confirmed_checkpoint(tmp_path):
+  # max_to_keep=1 and no "last good" policy: only Recovery's registered
+  # is_confirmed keeps step 4 (confirmed by steps 4..7) once the loss leaves
+  # the healthy band from step 8 on and steps 8..12 are saved after it.
+  state = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1,
+                       keep_last_good=False, async_save=False) as ckpt:
+    recovery = Recovery(og.RecoveryPolicy(
+        confirm_steps=3, loss_warmup_steps=4, loss_ema_decay=0.5), ckpt)
+    for step in range(1, 13):
+      observe(recovery, step, 9.0 if step >= 8 else 1.0)
+      if step % 4 == 0 or step >= 8:
+        ckpt.save(state._replace(step=step), healthy=recovery.healthy)
+    assert recovery.is_confirmed(4) and not recovery.is_confirmed(8)
+    assert ckpt.all_steps() == [4, 12]
+    assert recovery.rollback(state._replace(step=12), 'diverged').step == 12
+  assert recovery.rollbacks[0]['to_step'] == 4
 
 
 def test_rollback_restores_last_good_and_skips_the_window(tmp_path,

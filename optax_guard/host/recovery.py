@@ -53,7 +53,14 @@ class RecoveryPolicy:
       :class:`TrainingDiverged`.
     loss_factor: also roll back when the loss stays above ``loss_factor``
       times its exponential moving average (``None``: only on the guard's
-      ``diverged`` flag).
+      ``diverged`` flag). Off by default, as measured for issue 12 on the
+      300-step linear runs of ``tests/test_slow_faults.py``: ``3.0`` made no
+      rollback on the clean run and on the poisoned-row ramp, but on a
+      learning rate 10x too high it rolled back 3 times (each restored
+      state still too fast with ``lr_backoff=0.5``) and raised
+      :class:`TrainingDiverged`, where the guard alone kept the run finite;
+      the demo, the examples and the campaign's clean start were not
+      measured with it yet.
     loss_patience: how many steps in a row the loss must stay that high.
     loss_ema_decay: decay of the loss EMA (updated with accepted, finite,
       non-alarming losses only, so a blow-up cannot drag it up).
@@ -69,13 +76,15 @@ class RecoveryPolicy:
       many healthy steps in a row followed it (its own step included when it
       has one): a save made just before a divergence, or during a slow
       ramp, is never restored. ``0`` trusts the ``healthy`` flag given at
-      save time. When no confirmed checkpoint is left on disk (retention
-      removed them), the newest one saved as healthy is restored, with a
-      warning.
-    healthy_loss_sigma: a step is healthy when it was not skipped and its
-      loss is finite and at most ``healthy_loss_sigma`` standard deviations
-      above the loss's moving average (once ``loss_warmup_steps`` losses are
-      in; mean and variance are exponential moving averages with
+      save time. The checkpointer handed to :class:`Recovery` keeps the
+      newest confirmed checkpoint past its ``max_to_keep``; when none is on
+      disk (each was removed before it was confirmed: keep ``max_to_keep *
+      save_interval_steps`` above ``confirm_steps``), the newest one saved as
+      healthy is restored, with a warning.
+    healthy_loss_sigma: a step is healthy when the guard skipped it (the
+      state did not change) or its loss is finite and at most
+      ``healthy_loss_sigma`` standard deviations above the loss's moving
+      average (once ``loss_warmup_steps`` losses are in; mean and variance are exponential moving averages with
       ``loss_ema_decay``; the band is at least 1% of the mean wide).
   """
 
@@ -310,6 +319,9 @@ class Recovery:
     self._runs: list[list[int]] = []
     # Steps holding a restored confirmed state (saved right after a rollback).
     self._restored_steps: list[int] = []
+    if checkpointer is not None and policy.confirm_steps > 0:
+      # Retention must not delete the checkpoint a rollback would restore.
+      checkpointer.preserve_newest(self.is_confirmed)
 
   @property
   def healthy(self) -> bool:
@@ -361,7 +373,7 @@ class Recovery:
       >>> from optax_guard.host.recovery import Recovery
       >>> recovery = Recovery(og.RecoveryPolicy(confirm_steps=3))
       >>> for step in range(1, 8):
-      ...   _ = recovery.observe(step, {'loss': 1.0, 'skipped': step == 6})
+      ...   _ = recovery.observe(step, {'loss': 1.0 if step != 6 else float('nan')})
       >>> [s for s in range(8) if recovery.is_confirmed(s)]
       [0, 1, 2]
 
@@ -396,7 +408,10 @@ class Recovery:
     skipped = bool(_scalar(metrics.get('skipped', False)))
     self._skip_streak = int(_scalar(metrics.get('consecutive_skips', 0)))
     finite = math.isfinite(loss)
-    self._record_health(step, not skipped and finite and self._in_band(loss))
+    # A skipped step left the state as it was: no evidence against it, so
+    # it continues a healthy run (isolated skips would otherwise leave no
+    # checkpoint confirmed); a divergence rolls back anyway.
+    self._record_health(step, skipped or (finite and self._in_band(loss)))
     if bool(_scalar(metrics.get('diverged', False))):
       return (
           f'guard diverged at step {step} after {self._skip_streak}'
