@@ -114,10 +114,14 @@ def test_sigterm_to_one_process_stops_both_after_the_same_saved_step(runs):
 
 
 def test_rollback_decisions_are_the_same_on_every_process(runs):
+  # The rollback target is the newest confirmed checkpoint (confirm_steps=2):
+  # step 4, followed by the healthy step 5 and the skipped step 6 (a skip
+  # leaves the state as it was, so it continues a healthy run). Step 6's
+  # own checkpoint would need steps 7 and 8; step 7 is the divergence.
   for name in ('whole', 'resumed'):
     first, second = runs[name]
     assert first['rollbacks'].tolist() == second['rollbacks'].tolist() == [
-        [7, 2]]
+        [7, 4]]
 
 
 def test_damaged_step_falls_back_on_both_and_is_moved_aside_once(runs):
