@@ -616,7 +616,13 @@ def guard(
      :func:`skip_spikes`, which lets a level shift in after ``shift_after``
      skips), rejects the step:
      the update is zero and the state of ``clip`` and ``inner`` is returned
-     unchanged, bit for bit;
+     unchanged, bit for bit (the parameters and, in
+     :func:`optax_guard.make_train_step`, the model state too). The spike
+     window is the rule's own record: a non-finite step leaves it bit for
+     bit; a skipped spike leaves its admitted values as they were and
+     writes its raw values to ``pending``, marks the high signals, ends a
+     run of low values and counts one more in ``streak`` (after
+     ``shift_after`` of them the statistics are rebuilt from ``pending``);
   3. otherwise ``clip`` (given the norm already computed) and ``inner`` run.
 
   After ``max_consecutive_skips`` skips in a row, ``diverged`` is raised in
@@ -769,12 +775,15 @@ def skip_spikes(
   ``mean + sigma * std`` (Bessel-corrected) of the last ``window`` admitted
   values of that signal. Only accepted values are admitted, so neither a
   spike nor a burst widens the bound for the next step; a NaN/Inf step is
-  skipped and leaves the statistics exactly as they were. After
+  skipped and leaves the statistics exactly as they were. A skipped spike's
+  raw values wait in the window's ``pending`` buffer (its admitted values
+  and their mean and std do not change), and ``streak`` counts it. After
   ``shift_after`` spike skips in a row the next high step is accepted as a
-  new level and the statistics are rebuilt from the skipped run, so a
-  permanent shift (noisier data, a new mixture, a smaller batch) costs
-  ``shift_after`` skips instead of locking training out. The rollback is
-  exact, as in :func:`skip_nonfinite`.
+  new level and the statistics are rebuilt from ``pending`` and that step,
+  so a permanent shift (noisier data, a new mixture, a smaller batch) costs
+  ``shift_after`` skips instead of locking training out. The rollback of
+  the parameters and the inner state is exact, as in
+  :func:`skip_nonfinite`.
 
   Compared with OLMo-core's ``SkipStepOptimizer`` and MaxText's
   ``skip_step_on_spikes`` (which admit every value), it catches every step

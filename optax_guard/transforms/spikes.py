@@ -7,7 +7,9 @@ buffer of its last ``window`` admitted values. A value is *high* when, once
 
 1. **Only accepted values enter.** A skipped spike never enters the buffer,
    so neither an isolated spike nor a burst widens the bound for the next
-   one. OLMo-core's ``SkipStepOptimizer`` and MaxText's
+   one. Its raw value waits in ``pending`` (read only by rule 2), and
+   ``streak`` counts it: the one change a skipped spike makes to the
+   window, whose ``values``, ``size`` and ``slot`` stay bit for bit. OLMo-core's ``SkipStepOptimizer`` and MaxText's
    ``skip_step_on_spikes`` admit every value, so a burst's second step is
    often accepted (they catch about ``window / sigma**2`` steps of a large
    burst: 3 to 4 at their defaults).
