@@ -207,7 +207,7 @@ def fit_train(checkpoint_dir: str, steps: int = 12, nan_steps=(),
   tx = og.guard(optax.adam(1e-2), max_consecutive_skips=2)
   mesh, params, opt_state = _setup(tx)
   data = GlobalBatches(mesh, nan_steps, nan_row)
-  # Five kept: the rollback target (step 4) is still there after the
+  # Five kept: the rollback target (step 2) is still there after the
   # preemption save; with fewer, an interrupted run could roll back elsewhere.
   with og.Checkpointer(checkpoint_dir, save_interval_steps=2,
                        max_to_keep=5) as checkpointer:

@@ -148,6 +148,21 @@ def test_a_checkpoint_is_confirmed_by_healthy_steps_after_it():
   assert [s for s in range(16) if restored.is_confirmed(s)] == confirmed
 
 
+def test_the_skips_of_a_divergence_confirm_nothing():
+  recovery = Recovery(og.RecoveryPolicy(confirm_steps=3))
+  for step in range(1, 8):
+    observe(recovery, step, 1.0)
+  # Skips at 8 and 9 continue the run: step 6 is confirmed (6..9) ...
+  observe(recovery, 8, 1.0, skipped=True, consecutive=1)
+  observe(recovery, 9, 1.0, skipped=True, consecutive=2)
+  assert recovery.is_confirmed(6)
+  # ... until the streak diverges at step 10: the run ends at step 7 again.
+  reason = observe(recovery, 10, float('nan'), skipped=True, consecutive=3,
+                   diverged=True)
+  assert reason.startswith('guard diverged at step 10')
+  assert [s for s in range(11) if recovery.is_confirmed(s)] == [0, 1, 2, 3, 4]
+
+
 def test_rollback_passes_over_an_unconfirmed_save(tmp_path, train_step):
   data = make_data()
   with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:

@@ -92,10 +92,12 @@ class RecoveryPolicy:
       save_interval_steps`` above ``confirm_steps``), the newest one saved as
       healthy is restored, with a warning.
     healthy_loss_sigma: a step is healthy when the guard skipped it (the
-      state did not change) or its loss is finite and at most
+      state did not change; but the skips of a streak that ends in
+      ``diverged`` are not) or its loss is finite and at most
       ``healthy_loss_sigma`` standard deviations above the loss's moving
-      average (once ``loss_warmup_steps`` losses are in; mean and variance are exponential moving averages with
-      ``loss_ema_decay``; the band is at least 1% of the mean wide).
+      average (once ``loss_warmup_steps`` losses are in; mean and variance
+      are exponential moving averages with ``loss_ema_decay``; the band is
+      at least 1% of the mean wide).
   """
 
   max_rollbacks: int = 3
@@ -375,6 +377,12 @@ class Recovery:
     self._runs.append([step, step])
     del self._runs[:-_MAX_RUNS]
 
+  def _end_runs_at(self, last: int) -> None:
+    """Cuts every healthy run back to end at step ``last`` at the latest."""
+    for run in self._runs:
+      run[1] = min(run[1], last)
+    self._runs = [run for run in self._runs if run[0] <= run[1]]
+
   def is_confirmed(self, step: int) -> bool:
     """Whether a checkpoint of ``step`` would be a rollback target now.
 
@@ -420,9 +428,12 @@ class Recovery:
     finite = math.isfinite(loss)
     # A skipped step left the state as it was: no evidence against it, so
     # it continues a healthy run (isolated skips would otherwise leave no
-    # checkpoint confirmed); a divergence rolls back anyway.
+    # checkpoint confirmed), unless its skip streak ends in a divergence.
     self._record_health(step, skipped or (finite and self._in_band(loss)))
     if bool(_scalar(metrics.get('diverged', False))):
+      # The skips that ended here were the divergence, not a pause in a
+      # healthy run: they confirm no checkpoint.
+      self._end_runs_at(step - self._skip_streak)
       return (
           f'guard diverged at step {step} after {self._skip_streak}'
           ' consecutive skipped steps'
