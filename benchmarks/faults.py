@@ -62,6 +62,7 @@ def run_fault_campaign(
     save_interval_steps: int = 10,
     guarded: bool = True,
     checkpoint_dir: Optional[str] = None,
+    slow_faults: bool = False,
 ) -> CampaignResult:
   """Trains a small MLP with and without injected faults; compares them.
 
@@ -86,6 +87,11 @@ def run_fault_campaign(
       baseline showing what the faults do unguarded.
     checkpoint_dir: where the two runs checkpoint (default: a temporary
       directory, removed afterwards).
+    slow_faults: also ramp poisoned rows (:func:`optax_guard.testing.ramp`)
+      from 0% to 100% and back over the second fifth of the run, on the
+      batches the plan leaves clean: trouble that builds up instead of
+      striking at once. (A permanent level shift is left out here: its
+      final loss cannot be compared with the clean run's.)
 
   Returns:
     A :class:`CampaignResult`.
@@ -115,6 +121,9 @@ def run_fault_campaign(
       num_steps, num_faults, seed=seed, kinds=kinds, first_step=20,
       bursts=bursts,
   )
+  if slow_faults:
+    length = max(1, num_steps // 10)
+    plan = {**testing.ramp(num_steps // 5, length), **plan}
   policy = og.RecoveryPolicy(max_rollbacks=bursts + 3)
 
   def run(run_plan, directory):

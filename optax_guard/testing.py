@@ -26,16 +26,23 @@ import numpy as np
 
 
 KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch')
-_CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)}}
+# Data faults that build up or stay: they act on the batch only (the step
+# sees no fault code), through :func:`ramp` and :func:`level_shift` plans.
+SLOW_KINDS = ('poisoned_rows', 'noisy_targets')
+_CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)},
+          **{kind: 0 for kind in SLOW_KINDS}}
 
 
 class Fault(NamedTuple):
   """One injected fault.
 
   Attributes:
-    kind: one of :data:`KINDS`.
+    kind: one of :data:`KINDS` or :data:`SLOW_KINDS`.
     scale: the gradient multiplier of ``grad_spike``, the data multiplier of
-      ``poisoned_batch`` (unused by the others).
+      ``poisoned_batch``, the fraction of rows replaced by noise of
+      ``poisoned_rows``, the noise added to the last float array (the
+      targets), in units of its standard deviation, of ``noisy_targets``
+      (unused by the others).
   """
 
   kind: str
@@ -117,6 +124,64 @@ def poison(batch: Mapping[str, Any], scale: float) -> dict[str, Any]:
   }
 
 
+def ramp(start: int, length: int, *, peak: float = 1.0,
+         kind: str = 'poisoned_rows') -> dict[int, Fault]:
+  """Slow trouble: a fault whose ``scale`` rises linearly to ``peak`` over
+  ``length`` batches from ``start``, then falls back over as many.
+
+  Examples:
+    >>> from optax_guard import testing
+    >>> plan = testing.ramp(10, 4)
+    >>> [(i, f.scale) for i, f in plan.items()]
+    [(10, 0.25), (11, 0.5), (12, 0.75), (13, 1.0), (14, 0.75), (15, 0.5), (16, 0.25)]
+
+  Args:
+    start: the first batch index with the fault.
+    length: batches to reach ``peak``.
+    peak: the highest ``scale`` (for ``poisoned_rows``, a fraction <= 1).
+    kind: one of :data:`SLOW_KINDS` (or ``grad_spike``).
+
+  Returns:
+    ``{batch index: Fault}``.
+  """
+  rising = [peak * (i + 1) / length for i in range(length)]
+  scales = rising + rising[-2::-1]
+  return {start + i: Fault(kind, scale) for i, scale in enumerate(scales)}
+
+
+def level_shift(start: int, num_steps: int, scale: float, *,
+                kind: str = 'noisy_targets') -> dict[int, Fault]:
+  """A permanent change from batch ``start`` to ``num_steps``: by default
+  targets ``scale`` standard deviations noisier (a new, noisier data mix).
+
+  Examples:
+    >>> from optax_guard import testing
+    >>> sorted(testing.level_shift(3, 6, 20.0))
+    [3, 4, 5]
+  """
+  return {i: Fault(kind, scale) for i in range(start, num_steps)}
+
+
+def _slow_fault(batch: dict[str, Any], fault: Fault,
+                index: int) -> dict[str, Any]:
+  """The batch with a :data:`SLOW_KINDS` fault applied (seeded by index)."""
+  rng = np.random.default_rng(index)
+  floats = [name for name, value in batch.items()
+            if np.issubdtype(np.asarray(value).dtype, np.floating)]
+  if fault.kind == 'noisy_targets':
+    y = np.asarray(batch[floats[-1]])
+    noise = fault.scale * y.std() * rng.standard_normal(y.shape)
+    return {**batch, floats[-1]: (y + noise).astype(y.dtype)}
+  # poisoned_rows: the first rows become noise of each array's own scale.
+  batch = dict(batch)
+  for name in floats:
+    value = np.asarray(batch[name])
+    rows = int(round(fault.scale * value.shape[0]))
+    noise = value.std() * rng.standard_normal((rows,) + value.shape[1:])
+    batch[name] = np.concatenate([noise.astype(value.dtype), value[rows:]])
+  return batch
+
+
 class FaultInjector:
   """Wraps a data iterator: adds the fault fields, poisons planned batches.
 
@@ -132,8 +197,9 @@ class FaultInjector:
 
   def __init__(self, data: Iterator[Mapping[str, Any]], plan: Mapping[int, Fault]):
     for fault in plan.values():
-      if fault.kind not in KINDS:
-        raise ValueError(f'unknown fault kind {fault.kind!r}; known: {KINDS}.')
+      if fault.kind not in KINDS + SLOW_KINDS:
+        raise ValueError(f'unknown fault kind {fault.kind!r}; known:'
+                         f' {KINDS + SLOW_KINDS}.')
     # Duck-typed: restorable when the wrapped iterator has get/set_state.
     self._data: Any = data
     self._plan = dict(plan)
@@ -148,6 +214,8 @@ class FaultInjector:
     self._index += 1
     if fault.kind == 'poisoned_batch':
       batch = poison(batch, fault.scale)
+    elif fault.kind in SLOW_KINDS:
+      batch = _slow_fault(batch, fault, self._index - 1)
     batch['fault_kind'] = np.int32(_CODES[fault.kind])
     batch['fault_scale'] = np.float32(fault.scale)
     return batch

@@ -34,7 +34,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_guard.transforms import _spike_rule_candidate as candidate
+import optax
+
+import optax_guard as og
 
 
 class Rule(NamedTuple):
@@ -195,24 +197,26 @@ def previous(window: int = 128, sigma: float = 6.0) -> Rule:
   return Rule(f'optax_guard before (window={window})', init, step)
 
 
-# -- the candidate -------------------------------------------------------------
+# -- ours, through og.guard ---------------------------------------------------
 
 
 def ours(**options) -> Rule:
-  """The candidate rule (``optax_guard.transforms._spike_rule_candidate``)."""
-  config = candidate.spike_config(**options)
+  """``og.guard(optax.sgd(0.0), spikes=options)`` fed the values directly.
 
-  def step(window, loss, grad_norm):
-    finite = _finite(loss, grad_norm)
-    check = candidate.is_spike(window, config, loss, grad_norm)
-    accepted = finite & ~check.spike
-    window = candidate.record(window, config, loss, grad_norm, check,
-                              counted=finite, accepted=accepted)
-    return ~accepted, window
+  The gradient is the one-element vector ``[grad_norm]``, so its global norm
+  is ``grad_norm`` (and a NaN norm is a NaN gradient); the loss goes in as
+  ``value=``. The decision is the guard's ``skipped`` flag.
+  """
+  tx = og.guard(optax.sgd(0.0), spikes=options)
+  params = {'w': jnp.zeros(1)}
+
+  def step(state, loss, grad_norm):
+    _, state = tx.update({'w': grad_norm[None]}, state, params, value=loss)
+    return state.last_step.skipped, state
 
   details = ', '.join(f'{k}={v}' for k, v in options.items())
-  return Rule(f'ours ({details or "defaults"})',
-              lambda: candidate.init(config), step)
+  return Rule(f'ours ({details or "defaults"})', lambda: tx.init(params),
+              step)
 
 
 def run(rule: Rule, losses: jax.Array, grad_norms: jax.Array) -> jax.Array:

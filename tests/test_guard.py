@@ -181,7 +181,8 @@ class SpikeTest(chex.TestCase):
 
   def test_bessel_corrected_bound_is_exact(self):
     # Window of losses 1..20: mean 10.5, Bessel std sqrt(35) = 5.9161.
-    tx = og.skip_spikes(optax.sgd(0.1), window=20, sigma=1.0)
+    tx = og.skip_spikes(optax.sgd(0.1), window=20, sigma=1.0,
+                        min_history=20)
     state, update = self._feed(tx, range(1, 21), [1.0] * 20)
     bound = 10.5 + np.sqrt(35.0)
     _, below = update({'g': jnp.ones(1)}, state, value=bound - 1e-3)
@@ -192,7 +193,7 @@ class SpikeTest(chex.TestCase):
     self.assertFalse(above.nonfinite)
 
   def test_grad_norm_spike_and_min_history(self):
-    tx = og.skip_spikes(optax.sgd(0.1), window=16, sigma=6.0)  # min_history 16
+    tx = og.skip_spikes(optax.sgd(0.1), window=16, sigma=6.0, min_history=16)
     noisy = 1.0 + 0.01 * np.sin(np.arange(15))
     state, update = self._feed(tx, [1.0] * 15, noisy)
     _, early = update({'g': jnp.array([100.0])}, state, value=1.0)
@@ -202,15 +203,23 @@ class SpikeTest(chex.TestCase):
     self.assertTrue(late.skipped)
 
   def test_skipped_values_never_enter_the_window(self):
-    tx = og.skip_spikes(optax.sgd(0.1), window=4, sigma=2.0, min_history=4)
+    tx = og.skip_spikes(optax.sgd(0.1), window=8, sigma=2.0, min_history=4,
+                        shift_after=6)
     state, update = self._feed(tx, [1.0, 1.1, 0.9, 1.0], [1.0] * 4)
+    admitted = lambda s: (s.window.loss.values, s.window.loss.size,
+                          s.window.grad_norm.values, s.window.grad_norm.size)
     for _ in range(6):
       _, new_state = update({'g': jnp.ones(1)}, state, value=50.0)
       self.assertTrue(new_state.skipped)
-      chex.assert_trees_all_equal(new_state.window, state.window)
+      chex.assert_trees_all_equal(admitted(new_state), admitted(state))
       state = new_state
     self.assertEqual(int(state.total_spikes), 6)
     self.assertEqual(int(state.consecutive_skips), 6)
+    # The 7th high step in a row is a new level: accepted, the loss buffer
+    # rebuilt from the run.
+    _, state = update({'g': jnp.ones(1)}, state, value=50.0)
+    self.assertFalse(state.skipped)
+    np.testing.assert_array_equal(state.window.loss.values, [50.0] * 8)
 
   def test_no_loss_checks_the_norm_only(self):
     tx = og.skip_spikes(optax.sgd(0.1), window=4, sigma=2.0, min_history=4)
@@ -243,8 +252,9 @@ def test_bad_hyperparameters_raise_naming_them(make, match):
 
 
 def test_default_min_history():
-  assert og.skip_spikes(optax.sgd(1)).init(PARAMS).window.losses.shape == (128,)
+  window = og.skip_spikes(optax.sgd(1)).init(PARAMS).window
+  assert window.loss.values.shape == window.grad_norm.values.shape == (128,)
   from optax_guard.transforms.spikes import spike_config
-  assert spike_config().min_history == 64
-  assert spike_config(window=16).min_history == 16
-  assert spike_config(window=30).min_history == 20
+  assert spike_config().min_history == 63
+  assert spike_config(window=16).min_history == 7
+  assert spike_config(window=3).min_history == 2

@@ -114,6 +114,10 @@ def test_sigterm_to_one_process_stops_both_after_the_same_saved_step(runs):
 
 
 def test_rollback_decisions_are_the_same_on_every_process(runs):
+  # The newest confirmed checkpoint (confirm_steps=2) is step 2: steps 6 and
+  # 7 are the skip streak that diverged, so they confirm nothing, neither
+  # step 4 nor a preemption save at step 5 (the interrupted run may have
+  # one: where the preemption stops depends on timing).
   for name in ('whole', 'resumed'):
     first, second = runs[name]
     assert first['rollbacks'].tolist() == second['rollbacks'].tolist() == [

@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from benchmarks import spikes as harness
-from optax_guard.transforms import _spike_rule_candidate as rule
+import optax_guard as og
+from optax_guard.transforms import spikes as rule
 from tests import spike_peers
 
 
@@ -54,7 +56,7 @@ def test_a_permanent_shift_costs_exactly_shift_after_skips():
 
 def test_one_nan_costs_one_step_and_leaves_the_state_bitwise():
   config = rule.spike_config(window=8)
-  window = rule.init(config)
+  window = rule.init_window(config)
   for value in [1.0, 1.1, 0.9, 1.0, 1.05]:
     check = rule.is_spike(window, config, jnp.float32(value),
                           jnp.float32(value))
@@ -136,3 +138,46 @@ def test_never_more_than_shift_after_spike_skips_in_a_row(steps):
     run = run + 1 if skipped else 0
     longest = max(longest, run)
   assert longest <= 3
+
+
+def _linear_run(tx, steps_before, steps_after, noise_factor, seed=0):
+  """SGD on ``y = 3x + noise``; from ``steps_before`` on the noise is
+  ``noise_factor`` times larger. Returns the guard's per-step reports."""
+  rng = np.random.default_rng(seed)
+  steps = steps_before + steps_after
+  x = rng.standard_normal((steps, 32)).astype(np.float32)
+  noise = 0.1 * rng.standard_normal((steps, 32)).astype(np.float32)
+  noise[steps_before:] *= noise_factor
+  y = 3 * x + noise
+
+  def loss_fn(w, x, y):
+    return jnp.mean(jnp.square(w['w'] * x - y))
+
+  def step(carry, batch):
+    w, state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(w, *batch)
+    updates, state = tx.update(grads, state, w, value=loss)
+    return (optax.apply_updates(w, updates), state), state.last_step
+
+  w = {'w': jnp.zeros(())}
+  _, reports = jax.jit(lambda c, b: jax.lax.scan(step, c, b))(
+      (w, tx.init(w)), (jnp.asarray(x), jnp.asarray(y)))
+  return reports
+
+
+def test_issue_reproduction_a_noisier_level_is_learned_not_locked_out():
+  """Issue 12: converged, then 20x noisier data. Before: 400/400 skipped and
+  ``diverged``; now ``shift_after`` skips, then training goes on."""
+  tx = og.guard(optax.sgd(0.05), spikes={}, max_consecutive_skips=20)
+  reports = _linear_run(tx, 300, 400, 20.0)
+  after = np.asarray(reports.skipped[300:])
+  assert 1 <= after.sum() <= rule.spike_config().shift_after
+  assert not np.asarray(reports.diverged).any()
+  assert not after[100:].any()
+
+
+def test_an_explicit_shift_after_must_stay_below_max_consecutive_skips():
+  with pytest.raises(ValueError, match='shift_after'):
+    og.guard(optax.sgd(0.05), spikes={'shift_after': 6},
+             max_consecutive_skips=6)
+  og.guard(optax.sgd(0.05), spikes={'shift_after': 5}, max_consecutive_skips=6)

@@ -92,11 +92,36 @@ def test_skipped_steps_return_params_and_state_bitwise(steps):
       chex.assert_trees_all_equal(params, before[0])
       chex.assert_trees_all_equal(opt_state.inner_state, before[1].inner_state)
       chex.assert_trees_all_equal(opt_state.clip_state, before[1].clip_state)
-      chex.assert_trees_all_equal(opt_state.window, before[1].window)
+      _assert_window_after_skip(opt_state.window, before[1].window, metrics,
+                                spike=index == SPIKE_STEP)
   assert int(opt_state.total_skips) == 2
   assert int(opt_state.total_nonfinite) == 1
   assert int(opt_state.total_spikes) == 1
   assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+def _assert_window_after_skip(window, before, metrics, *, spike):
+  """The spike rule's state after a skipped step, as docs/spike_rule.md says.
+
+  A non-finite step leaves it bit for bit. A skipped spike leaves the
+  admitted values as they were; its raw values wait in ``pending`` (a level
+  shift is rebuilt from them after ``shift_after`` skips), the signals that
+  were high are marked, a run of low values ends, and the skip streak grows
+  by one.
+  """
+  if not spike:
+    chex.assert_trees_all_equal(window, before)
+    return
+  assert int(window.streak) == int(before.streak) + 1 == 1
+  for name in ('loss', 'grad_norm'):
+    new, old = getattr(window, name), getattr(before, name)
+    chex.assert_trees_all_equal((new.values, new.size, new.slot),
+                                (old.values, old.size, old.slot))
+    assert int(new.low_streak) == 0  # a spike ends a run of low values
+    value = jnp.asarray(metrics[name], jnp.float32)
+    chex.assert_trees_all_equal(new.pending, old.pending.at[0].set(value))
+    # y x 100 raises both the loss and the gradient norm above the bound.
+    assert bool(new.high_seen)
 
 
 def test_params_and_state_are_donated_and_nothing_goes_to_the_host(steps):

@@ -80,8 +80,18 @@ class DemoConfig:
 
   @property
   def statistics_window(self) -> int:
-    """Steps of history for ZClip's warm-up and the spike check."""
+    """Steps of history for ZClip's warm-up (see :attr:`spike_window`)."""
     return max(8, min(50, self.steps // 6))
+
+  @property
+  def spike_window(self) -> int:
+    """The spike check's window: at least ``4 * max_consecutive_skips``.
+
+    The rule's default ``shift_after`` is ``window // 4``: from there on a
+    burst counts as a level shift and is let in. The corrupt shard must
+    raise ``diverged`` first, for a rollback, in the short runs too.
+    """
+    return max(4 * self.max_consecutive_skips, self.statistics_window)
 
   @property
   def skip_batches(self) -> int:
@@ -160,7 +170,7 @@ def make_setup(config: DemoConfig) -> Setup:
           adamw(),
           clip=og.zclip(z_thresh=ZCLIP_Z, max_norm=config.clip_norm,
                         warmup_steps=window),
-          spikes={'window': window, 'sigma': 6.0},
+          spikes={'window': config.spike_window, 'sigma': 6.0},
           max_consecutive_skips=config.max_consecutive_skips,
       ),
   }

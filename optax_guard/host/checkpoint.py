@@ -69,6 +69,7 @@ gets the same answer. Remote paths (``gs://``) are not locked.
 """
 
 import base64
+import dataclasses
 import datetime
 import functools
 import json
@@ -322,6 +323,29 @@ def _metric_rank(metrics: Optional[Mapping[str, Any]], *, name: str,
   return (True, sign * value)
 
 
+@dataclasses.dataclass
+class _NewestWhere:
+  """Orbax preservation: keep the newest step for which ``predicate`` holds.
+
+  ``predicate`` is set after construction (:meth:`Checkpointer.preserve_newest`)
+  and read at each clean-up, so that it can follow training (a checkpoint
+  confirmed by the steps after it).
+  """
+
+  predicate: Optional[Callable[[int], bool]] = None
+
+  def should_preserve(self, checkpoints, *, context):
+    del context  # Unused; part of Orbax's PreservationPolicy protocol.
+    keep = [False] * len(checkpoints)
+    if self.predicate is not None:
+      for i in sorted(range(len(checkpoints)),
+                      key=lambda i: checkpoints[i].step, reverse=True):
+        if self.predicate(checkpoints[i].step):
+          keep[i] = True
+          break
+    return keep
+
+
 def _manager_options(
     save_interval_steps: int,
     max_to_keep: Optional[int],
@@ -329,10 +353,11 @@ def _manager_options(
     keep_last_good: bool,
     best_rank: Optional[Callable[[Any], Any]],
     read_only: bool,
+    newest_where: _NewestWhere,
 ) -> ocp.CheckpointManagerOptions:
   """Orbax options: the interval, and the preservation of kept steps."""
   preservation = ocp.checkpoint_managers.preservation_policy
-  policies = [preservation.LatestN(max_to_keep)]
+  policies = [preservation.LatestN(max_to_keep), newest_where]
   # BestN sorts stably by step and keeps the last: the newest of equals.
   if keep_last_good:
     policies.append(preservation.BestN(
@@ -555,9 +580,10 @@ class Checkpointer:
     self._best_rank = None if best_metric is None else functools.partial(
         _metric_rank, name=best_metric, sign=1.0 if best_mode == 'max' else -1.0
     )
+    self._newest_where = _NewestWhere()
     self._options = _manager_options(
         save_interval_steps, max_to_keep, async_save, keep_last_good,
-        self._best_rank, read_only,
+        self._best_rank, read_only, self._newest_where,
     )
     self._registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     self._registry.add(_STATE, ocp.args.StandardSave)
@@ -622,6 +648,18 @@ class Checkpointer:
   def manager(self) -> ocp.CheckpointManager:
     """The underlying Orbax ``CheckpointManager``."""
     return self._manager
+
+  def preserve_newest(self, predicate: Callable[[int], bool]) -> None:
+    """Keeps the newest step for which ``predicate(step)`` holds, however old.
+
+    :class:`optax_guard.Recovery` registers its ``is_confirmed`` here, so that
+    retention never deletes the checkpoint a rollback would restore. The
+    predicate is asked at every clean-up after a save.
+
+    Args:
+      predicate: takes a step, says whether it is to be kept.
+    """
+    self._newest_where.predicate = predicate
 
   def all_steps(self) -> list[int]:
     """Steps of the finished checkpoints on disk, oldest first."""

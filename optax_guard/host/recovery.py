@@ -52,11 +52,28 @@ class RecoveryPolicy:
     max_rollbacks: rollbacks allowed in one run; the next divergence raises
       :class:`TrainingDiverged`.
     loss_factor: also roll back when the loss stays above ``loss_factor``
-      times its exponential moving average (``None``: only on the guard's
-      ``diverged`` flag).
+      times its exponential moving average for ``loss_patience`` steps
+      (``None``: only on the guard's ``diverged`` flag). It catches a
+      learning rate too high, whose loss grows for tens of steps before it
+      overflows, and which the spike rule alone follows as a series of level
+      shifts. Armed by default since issue 12, measured with zero
+      rollbacks on the clean runs and on the poisoned-row ramp and the
+      level shifts of ``tests/test_slow_faults.py``, and on the fault-free
+      parts of the demo, the examples and the fault campaign (their tests);
+      on a learning rate 10x too high it rolls back once.
     loss_patience: how many steps in a row the loss must stay that high.
-    loss_ema_decay: decay of the loss EMA (updated with accepted, finite,
-      non-alarming losses only, so a blow-up cannot drag it up).
+      Every accepted finite loss enters the average, high ones too, so a
+      permanent level shift, however large, keeps the loss above
+      ``loss_factor`` times the average for at most ``ln(1 - 1 /
+      loss_factor) / ln(loss_ema_decay)`` accepted steps (41 at the
+      defaults), plus the steps the guard skips before it accepts the shift
+      (``shift_after``, 16 at most with the default spike options): the
+      default 64 is above both, so a shift is never rolled back (measured:
+      at most 44 for targets 20 standard deviations noisier). A blow-up
+      growing faster than about 2% per step outruns the average and stays
+      above it.
+    loss_ema_decay: decay of the loss EMA (updated with every accepted,
+      finite loss; skipped and non-finite ones stay out).
     loss_warmup_steps: accepted steps before the loss check is armed.
     lr_backoff: multiply the learning rate by this at each rollback (``None``
       keeps it). The optimizer must be built with
@@ -69,19 +86,23 @@ class RecoveryPolicy:
       many healthy steps in a row followed it (its own step included when it
       has one): a save made just before a divergence, or during a slow
       ramp, is never restored. ``0`` trusts the ``healthy`` flag given at
-      save time. When no confirmed checkpoint is left on disk (retention
-      removed them), the newest one saved as healthy is restored, with a
-      warning.
-    healthy_loss_sigma: a step is healthy when it was not skipped and its
-      loss is finite and at most ``healthy_loss_sigma`` standard deviations
-      above the loss's moving average (once ``loss_warmup_steps`` losses are
-      in; mean and variance are exponential moving averages with
-      ``loss_ema_decay``; the band is at least 1% of the mean wide).
+      save time. The checkpointer handed to :class:`Recovery` keeps the
+      newest confirmed checkpoint past its ``max_to_keep``; when none is on
+      disk (each was removed before it was confirmed: keep ``max_to_keep *
+      save_interval_steps`` above ``confirm_steps``), the newest one saved as
+      healthy is restored, with a warning.
+    healthy_loss_sigma: a step is healthy when the guard skipped it (the
+      state did not change; but the skips of a streak that ends in
+      ``diverged`` are not) or its loss is finite and at most
+      ``healthy_loss_sigma`` standard deviations above the loss's moving
+      average (once ``loss_warmup_steps`` losses are in; mean and variance
+      are exponential moving averages with ``loss_ema_decay``; the band is
+      at least 1% of the mean wide).
   """
 
   max_rollbacks: int = 3
-  loss_factor: Optional[float] = None
-  loss_patience: int = 10
+  loss_factor: Optional[float] = 3.0
+  loss_patience: int = 64
   loss_ema_decay: float = 0.99
   loss_warmup_steps: int = 20
   lr_backoff: Optional[float] = None
@@ -310,6 +331,9 @@ class Recovery:
     self._runs: list[list[int]] = []
     # Steps holding a restored confirmed state (saved right after a rollback).
     self._restored_steps: list[int] = []
+    if checkpointer is not None and policy.confirm_steps > 0:
+      # Retention must not delete the checkpoint a rollback would restore.
+      checkpointer.preserve_newest(self.is_confirmed)
 
   @property
   def healthy(self) -> bool:
@@ -353,6 +377,12 @@ class Recovery:
     self._runs.append([step, step])
     del self._runs[:-_MAX_RUNS]
 
+  def _end_runs_at(self, last: int) -> None:
+    """Cuts every healthy run back to end at step ``last`` at the latest."""
+    for run in self._runs:
+      run[1] = min(run[1], last)
+    self._runs = [run for run in self._runs if run[0] <= run[1]]
+
   def is_confirmed(self, step: int) -> bool:
     """Whether a checkpoint of ``step`` would be a rollback target now.
 
@@ -361,7 +391,7 @@ class Recovery:
       >>> from optax_guard.host.recovery import Recovery
       >>> recovery = Recovery(og.RecoveryPolicy(confirm_steps=3))
       >>> for step in range(1, 8):
-      ...   _ = recovery.observe(step, {'loss': 1.0, 'skipped': step == 6})
+      ...   _ = recovery.observe(step, {'loss': 1.0 if step != 6 else float('nan')})
       >>> [s for s in range(8) if recovery.is_confirmed(s)]
       [0, 1, 2]
 
@@ -396,8 +426,14 @@ class Recovery:
     skipped = bool(_scalar(metrics.get('skipped', False)))
     self._skip_streak = int(_scalar(metrics.get('consecutive_skips', 0)))
     finite = math.isfinite(loss)
-    self._record_health(step, not skipped and finite and self._in_band(loss))
+    # A skipped step left the state as it was: no evidence against it, so
+    # it continues a healthy run (isolated skips would otherwise leave no
+    # checkpoint confirmed), unless its skip streak ends in a divergence.
+    self._record_health(step, skipped or (finite and self._in_band(loss)))
     if bool(_scalar(metrics.get('diverged', False))):
+      # The skips that ended here were the divergence, not a pause in a
+      # healthy run: they confirm no checkpoint.
+      self._end_runs_at(step - self._skip_streak)
       return (
           f'guard diverged at step {step} after {self._skip_streak}'
           ' consecutive skipped steps'
@@ -408,17 +444,17 @@ class Recovery:
         and self._ema_count >= policy.loss_warmup_steps):
       bound = policy.loss_factor * self._ema
     high = not finite or (bound is not None and loss > bound)
-    if high:
-      self._loss_streak += 1
-    else:
-      self._loss_streak = 0
-      if not skipped:
-        self._update_ema(loss)
+    self._loss_streak = self._loss_streak + 1 if high else 0
+    average = math.nan if self._ema is None else self._ema
+    if finite and not skipped:
+      # High losses enter too: a permanent level shift is absorbed within
+      # the patience (see RecoveryPolicy.loss_patience); a blow-up is not.
+      self._update_ema(loss)
     if policy.loss_factor is not None and (
         self._loss_streak >= policy.loss_patience):
       return (
           f'loss {loss:.4g} stayed above {policy.loss_factor:g}x its moving'
-          f' average {self._ema:.4g} for {self._loss_streak} steps'
+          f' average {average:.4g} for {self._loss_streak} steps'
       )
     return None
 

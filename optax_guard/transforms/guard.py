@@ -316,7 +316,7 @@ def decide(config: GuardConfig, grads: Any, state: GuardState,
   spike = jnp.zeros((), jnp.bool_)
   if config.spikes is not None and state.window is not None:
     spike = ~reject & _spikes.is_spike(state.window, config.spikes, loss,
-                                       grad_norm)
+                                       grad_norm).spike
   return Decision(
       stats=stats, healthy=healthy, clip_norm=clip_norm, grad_norm=grad_norm,
       loss=loss, nonfinite=nonfinite, spike=spike, accept=~(reject | spike),
@@ -462,8 +462,14 @@ def next_state(config: GuardConfig, state: GuardState, decision: Decision,
   skipped = ~accept
   window = state.window
   if config.spikes is not None and state.window is not None:
+    # Judged again rather than carried in the Decision: XLA computes the
+    # check once. A step rejected before the spike check (non-finite) is not
+    # counted, so it leaves the window bit for bit.
+    check = _spikes.is_spike(state.window, config.spikes, decision.loss,
+                             decision.grad_norm)
     window = _spikes.record(state.window, config.spikes, decision.loss,
-                            decision.grad_norm, accept)
+                            decision.grad_norm, check,
+                            counted=accept | decision.spike, accepted=accept)
   count_if = lambda flag, count: jnp.where(flag, optax.safe_increment(count),
                                            count)
   old = state.counters
@@ -535,6 +541,28 @@ def _check_count(name: str, value: Optional[int]) -> None:
     raise ValueError(f'{name} must be None or an int >= 1, got {value!r}.')
 
 
+def _spike_config(spikes: Mapping[str, Any],
+                  max_consecutive_skips: Optional[int]) -> _spikes.SpikeConfig:
+  """The spike options; an explicit ``shift_after`` must stay below
+  ``max_consecutive_skips``, or a level shift would raise ``diverged``.
+
+  The default ``shift_after`` is not lowered to fit: a burst longer than it
+  would be accepted as a new level, where ``diverged`` lets the host roll
+  it back (measured on the recovering guide: 12 batches poisoned x1e6).
+  """
+  config = _spike_options(spikes)
+  if (max_consecutive_skips is not None and spikes.get('shift_after')
+      is not None and config.shift_after >= max_consecutive_skips):
+    raise ValueError(
+        f'max_consecutive_skips must exceed the spike rule\'s shift_after='
+        f'{config.shift_after}, got {max_consecutive_skips}: a permanent '
+        'level shift is skipped shift_after times in a row before it is '
+        'accepted, and would raise diverged. Raise max_consecutive_skips or '
+        'lower spikes["shift_after"].'
+    )
+  return config
+
+
 def guard_config(
     inner: optax.GradientTransformation,
     *,
@@ -547,6 +575,8 @@ def guard_config(
 ) -> GuardConfig:
   """Checks the options of :func:`guard` (``ValueError`` naming the fix)."""
   _check_count('max_consecutive_skips', max_consecutive_skips)
+  spike_config = None if spikes is None else _spike_config(
+      spikes, max_consecutive_skips)
   if granularity not in _GRANULARITIES:
     raise ValueError(
         f'granularity must be one of {_GRANULARITIES}, got {granularity!r}.'
@@ -558,7 +588,7 @@ def guard_config(
   return GuardConfig(
       inner=optax.with_extra_args_support(inner),
       clip=None if clip is None else optax.with_extra_args_support(clip),
-      spikes=None if spikes is None else _spike_options(spikes),
+      spikes=spike_config,
       max_consecutive_skips=max_consecutive_skips,
       by_leaf=granularity == 'leaf',
       vanishing_ratio=vanishing_ratio,
@@ -582,9 +612,17 @@ def guard(
 
   1. the global and per-leaf norms are computed once, overflow-safe;
   2. a NaN/Inf gradient or loss, or (with ``spikes``) a loss or norm above
-     ``mean + sigma * std`` of the recent accepted steps, rejects the step:
+     ``mean + sigma * std`` of the recent accepted steps (the rule of
+     :func:`skip_spikes`, which lets a level shift in after ``shift_after``
+     skips), rejects the step:
      the update is zero and the state of ``clip`` and ``inner`` is returned
-     unchanged, bit for bit;
+     unchanged, bit for bit (the parameters and, in
+     :func:`optax_guard.make_train_step`, the model state too). The spike
+     window is the rule's own record: a non-finite step leaves it bit for
+     bit; a skipped spike leaves its admitted values as they were and
+     writes its raw values to ``pending``, marks the high signals, ends a
+     run of low values and counts one more in ``streak`` (after
+     ``shift_after`` of them the statistics are rebuilt from ``pending``);
   3. otherwise ``clip`` (given the norm already computed) and ``inner`` run.
 
   After ``max_consecutive_skips`` skips in a row, ``diverged`` is raised in
@@ -636,9 +674,15 @@ def guard(
     clip: optional clipping transformation, e.g. :func:`zclip`,
       :func:`autoclip` or :func:`clip_by_global_norm`. It runs after the
       checks, on accepted steps only.
-    spikes: ``None`` for no spike check, or options of :func:`skip_spikes`
-      (``window``, ``sigma``, ``min_history``); ``{}`` takes the defaults.
+    spikes: ``None`` for no spike check, or options of
+      :func:`~optax_guard.transforms.spikes.spike_config` (``window``,
+      ``sigma``, ``min_history``, ``shift_after``, ``rebase_down``,
+      ``winsorize``; see :func:`skip_spikes`); ``{}`` takes the defaults.
     max_consecutive_skips: raise ``diverged`` after this many skips in a row.
+      Skips of every kind count, and a level shift costs ``shift_after`` of
+      them: an explicit ``shift_after`` that is not smaller raises
+      ``ValueError``; with the default one, a shift then raises ``diverged``
+      (and a host rollback) instead of being accepted.
     granularity: ``"global"`` (a NaN/Inf anywhere skips the step) or
       ``"leaf"`` (it holds only the leaves it is in).
     vanishing_ratio: if given, count per leaf the accepted steps in a row
@@ -726,19 +770,32 @@ def skip_spikes(
     window: int = 128,
     sigma: float = 6.0,
     min_history: Optional[int] = None,
+    shift_after: Optional[int] = None,
     max_consecutive_skips: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose loss or gradient norm spikes above recent history.
 
-  Once ``min_history`` accepted steps are recorded, a step is skipped when
-  its loss (extra argument ``value=``) or its global gradient norm exceeds
-  ``mean + sigma * std`` (Bessel-corrected) of the last ``window`` accepted
-  steps. A skipped value never enters the window, so one spike cannot widen
-  the bounds for the next. Non-finite values are skipped too. The rollback is
-  exact, as in :func:`skip_nonfinite`.
+  Once ``min_history`` values are recorded, a step is skipped when its loss
+  (extra argument ``value=``) or its global gradient norm exceeds
+  ``mean + sigma * std`` (Bessel-corrected) of the last ``window`` admitted
+  values of that signal. Only accepted values are admitted, so neither a
+  spike nor a burst widens the bound for the next step; a NaN/Inf step is
+  skipped and leaves the statistics exactly as they were. A skipped spike's
+  raw values wait in the window's ``pending`` buffer (its admitted values
+  and their mean and std do not change), and ``streak`` counts it. After
+  ``shift_after`` spike skips in a row the next high step is accepted as a
+  new level and the statistics are rebuilt from ``pending`` and that step,
+  so a permanent shift (noisier data, a new mixture, a smaller batch) costs
+  ``shift_after`` skips instead of locking training out. The rollback of
+  the parameters and the inner state is exact, as in
+  :func:`skip_nonfinite`.
 
-  This is the spike skipping of OLMo-core's ``SkipStepOptimizer`` and
-  MaxText's ``skip_step_on_spikes``, as an optax transformation.
+  Compared with OLMo-core's ``SkipStepOptimizer`` and MaxText's
+  ``skip_step_on_spikes`` (which admit every value), it catches every step
+  of a burst up to ``shift_after`` long where they catch about
+  ``window / sigma**2``, one NaN costs one step where it costs them a
+  window, and a shift costs ``shift_after`` skips where it costs them 4 to 7
+  (``docs/spike_rule.md``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -754,17 +811,26 @@ def skip_spikes(
 
   Args:
     inner: the optimizer to protect.
-    window: how many recent accepted steps the statistics cover (>= 2).
+    window: how many recent values the statistics cover (>= 2).
     sigma: how many standard deviations above the mean is a spike (> 0).
-    min_history: accepted steps needed before any spike is called; default
-      ``max(20, window // 2)``, capped at ``window``.
-    max_consecutive_skips: raise ``diverged`` after this many skips in a row.
+    min_history: values needed before any spike is called; default
+      ``max(2, window // 2 - 1)``, which arms the check at the same step as
+      OLMo-core and MaxText.
+    shift_after: spike skips in a row after which a high step is accepted as
+      a new level; default ``max(1, min(16, window // 4))``. A shift and a
+      burst look alike until then: larger catches longer bursts whole,
+      smaller follows a real shift with fewer dropped batches (see
+      :func:`~optax_guard.transforms.spikes.spike_config`).
+    max_consecutive_skips: raise ``diverged`` after this many skips in a row;
+      keep it above ``shift_after`` so that a level shift never raises it
+      (an explicit ``shift_after`` that is not smaller is a ``ValueError``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   return guard(
       inner,
-      spikes=dict(window=window, sigma=sigma, min_history=min_history),
+      spikes=dict(window=window, sigma=sigma, min_history=min_history,
+                  shift_after=shift_after),
       max_consecutive_skips=max_consecutive_skips,
   )
