@@ -8,9 +8,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-# Hypothesis profiles for the property suites (tests/test_seam_properties.py):
-# `ci` (the default) draws few small examples so the suite fits the CI budget;
-# `long` draws many more, for a run by hand:
+# Hypothesis profiles for the property suites (tests/test_seam_properties.py,
+# the norm properties of test_numerics.py and test_clipping.py, which compile
+# for every new shape): `ci` (the default) draws few small examples so the
+# suite fits the CI budget; `long` draws many more, for a run by hand:
 #   HYPOTHESIS_PROFILE=long python -m pytest -q tests/test_seam_properties.py
 # Tests that pin their own `max_examples` keep it under either profile.
 import hypothesis  # after the environment set-up above
