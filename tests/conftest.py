@@ -8,9 +8,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-# Hypothesis profiles for the property suites (tests/test_seam_properties.py):
-# `ci` (the default) draws few small examples so the suite fits the CI budget;
-# `long` draws many more, for a run by hand:
+# Hypothesis profiles for the property suites (tests/test_seam_properties.py,
+# the norm properties of test_numerics.py and test_clipping.py, which compile
+# for every new shape): `ci` (the default) draws few small examples so the
+# suite fits the CI budget; `long` draws many more, for a run by hand:
 #   HYPOTHESIS_PROFILE=long python -m pytest -q tests/test_seam_properties.py
 # Tests that pin their own `max_examples` keep it under either profile.
 import hypothesis  # after the environment set-up above
@@ -28,3 +29,17 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
+
+
+# `pytest -n 2` hands tests to the workers one by one (xdist's `load`), so the
+# tests of one module can land on both workers, and each worker then builds
+# the module's scope='module' fixtures (the benchmark run, the crash-resume
+# reference, the multi-process runs...), so the slowest set-ups can run twice.
+# `loadscope` sends each module to one worker; in collection order, not
+# largest-module first, so that the slow modules of few tests start early
+# and the many small doctests at the end even out the workers' finish. An
+# explicit `--dist load` is overridden too; pass another mode to choose it.
+def pytest_configure(config):
+  if config.getoption('dist', 'no') == 'load':
+    config.option.dist = 'loadscope'
+    config.option.loadscopereorder = False

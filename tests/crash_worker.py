@@ -12,17 +12,12 @@ completion writes the final state and event counts to RESULT_FILE (.npz).
 import sys
 
 import jax
-
-if len(sys.argv) > 4:  # A shared compilation cache makes restarts cheaper.
-  jax.config.update('jax_compilation_cache_dir', sys.argv[4])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 import optax_guard as og
-from optax_guard import testing  # pylint: disable=g-import-not-at-top
+from optax_guard import testing
 
 
 class AnnouncingCheckpointer(og.Checkpointer):
@@ -84,4 +79,10 @@ def main(directory, result_file, num_steps):
 
 
 if __name__ == '__main__':
+  # A shared compilation cache makes restarts cheaper. Set here, not at
+  # import: pytest's doctest collection imports this file, and pytest's own
+  # arguments would turn the cache on in the test process.
+  if len(sys.argv) > 4:
+    jax.config.update('jax_compilation_cache_dir', sys.argv[4])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -75,7 +75,6 @@ class ClipByGlobalNormTest(chex.TestCase):
     self.assertIsNone(updates['n'])
 
 
-@hypothesis.settings(deadline=None, max_examples=30)
 @hypothesis.given(
     values=st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=20),
     max_norm=st.floats(1e-3, 1e3),

@@ -108,7 +108,6 @@ finite_f32 = hnp.arrays(
 )
 
 
-@hypothesis.settings(deadline=None, max_examples=60)
 @hypothesis.given(a=finite_f32, b=finite_f32)
 def test_norm_matches_float64_reference_for_any_finite_input(a, b):
   reference = np.sqrt(
@@ -119,7 +118,6 @@ def test_norm_matches_float64_reference_for_any_finite_input(a, b):
   np.testing.assert_allclose(float(norm), reference, rtol=2e-6, atol=1e-37)
 
 
-@hypothesis.settings(deadline=None, max_examples=40)
 @hypothesis.given(
     values=hnp.arrays(
         np.float16, hnp.array_shapes(max_dims=2, max_side=64),
