@@ -214,6 +214,24 @@ def test_an_exception_saves_the_last_completed_step(
     np.testing.assert_array_equal(got, want)
 
 
+def test_giving_up_saves_the_diverged_step_not_its_donated_input(
+    tmp_path, train_step, caplog):
+  # main: TrainingDiverged left fit holding the state from before the step,
+  # whose buffers the step had consumed: "Buffer has been deleted or
+  # donated", and nothing was saved.
+  plan = {i: faults.Fault('nan_loss') for i in (6, 7, 8)}
+  arrays = faults.regression_data(seed=2, num_examples=256)
+  data = faults.FaultInjector(og.batches(arrays, 16, seed=2), plan)
+  with og.Checkpointer(tmp_path, save_interval_steps=4) as ckpt:
+    with pytest.raises(og.TrainingDiverged):
+      og.fit(train_step, make_init(), data, num_steps=20, checkpointer=ckpt,
+             recovery=og.RecoveryPolicy(max_rollbacks=0), progress=False)
+    assert ckpt.all_steps() == [4, 8, 9]
+    assert not ckpt.is_healthy(9)
+  assert 'failed too' not in caplog.text
+  assert f'after step 9; saved step 9 in {tmp_path}' in caplog.text
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_exits_zero(
     tmp_path, train_step, uninterrupted, signum):

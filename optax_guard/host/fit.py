@@ -487,6 +487,9 @@ class _Loop:
     self.logger = logger
     self.events = EventLog()
     self.step_events: list[Event] = []
+    # The newest completed state: the one fit saves when a step raises after
+    # the train step ran (its input buffers were donated to that step).
+    self.completed: Optional[TrainState] = None
 
   def record(self, event: Event) -> None:
     """Passes ``event`` to the callback; logs and counts it unless a save."""
@@ -717,7 +720,7 @@ def fit(
         if stop is not None:
           break
     except BaseException as error:
-      loop.save_after_error(state, error)
+      loop.save_after_error(loop.completed or state, error)
       raise
     if not preempted:
       loop.save(state, healthy=watch.healthy, force=True)
@@ -745,6 +748,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
     ``(state, stop)``: the state to continue from and why to stop now
     (``'preempted'``, ``'data ran out'``) or ``None``.
   """
+  loop.completed = None
   try:
     batch = next(loop.data)
   except StopIteration:
@@ -753,6 +757,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   params, opt_state, metrics = train_step(state.params, state.opt_state, batch)
   state = state._replace(step=state.step + 1, params=params,
                          opt_state=opt_state)
+  loop.completed = state
   scalars = _host_scalars(metrics)
   evaluated = {}
   if eval_fn is not None and (
@@ -771,6 +776,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
     diverged_step = state.step
     state = watch.rollback(state, reason, data_iter=loop.data,
                            metrics=scalars)
+    loop.completed = state
     done = watch.rollbacks[-1]
     loop.record(Rollback(
         diverged_step, to_step=done['to_step'], resume_step=state.step,
