@@ -111,7 +111,12 @@ def test_other_sections_hold_their_measurements(run):
 
 def test_targets_cover_every_item(run):
   found = run[1]['targets']
-  assert {t['item'] for t in found} == {1, 2, 3, 4, 6}
+  assert {t['item'] for t in found} == {1, 2, 3, 4, 6, 8}
+  # Issue 10, item 8: the fused update against bare adamw and the pure
+  # transformation against optax's own chain, at every size.
+  item_8 = [t['what'] for t in found if t['item'] == 8]
+  assert any('fused update ÷ bare adamw' in what for what in item_8)
+  assert any('÷ optax chain(clip, adamw)' in what for what in item_8)
   for target in found:
     assert isinstance(target['met'], bool)
     assert (target['shortfall'] is None) == target['met']
