@@ -68,7 +68,9 @@ takes no lock, never writes, moves nothing (evaluation, inspection). Under
 gets the same answer. Remote paths (``gs://``) are not locked.
 """
 
+import atexit
 import base64
+import concurrent.futures.thread  # pylint: disable=unused-import
 import dataclasses
 import datetime
 import functools
@@ -77,6 +79,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -499,6 +502,37 @@ def _check_json(name: str, value: Any) -> None:
     ) from e
 
 
+# Every Checkpointer not yet closed, held here so that the interpreter's exit
+# closes it (see _close_open_checkpointers); close() lets it go.
+_OPEN_CHECKPOINTERS: dict[int, 'Checkpointer'] = {}
+
+
+def _close_open_checkpointers() -> None:
+  """Closes the checkpointers still open as the interpreter exits.
+
+  At exit Python first shuts down its thread pools and joins the threads,
+  and only then runs :mod:`atexit` handlers. Orbax's background save needs
+  those pools: the pending save of a checkpointer nobody closed (dropped
+  with its last reference, or alive at exit) failed ("cannot schedule new
+  futures after interpreter shutdown") and the threads waiting for it never
+  returned, so about one exit in six hung. A hook of
+  ``threading._register_atexit`` (what :mod:`concurrent.futures` uses) runs
+  before the pools shut down: the save finishes first.
+  """
+  for checkpointer in list(_OPEN_CHECKPOINTERS.values()):
+    try:
+      checkpointer.close()
+    except Exception:  # pylint: disable=broad-except
+      _log.exception('Closing the checkpointer of %s at exit failed.',
+                     checkpointer.directory)
+
+
+# Hooks run last registered first; concurrent.futures registered its own
+# when its thread module was imported above, so this one runs before it.
+getattr(threading, '_register_atexit', atexit.register)(
+    _close_open_checkpointers)
+
+
 class Checkpointer:
   """Saves and restores training state with Orbax, surviving bad checkpoints.
 
@@ -598,6 +632,7 @@ class Checkpointer:
     except BaseException:
       self._release_lock()
       raise
+    _OPEN_CHECKPOINTERS[id(self)] = self
 
   # -- Opening ----------------------------------------------------------------
 
@@ -778,7 +813,14 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves, releases Orbax's resources and the lock."""
+    """Waits for pending saves, releases Orbax's resources and the lock.
+
+    A checkpointer holds its directory (and its pending save) until this
+    is called, or until the interpreter exits, which closes every
+    checkpointer left open before Python stops the threads Orbax saves with.
+    """
+    if _OPEN_CHECKPOINTERS.pop(id(self), None) is None:
+      return  # Closed already.
     try:
       self._manager.close()
     finally:
