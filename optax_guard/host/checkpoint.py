@@ -504,7 +504,7 @@ def _check_json(name: str, value: Any) -> None:
 
 # Every Checkpointer not yet closed, held here so that the interpreter's exit
 # closes it (see _close_open_checkpointers); close() lets it go.
-_OPEN_CHECKPOINTERS: dict[int, 'Checkpointer'] = {}
+_OPEN_CHECKPOINTERS: set['Checkpointer'] = set()
 
 
 def _close_open_checkpointers() -> None:
@@ -519,7 +519,7 @@ def _close_open_checkpointers() -> None:
   ``threading._register_atexit`` (what :mod:`concurrent.futures` uses) runs
   before the pools shut down: the save finishes first.
   """
-  for checkpointer in list(_OPEN_CHECKPOINTERS.values()):
+  for checkpointer in list(_OPEN_CHECKPOINTERS):
     try:
       checkpointer.close()
     except Exception:  # pylint: disable=broad-except
@@ -632,7 +632,7 @@ class Checkpointer:
     except BaseException:
       self._release_lock()
       raise
-    _OPEN_CHECKPOINTERS[id(self)] = self
+    _OPEN_CHECKPOINTERS.add(self)
 
   # -- Opening ----------------------------------------------------------------
 
@@ -819,8 +819,9 @@ class Checkpointer:
     is called, or until the interpreter exits, which closes every
     checkpointer left open before Python stops the threads Orbax saves with.
     """
-    if _OPEN_CHECKPOINTERS.pop(id(self), None) is None:
+    if self not in _OPEN_CHECKPOINTERS:
       return  # Closed already.
+    _OPEN_CHECKPOINTERS.discard(self)
     try:
       self._manager.close()
     finally:

@@ -207,6 +207,9 @@ class Decision(NamedTuple):
     loss: the loss as float32, or ``None``.
     nonfinite: any NaN/Inf gradient, or a NaN/Inf loss.
     spike: the loss or ``grad_norm`` spiked.
+    spike_check: the spike rule's full verdict, which
+      :func:`~optax_guard.transforms.spikes.record` needs (``None`` without
+      spike checks).
     accept: the step updates (some of) the parameters.
     unscale: ``1 / loss_scale`` when the gradients arrive scaled, else
       ``None``.
@@ -219,6 +222,7 @@ class Decision(NamedTuple):
   loss: Optional[jax.Array]
   nonfinite: jax.Array
   spike: jax.Array
+  spike_check: Optional[_spikes.SpikeCheck]
   accept: jax.Array
   unscale: Optional[jax.Array]
 
@@ -314,13 +318,15 @@ def decide(config: GuardConfig, grads: Any, state: GuardState,
     reject = bad_loss | ~health.any_healthy
   grad_norm = clip_norm.astype(jnp.float32)
   spike = jnp.zeros((), jnp.bool_)
+  spike_check = None
   if config.spikes is not None and state.window is not None:
-    spike = ~reject & _spikes.is_spike(state.window, config.spikes, loss,
-                                       grad_norm).spike
+    spike_check = _spikes.is_spike(state.window, config.spikes, loss,
+                                   grad_norm)
+    spike = ~reject & spike_check.spike
   return Decision(
       stats=stats, healthy=healthy, clip_norm=clip_norm, grad_norm=grad_norm,
-      loss=loss, nonfinite=nonfinite, spike=spike, accept=~(reject | spike),
-      unscale=unscale,
+      loss=loss, nonfinite=nonfinite, spike=spike, spike_check=spike_check,
+      accept=~(reject | spike), unscale=unscale,
   )
 
 
@@ -461,14 +467,12 @@ def next_state(config: GuardConfig, state: GuardState, decision: Decision,
   accept = decision.accept & ~outcome.inner_nonfinite
   skipped = ~accept
   window = state.window
-  if config.spikes is not None and state.window is not None:
-    # Judged again rather than carried in the Decision: XLA computes the
-    # check once. A step rejected before the spike check (non-finite) is not
-    # counted, so it leaves the window bit for bit.
-    check = _spikes.is_spike(state.window, config.spikes, decision.loss,
-                             decision.grad_norm)
+  if (config.spikes is not None and state.window is not None
+      and decision.spike_check is not None):
+    # A step rejected before the spike check (non-finite) is not counted,
+    # so it leaves the window bit for bit.
     window = _spikes.record(state.window, config.spikes, decision.loss,
-                            decision.grad_norm, check,
+                            decision.grad_norm, decision.spike_check,
                             counted=accept | decision.spike, accepted=accept)
   count_if = lambda flag, count: jnp.where(flag, optax.safe_increment(count),
                                            count)
