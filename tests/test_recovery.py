@@ -344,3 +344,16 @@ def test_fit_rolls_back_a_loss_blow_up(tmp_path, train_step, loss_factor,
     # Step 30 was saved one step before the blow-up: never confirmed.
     assert record['step'] == 34 and record['to_step'] == 20
     assert record['reason'].startswith('loss ')
+
+
+def test_the_report_names_parameters_an_update_made_nonfinite(tmp_path):
+  init = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    recovery = Recovery(og.RecoveryPolicy(max_rollbacks=1), ckpt)
+    params = {**init.params, 'w': init.params['w'].at[0, 0].set(jnp.inf)}
+    with pytest.raises(og.TrainingDiverged) as caught:
+      recovery.rollback(init._replace(step=3, params=params), 'diverged')
+  assert caught.value.report.nonfinite_params == ["['w']"]
+  assert ("non-finite parameters (an update, not a gradient, made them so:"
+          " og.guard(..., check_updates=True) skips such steps): ['w']"
+          in str(caught.value))

@@ -309,6 +309,7 @@ class Rollback(Event):
   reason: str
   skipped_batches: int = 0
   worst_leaves: tuple[tuple[str, float], ...] = ()
+  nonfinite_params: tuple[str, ...] = ()
 
   @property
   def dropped_steps(self) -> range:
@@ -782,6 +783,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
         diverged_step, to_step=done['to_step'], resume_step=state.step,
         reason=reason, skipped_batches=state.step - done['to_step'],
         worst_leaves=tuple(map(tuple, done.get('worst_leaves', ()))),
+        nonfinite_params=tuple(done.get('nonfinite_params', ())),
     ))
   elif reason is not None:
     loop.record(Diverged(state.step, reason))

@@ -151,11 +151,15 @@ class DivergenceReport:
     step: the loop step of the final divergence.
     reason: why that step counted as diverged.
     rollbacks: every rollback done before, as dicts with ``step``,
-      ``to_step``, ``reason``, ``skipped_batches``, ``worst_leaves``.
+      ``to_step``, ``reason``, ``skipped_batches``, ``worst_leaves``,
+      ``nonfinite_params``.
     worst_leaves: ``(path, gradient norm)`` of the leaves with the largest
       gradient norms at the final divergence (non-finite first), from the
       guard's ``leaf_norms``.
     metrics: that step's scalar metrics.
+    nonfinite_params: the parameter leaves that held a NaN or an Inf at the
+      final divergence (:attr:`Diagnosis.nonfinite_params
+      <optax_guard.transforms.diagnostics.Diagnosis.nonfinite_params>`).
   """
 
   step: int
@@ -163,6 +167,7 @@ class DivergenceReport:
   rollbacks: list[dict[str, Any]]
   worst_leaves: list[tuple[str, float]]
   metrics: dict[str, Any]
+  nonfinite_params: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
     lines = [f'Training diverged at step {self.step}: {self.reason}.']
@@ -174,6 +179,11 @@ class DivergenceReport:
     if self.worst_leaves:
       lines.append('  largest gradient norms at the final step:')
       lines.extend(f'    {path}: {norm:.4g}' for path, norm in self.worst_leaves)
+    if self.nonfinite_params:
+      lines.append(
+          '  non-finite parameters (an update, not a gradient, made them'
+          ' so: og.guard(..., check_updates=True) skips such steps): '
+          + ', '.join(self.nonfinite_params))
     return '\n'.join(lines)
 
 
@@ -185,13 +195,12 @@ class TrainingDiverged(RuntimeError):
     self.report = report
 
 
-def _worst_leaves(state: Any, k: int = 5) -> list[tuple[str, float]]:
-  """The ``k`` leaves with the largest last gradient norm, non-finite first
-  (:attr:`optax_guard.transforms.diagnostics.Diagnosis.worst`); empty
-  without a guard."""
+def _diagnosis(state: Any) -> Optional[_diagnostics.Diagnosis]:
+  """:func:`~optax_guard.transforms.diagnostics.diagnose` of ``state``, or
+  ``None`` without a guard."""
   if not _states.find_states(state.opt_state, _guard.GuardState):
-    return []
-  return list(_diagnostics.diagnose(state.opt_state, state.params).worst[:k])
+    return None
+  return _diagnostics.diagnose(state.opt_state, state.params)
 
 
 def scale_hyperparam(
@@ -509,7 +518,11 @@ class Recovery:
       TrainingDiverged: after ``max_rollbacks`` rollbacks, or when no
         healthy checkpoint is usable.
     """
-    worst = _worst_leaves(state)
+    diagnosis = _diagnosis(state)
+    # The ``k = 5`` leaves with the largest last gradient norm.
+    worst = [] if diagnosis is None else list(diagnosis.worst[:5])
+    nonfinite_params = ([] if diagnosis is None
+                        else list(diagnosis.nonfinite_params))
     scalars = {
         k: _scalar(v) for k, v in (metrics or {}).items()
         if jnp.ndim(v) == 0
@@ -519,6 +532,7 @@ class Recovery:
       report = DivergenceReport(
           step=state.step, reason=why, rollbacks=list(self.rollbacks),
           worst_leaves=worst, metrics=scalars,
+          nonfinite_params=nonfinite_params,
       )
       _log.error('%s', report)
       return TrainingDiverged(report)
@@ -549,6 +563,7 @@ class Recovery:
         'reason': reason,
         'skipped_batches': step - good.step,
         'worst_leaves': [[path, norm] for path, norm in worst[:3]],
+        'nonfinite_params': nonfinite_params,
     }
     saved = events.get('recovery')
     if saved is not None:

