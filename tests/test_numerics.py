@@ -134,3 +134,42 @@ def test_fp16_norm_is_exact_in_float32(values):
 
 if __name__ == '__main__':
   pytest.main([__file__])
+
+
+class RescaledPathTest(chex.TestCase):
+  """The rare path (a sum that overflows) stacks small leaves by shape."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_a_magnitude_near_float32_max_is_not_lost(self):
+    # 1 / 1.559e38 is subnormal: a reciprocal flushed to zero made this
+    # leaf's rescaled norm 0.
+    a = jnp.full((6, 4), 3e16, jnp.float32).at[3, 0].set(1.559e38)
+    stats = self.variant(norm_stats)({'a': a, 'b': jnp.full((6,), 2.0)})
+    np.testing.assert_allclose(stats.global_norm, 1.559e38, rtol=1e-6)
+    np.testing.assert_allclose(stats.leaf_norms['a'], 1.559e38, rtol=1e-6)
+    np.testing.assert_allclose(stats.leaf_norms['b'], np.sqrt(24.0),
+                               rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_grouped_leaves_keep_their_own_norms_and_order(self):
+    # Three (5,) leaves share one stacked computation, interleaved with a
+    # large leaf, a float16 and a complex leaf of the same shape, an empty
+    # leaf and a NaN leaf; the big value sends every leaf down the rare path.
+    tree = [
+        jnp.arange(5.0), jnp.full((1 << 15,), 1e30, jnp.float32),
+        jnp.full((5,), 2.0), jnp.ones((5,), jnp.float16) * 3,
+        jnp.zeros((0,)), jnp.full((5,), -4.0),
+        jnp.array([3 + 4j, 0, 0, 0, 0], jnp.complex64),
+    ]
+    stats = self.variant(norm_stats)(tree)
+    expected = [np.sqrt(30.0), 1e30 * np.sqrt(1 << 15), np.sqrt(20.0),
+                np.sqrt(45.0), 0.0, np.sqrt(80.0), 5.0]
+    np.testing.assert_allclose(jnp.stack(stats.leaf_norms), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats.global_norm, expected[1], rtol=1e-6)
+    tree[5] = tree[5].at[2].set(jnp.nan)
+    stats = self.variant(norm_stats)(tree)
+    norms = np.asarray(jnp.stack(stats.leaf_norms))
+    assert np.isnan(norms[5]) and np.isnan(stats.global_norm)
+    np.testing.assert_allclose(np.delete(norms, 5), np.delete(expected, 5),
+                               rtol=1e-6)
