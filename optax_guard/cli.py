@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f'output directory (default: ./{DEFAULT_OUT})')
   demo.add_argument(
       '--faults', nargs='+', metavar='FAULT',
-      help='faults to inject: NAME or NAME@STEP (poison@START-END for a'
-      ' window) with NAME in spike, poison, preempt, nan; "none" for none'
-      ' (default: all four, at 30%%, 45%%, 70%% and 80%% of the run)',
+      help='faults to inject: NAME or NAME@STEP (poison@START-END and'
+      ' ramp@START-END for a window; a shift lasts to the end) with NAME in'
+      ' spike, ramp, poison, preempt, nan, shift; "none" for none (default:'
+      ' all six, at 30%%, 33%%, 45%%, 70%%, 80%% and 88%% of the run)',
   )
   demo.set_defaults(handler=_demo)
 

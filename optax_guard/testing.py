@@ -43,6 +43,26 @@ class Fault(NamedTuple):
       ``poisoned_rows``, the noise added to the last float array (the
       targets), in units of its standard deviation, of ``noisy_targets``
       (unused by the others).
+
+  ``poisoned_rows`` replaces the first ``round(scale * rows)`` rows of every
+  array of the batch (seeded by the batch index): a float array's with
+  Gaussian noise of its own standard deviation, an integer array's (token
+  ids, class labels) with integers drawn uniformly from its own range
+  ``[min, max]``. A float array with no spread (unit loss weights, a mask)
+  and a bool array are left as they are: noise of zero spread would only
+  zero the rows' weights and so drop them instead of corrupting them.
+
+  Examples:
+    >>> import numpy as np
+    >>> from optax_guard import testing
+    >>> batch = {'tokens': np.arange(12).reshape(4, 3),
+    ...          'weights': np.ones((4, 3), np.float32)}
+    >>> plan = {0: testing.Fault('poisoned_rows', 0.5)}
+    >>> poisoned = next(testing.FaultInjector(iter([batch]), plan))
+    >>> bool((poisoned['tokens'][:2] != batch['tokens'][:2]).any())
+    True
+    >>> poisoned['tokens'][2:].tolist(), poisoned['weights'].min()
+    ([[6, 7, 8], [9, 10, 11]], np.float32(1.0))
   """
 
   kind: str
@@ -172,12 +192,23 @@ def _slow_fault(batch: dict[str, Any], fault: Fault,
     y = np.asarray(batch[floats[-1]])
     noise = fault.scale * y.std() * rng.standard_normal(y.shape)
     return {**batch, floats[-1]: (y + noise).astype(y.dtype)}
-  # poisoned_rows: the first rows become noise of each array's own scale.
+  # poisoned_rows: the first rows become noise of each array's own scale
+  # (floats first, in the order they were always drawn, then integers).
   batch = dict(batch)
-  for name in floats:
+  integers = [name for name, value in batch.items()
+              if np.issubdtype(np.asarray(value).dtype, np.integer)]
+  for name in floats + integers:
     value = np.asarray(batch[name])
+    if value.ndim == 0:
+      continue
     rows = int(round(fault.scale * value.shape[0]))
-    noise = value.std() * rng.standard_normal((rows,) + value.shape[1:])
+    shape = (rows,) + value.shape[1:]
+    if name in integers:
+      noise = rng.integers(value.min(), value.max(), shape, endpoint=True)
+    elif value.std() > 0:
+      noise = value.std() * rng.standard_normal(shape)
+    else:
+      continue
     batch[name] = np.concatenate([noise.astype(value.dtype), value[rows:]])
   return batch
 

@@ -64,8 +64,10 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   plain, guarded = summary['plain'], summary['guarded']
   assert not plain['finite'] and math.isnan(plain['final_loss'])
   assert guarded['finite']
-  # Uniform guessing over ~100 characters scores ln(103) = 4.63.
-  assert guarded['final_loss'] < 3.0
+  # Uniform guessing over ~100 characters scores ln(103) = 4.63; measured:
+  # 2.91 without faults (--faults none), 3.06 with them (the ramp and the
+  # noisier data of the level shift are trained on).
+  assert guarded['final_loss'] < 3.2
   assert guarded['rollbacks'] == 1
   assert len(guarded['params_sha256']) == 64
 
@@ -100,6 +102,31 @@ def test_each_fault_hits_both_runs_at_its_printed_step(demo):
   poisoned = [guarded[s] for s in range(first, last + 1) if s in guarded]
   assert poisoned and all(r['skipped'] for r in poisoned)
   assert math.isfinite(guarded[FAST_STEPS]['loss'])
+
+
+def test_the_slow_faults_are_outlived_and_the_shift_is_let_in(demo):
+  windows = faults_lib.schedule(faults_lib.default_specs(FAST_STEPS),
+                                FAST_STEPS)
+  plain = {r['step']: r for r in _records(demo, 'plain')}
+  guarded = {r['step']: r for r in _records(demo, 'guarded')}
+  events = _events(demo, 'guarded')
+  # The ramp: random-character rows, all of them at its middle step. Each
+  # step a little worse than the last, it slips past the spike check (the
+  # issue the ramp stands for) and is trained on; the run outlives it.
+  start, end = windows['ramp']
+  peak = (start + end) // 2
+  for records in (plain, guarded):
+    assert records[peak]['loss'] > records[start - 1]['loss'] + 0.5
+  assert not any(guarded[s]['skipped'] for s in range(start, end + 1))
+  # The level shift: a noisier data mix to the end of the run. The guard
+  # lets it in, rolls nothing back, and the run keeps learning on it.
+  start, _ = windows['shift']
+  assert not any(e['kind'] == 'rollback' and e['step'] >= start
+                 for e in events)
+  shifted = [guarded[s]['loss'] for s in range(start, FAST_STEPS + 1)]
+  assert all(math.isfinite(loss) for loss in shifted)
+  assert sum(guarded[s]['skipped'] for s in range(start, FAST_STEPS + 1)) < (
+      run_lib.DemoConfig(steps=FAST_STEPS).max_consecutive_skips)
 
 
 def test_logs_hold_one_line_per_step_and_the_events(demo):
@@ -284,23 +311,60 @@ def test_batches_are_restorable_windows_of_the_text():
 
 def test_the_schedule_breaks_exactly_its_batches():
   windows = faults_lib.schedule(['spike@2', 'nan@3', 'poison@5-8',
-                                 'preempt@9'], steps=10)
-  plan = faults_lib.plan(windows, steps=10)
-  assert sorted(plan) == [1, 2, 4, 5, 6, 7]
-  assert {f.kind for f in plan.values()} == {'poisoned_batch'}
+                                 'preempt@9', 'ramp@11-15', 'shift@18'],
+                                steps=20)
+  assert windows['shift'] == (18, 20)
+  plan = faults_lib.plan(windows, steps=20)
+  # Batch s - 1 for step s; nothing at the preemption, 9, or at 16-17.
+  assert sorted(plan) == [1, 2, 4, 5, 6, 7, 10, 11, 12, 13, 14, 17, 18, 19]
+  assert {plan[i].kind for i in (1, 2, 4, 5, 6, 7)} == {'poisoned_batch'}
   assert plan[1].scale == faults_lib.SPIKE_SCALE and math.isnan(plan[2].scale)
   assert all(plan[i].scale == faults_lib.POISON_SCALE for i in range(4, 8))
+  # The ramp: a third, two thirds, all and back of the rows; the shift:
+  # SHIFT_FRACTION of the rows of every batch to the end.
+  assert [plan[i] for i in range(10, 15)] == [
+      og.testing.Fault('poisoned_rows', f) for f in (1 / 3, 2 / 3, 1, 2 / 3,
+                                                     1 / 3)]
+  assert [plan[i] for i in (17, 18, 19)] == 3 * [
+      og.testing.Fault('poisoned_rows', faults_lib.SHIFT_FRACTION)]
   assert faults_lib.describe('poison', windows['poison']).startswith(
       'steps 5-8: ')
   assert faults_lib.describe('preempt', windows['preempt']).startswith(
       'after step 9: ')
+  assert faults_lib.describe('ramp', windows['ramp']).startswith(
+      'steps 11-15: ')
+  assert faults_lib.describe('shift', windows['shift']).startswith(
+      'steps 18-: ')
+
+
+def test_the_slow_faults_replace_token_rows_with_random_characters():
+  corpus = data_lib.load_corpus()
+  clean = data_lib.train_batches(corpus, batch_size=10, seq_len=16, seed=0)
+  windows = faults_lib.schedule(['ramp@1-3', 'shift@5'], steps=6)
+  faulty = og.testing.FaultInjector(
+      data_lib.train_batches(corpus, batch_size=10, seq_len=16, seed=0),
+      faults_lib.plan(windows, steps=6))
+  # Rows replaced per step, of 10: 5, 10, 5 (the ramp), 0, then the shift's.
+  shift = round(10 * faults_lib.SHIFT_FRACTION)
+  for replaced in (5, 10, 5, 0, shift, shift):
+    want, got = next(clean), next(faulty)
+    np.testing.assert_array_equal(got['weights'], want['weights'])
+    np.testing.assert_array_equal(got['tokens'][replaced:],
+                                  want['tokens'][replaced:])
+    differs = (got['tokens'][:replaced] != want['tokens'][:replaced])
+    assert differs.mean(axis=1).min(initial=1) > 0.5
+    assert got['tokens'].min() >= 0
+    assert got['tokens'].max() < corpus.vocab_size
 
 
 @pytest.mark.parametrize('spec, message', [
     (['bogus'], 'bad fault'),
     (['nan@0'], 'outside the run'),
-    (['nan@5-6'], 'only poison takes a window'),
+    (['nan@5-6'], 'only poison and ramp take a window'),
+    (['shift@5-9'], 'only poison and ramp take a window'),
     (['poison@9-3'], 'empty poison window'),
+    (['ramp@9-3'], 'empty ramp window'),
+    (['shift@51'], 'outside the run'),
     (['nan', 'nan@4'], 'given twice'),
 ])
 def test_bad_fault_specs_are_named(spec, message):

@@ -116,3 +116,31 @@ def test_a_burst_of_30_nan_steps_is_rolled_back(tmp_path, clean_loss):
   assert finite(result.state.params)
   assert len(result.recovery.rollbacks) == 1
   assert heldout_loss(result.state.params) <= 1.1 * clean_loss
+
+
+def test_poisoned_rows_draw_token_ids_from_their_own_range():
+  rng = np.random.default_rng(0)
+  batch = {'tokens': np.arange(3, 43, dtype=np.int32).reshape(8, 5),
+           'weights': np.ones((8, 4), np.float32),
+           'x': rng.standard_normal((8, 3)).astype(np.float32)}
+  plan = {0: faults.Fault('poisoned_rows', 0.5),
+          1: faults.Fault('poisoned_rows', 0.5)}
+
+  def poisoned():
+    return list(faults.FaultInjector(iter([batch, batch]), plan))
+
+  first, second = poisoned()
+  for out in (first, second):
+    tokens = out['tokens']
+    assert tokens.dtype == np.int32
+    # round(0.5 * 8) = 4 rows of uniform ids in the array's range [3, 42].
+    assert (tokens[:4] != batch['tokens'][:4]).mean() > 0.8
+    assert tokens.min() >= 3 and tokens.max() <= 42
+    np.testing.assert_array_equal(tokens[4:], batch['tokens'][4:])
+    # Unit loss weights have no spread: left as they are, not zeroed.
+    np.testing.assert_array_equal(out['weights'], batch['weights'])
+    assert (out['x'][:4] != batch['x'][:4]).all()
+    np.testing.assert_array_equal(out['x'][4:], batch['x'][4:])
+  # Seeded by the batch index: the same batch index, the same rows.
+  assert (first['tokens'][:4] != second['tokens'][:4]).any()
+  np.testing.assert_array_equal(poisoned()[1]['tokens'], second['tokens'])

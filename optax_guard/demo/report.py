@@ -28,7 +28,7 @@ LABELS = {
 }
 FAULT_COLORS = {
     'spike': '#ff7f0e', 'poison': '#9467bd', 'preempt': '#7f7f7f',
-    'nan': '#8c564b',
+    'nan': '#8c564b', 'ramp': '#e377c2', 'shift': '#17becf',
 }
 ZCLIP_Z = 2.5
 

@@ -218,12 +218,16 @@ def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
   if run == 'plain':
     if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
       return 'NaN reached the parameters'
-    if fault == 'poison':
+    if fault in _WINDOWED:
       return 'trained on (plain optax cannot refuse a batch)'
     return f'applied (grad norm {metrics["grad_norm"]:.3g} clipped to 1)'
   if metrics['skipped']:
     return 'skipped, optimizer state held bit for bit'
-  return None if fault == 'poison' else 'accepted'
+  return None if fault in _WINDOWED else 'accepted'
+
+
+# Faults over several steps: told once, when the guard first acts.
+_WINDOWED = ('poison', 'ramp', 'shift')
 
 
 class _Watcher:
@@ -233,6 +237,8 @@ class _Watcher:
     self.run, self.config, self.listener = run, config, listener
     self.counts = {'skipped_step': 0, 'rollback': 0}
     self.noted: set[str] = set()
+    # Steps of each slow fault trained on and skipped (rolled back: neither).
+    self.slow: dict[str, list[int]] = {'ramp': [0, 0], 'shift': [0, 0]}
     self.preempted = False
 
   def __call__(self, state: og.TrainState, metrics: dict[str, Any],
@@ -252,6 +258,14 @@ class _Watcher:
       if outcome is not None:
         self.noted.add(fault)
         self.listener.note(self.run, f'step {step}: {fault} -> {outcome}')
+    rolled_back = any(event.kind == 'rollback' for event in events)
+    if self.run == 'guarded' and fault in self.slow and not rolled_back:
+      counts = self.slow[fault]
+      counts[bool(metrics['skipped'])] += 1
+      if step == self.config.windows[fault][1]:
+        self.listener.note(
+            self.run, f'step {step}: {fault} over -> {counts[0]} of its steps'
+            f' trained on, {counts[1]} skipped')
     for event in events:
       if event.kind == 'rollback':
         self.listener.note(self.run, str(event))
