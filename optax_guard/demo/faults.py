@@ -29,9 +29,9 @@ DESCRIPTIONS = {
     'poison': f'corrupt data shard (loss weights x{POISON_SCALE:g})',
     'preempt': 'simulated preemption (SIGTERM; the run restarts from disk)',
     'nan': 'NaN batch (loss weights NaN)',
-  'ramp': 'slow poison: random-character rows ramp 0% -> 100% -> 0%',
-  'shift': (f'level shift: {SHIFT_FRACTION:.0%} of the rows random characters'
-            ' from here on'),
+    'ramp': 'slow poison: random-character rows ramp 0% -> 100% -> 0%',
+    'shift': (f'level shift: {SHIFT_FRACTION:.0%} of the rows random'
+              ' characters from here on'),
 }
 # All of them break the batch's data (its loss weights or its tokens), so
 # the steps are the plain ones: no fault code in the compiled step.
