@@ -113,19 +113,23 @@ def _sum_squares(x: jax.Array, dtype) -> jax.Array:
 
 def _rescaled_norms(rows: jax.Array, dtype) -> jax.Array:
   """Norm of each ``rows[i]``, neither overflowing nor underflowing when
-  squaring: each row is divided by its largest magnitude first."""
+  squaring: each row is scaled by the power of two of its largest magnitude
+  first (exactly: a power of two changes only exponents)."""
   axes = tuple(range(1, rows.ndim))
   parts = _real_parts(rows, dtype)
   largest = functools.reduce(
       jnp.maximum, [jnp.max(jnp.abs(p), axis=axes, initial=0) for p in parts])
   safe = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
-  # Divided twice by its square root: XLA:CPU may multiply by a reciprocal,
-  # and 1 / largest is subnormal (flushed to zero) above ~8.5e37 or
-  # overflows below ~3e-39, while 1 / sqrt(largest) is always normal.
-  root = jnp.sqrt(safe).reshape(safe.shape + (1,) * len(axes))
-  scaled_sum = sum(jnp.sum(jnp.square(p / root / root), axis=axes)
+  _, exponent = jnp.frexp(safe)
+  # 2**-exponent in two halves: the whole factor is subnormal above 2**126
+  # (XLA:CPU flushes it to zero), each half stays a normal number.
+  half = exponent // 2
+  shape = safe.shape + (1,) * len(axes)
+  first = jnp.ldexp(jnp.ones((), dtype), -half).reshape(shape)
+  second = jnp.ldexp(jnp.ones((), dtype), half - exponent).reshape(shape)
+  scaled_sum = sum(jnp.sum(jnp.square(p * first * second), axis=axes)
                    for p in parts)
-  norm = safe * jnp.sqrt(scaled_sum)
+  norm = jnp.ldexp(jnp.sqrt(scaled_sum), exponent)
   # NaN anywhere gives NaN (max propagates it); Inf gives Inf.
   return jnp.where(jnp.isfinite(largest), norm, largest)
 
