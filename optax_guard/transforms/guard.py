@@ -630,7 +630,8 @@ def guard(
 
   After ``max_consecutive_skips`` skips in a row, ``diverged`` is raised in
   the state (see :func:`optax_guard.metrics`) for the host to act on; the
-  guard itself never lets a non-finite update through.
+  guard itself never lets a non-finite gradient or loss through (nor, with
+  ``check_updates=True``, a non-finite update the inner optimizer makes).
 
   With ``granularity="leaf"``, a NaN/Inf gradient holds only its own leaves:
   their gradients enter neither the norm nor the clip, their updates are
@@ -742,8 +743,8 @@ def skip_nonfinite(
 
   A skipped step returns zero updates and the inner state unchanged, bit for
   bit (step counts, moments, clip statistics). Unlike
-  :func:`optax.apply_if_finite`, a non-finite update is never applied, however
-  many steps in a row are bad: after ``max_consecutive_skips`` of them the
+  :func:`optax.apply_if_finite`, a non-finite gradient is never applied,
+  however many steps in a row are bad: after ``max_consecutive_skips`` of them the
   state's ``diverged`` flag is raised for the host to act on.
 
   Examples:
