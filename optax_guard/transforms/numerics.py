@@ -59,26 +59,19 @@ def all_finite(tree: Any) -> jax.Array:
   return outputs_finite(tree, None, None)
 
 
-def stays_finite(new: Any, old: Any) -> jax.Array:
-  """Whether no floating element of ``new`` is NaN/Inf where ``old`` was finite.
-
-  ``new`` and ``old`` have one structure (a state after and before an
-  update): a state that legitimately holds an ``inf`` passes, a moment that
-  overflows does not.
-  """
-  return outputs_finite(None, new, old)
-
-
 def outputs_finite(updates: Any, new_state: Any, old_state: Any) -> jax.Array:
   """Whether ``updates`` are finite and ``new_state`` stays finite (a bool).
 
-  ``new_state`` is checked as by :func:`stays_finite` against ``old_state``.
-  The verdicts of all leaves of one shape are combined element by element
-  before one reduction per shape: an optimizer's outputs for one parameter
-  (its update and its moments) are then computed in one pass over their
-  inputs, where a reduction per output leaf would recompute them once per
-  output (measured at 12.6M parameters under adamw: 3.3x a bare update
-  with one reduction per leaf, 2.2x grouped by shape).
+  ``new_state`` and ``old_state`` have one structure (a state after and
+  before an update): an element passes where it is finite or where the old
+  one was not (a state that legitimately holds an ``inf``), so a moment
+  that overflows fails. The verdicts of all leaves of one shape are
+  combined element by element before one reduction per shape: an
+  optimizer's outputs for one parameter (its update and its moments) are
+  then computed in one pass over their inputs, where a reduction per output
+  leaf would recompute them once per output (measured in the fused guard
+  at 12.6M parameters under adamw: 4.6x a bare update with one reduction
+  per leaf, 2.4x grouped by shape, same machine).
   """
   masks: dict[tuple[int, ...], list[jax.Array]] = {}
   for leaf in jax.tree.leaves(as_array_leaves(updates)):
@@ -157,19 +150,17 @@ def _rescaled_leaf_norms(leaves: list[jax.Array], dtype) -> jax.Array:
   """
   if not leaves:
     return jnp.zeros((0,), dtype)
-  pieces: list[jax.Array] = []
-  order: list[int] = []
-  groups: dict[tuple[Any, Any], list[int]] = {}
+  # A large leaf is a group of its own (stacking one leaf copies nothing).
+  groups: dict[Any, list[int]] = {}
   for index, x in enumerate(leaves):
-    if x.size <= _SMALL_LEAF:
-      groups.setdefault((x.shape, x.dtype), []).append(index)
-    else:
-      pieces.append(_rescaled_norms(x[None], accumulation_dtype(x.dtype)))
-      order.append(index)
-  for (_, leaf_dtype), indices in groups.items():
-    stacked = jnp.stack([leaves[i] for i in indices])
-    pieces.append(_rescaled_norms(stacked, accumulation_dtype(leaf_dtype)))
-    order.extend(indices)
+    key = (x.shape, x.dtype) if x.size <= _SMALL_LEAF else index
+    groups.setdefault(key, []).append(index)
+  pieces = [
+      _rescaled_norms(jnp.stack([leaves[i] for i in indices]),
+                      accumulation_dtype(leaves[indices[0]].dtype))
+      for indices in groups.values()
+  ]
+  order = [i for indices in groups.values() for i in indices]
   vector = jnp.concatenate([piece.astype(dtype) for piece in pieces])
   if order != sorted(order):
     vector = vector[np.argsort(order)]
@@ -221,7 +212,8 @@ def norm_stats(tree: Any) -> NormStats:
   float_positions = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
   float_leaves = [leaves[i] for i in float_positions]
   if float_leaves:
-    dtype = jnp.result_type(*[accumulation_dtype(x.dtype) for x in float_leaves])
+    dtype = jnp.result_type(
+        *[accumulation_dtype(x.dtype) for x in float_leaves])
   else:
     dtype = jnp.float32
 
