@@ -180,10 +180,9 @@ class DivergenceReport:
       lines.append('  largest gradient norms at the final step:')
       lines.extend(f'    {path}: {norm:.4g}' for path, norm in self.worst_leaves)
     if self.nonfinite_params:
-      lines.append(
-          '  non-finite parameters (an update, not a gradient, made them'
-          ' so: og.guard(..., check_updates=True) skips such steps): '
-          + ', '.join(self.nonfinite_params))
+      hint = _diagnostics.NONFINITE_PARAMS_HINT
+      lines.append(f'  non-finite parameters ({hint}):'
+                   f' {", ".join(self.nonfinite_params)}')
     return '\n'.join(lines)
 
 

@@ -13,6 +13,11 @@ from optax_guard.transforms import states as _states
 from optax_guard.transforms import vanishing as _vanishing
 
 
+# Why a parameter can be non-finite behind a guard, and what skips it.
+NONFINITE_PARAMS_HINT = ('an update, not a gradient, made them so:'
+                         ' og.guard(..., check_updates=True) skips such steps')
+
+
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
   """What :func:`diagnose` found, leaves named by :func:`jax.tree_util.keystr`.
@@ -61,10 +66,9 @@ class Diagnosis:
           if names
       ]
       if self.nonfinite_params:
-        lines.append(
-            f'non-finite parameters: {", ".join(self.nonfinite_params)} (an'
-            ' update, not a gradient, made them so: og.guard(...,'
-            ' check_updates=True) skips such steps)')
+        lines.append(f'non-finite parameters:'
+                     f' {", ".join(self.nonfinite_params)}'
+                     f' ({NONFINITE_PARAMS_HINT})')
     if not self.vanishing_tracked:
       lines.append('(vanishing not tracked: build the guard with'
                    ' vanishing_ratio=...)')

@@ -744,8 +744,8 @@ def skip_nonfinite(
   A skipped step returns zero updates and the inner state unchanged, bit for
   bit (step counts, moments, clip statistics). Unlike
   :func:`optax.apply_if_finite`, a non-finite gradient is never applied,
-  however many steps in a row are bad: after ``max_consecutive_skips`` of them the
-  state's ``diverged`` flag is raised for the host to act on.
+  however many steps in a row are bad: after ``max_consecutive_skips`` of
+  them the state's ``diverged`` flag is raised for the host to act on.
 
   Examples:
     >>> import jax.numpy as jnp
