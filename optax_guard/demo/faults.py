@@ -23,6 +23,7 @@ SPIKE_SCALE = 1e4
 POISON_SCALE = 30.0
 SHIFT_FRACTION = 0.1
 WINDOWS = ('poison', 'ramp')  # The faults that take a START-END window.
+MULTI_STEP = WINDOWS + ('shift',)  # The faults that hit several steps.
 
 DESCRIPTIONS = {
     'spike': f'{SPIKE_SCALE:.0e}x gradient spike (loss weights scaled)',

@@ -214,20 +214,17 @@ class Listener:
 
 
 def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
-  """What ``run`` did with ``fault`` at this step (``None``: not yet told)."""
+  """What ``run`` did with ``fault`` at this step (``None``: not yet told;
+  a fault over several steps is told once, when the guard first acts)."""
   if run == 'plain':
     if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
       return 'NaN reached the parameters'
-    if fault in _WINDOWED:
+    if fault in faults_lib.MULTI_STEP:
       return 'trained on (plain optax cannot refuse a batch)'
     return f'applied (grad norm {metrics["grad_norm"]:.3g} clipped to 1)'
   if metrics['skipped']:
     return 'skipped, optimizer state held bit for bit'
-  return None if fault in _WINDOWED else 'accepted'
-
-
-# Faults over several steps: told once, when the guard first acts.
-_WINDOWED = ('poison', 'ramp', 'shift')
+  return None if fault in faults_lib.MULTI_STEP else 'accepted'
 
 
 class _Watcher:
