@@ -18,6 +18,8 @@ OPTAX_CLIP = 'optax chain(clip_by_global_norm, adamw)'
 OPTAX_APPLY_IF_FINITE = 'optax apply_if_finite(chain(clip, adamw))'
 GUARD_PURE = 'og.guard (pure transformation)'
 GUARD_FUSED = 'og.guard (fused, as in og.make_train_step)'
+UNCHECKED_PURE = 'og.guard(check_updates=False) (pure transformation)'
+UNCHECKED_FUSED = 'og.guard(check_updates=False) (fused)'
 FLOOR = 'floor: adamw in a lax.cond on one read of the gradients'
 BARE_TRAIN = 'bare adamw (train step)'
 OPTAX_APPLY_IF_FINITE_TRAIN = 'optax apply_if_finite (train step)'
@@ -38,7 +40,9 @@ def groups(
   ``nnx.Optimizer.update`` takes) and in the fused update-and-apply form
   that :func:`og.make_train_step` uses, with bare ``adamw``, with optax's
   own compositions and with the floor of any guard
-  (:func:`workloads.guard_floor`). The train-step group runs whole steps of
+  (:func:`workloads.guard_floor`); the same guard with
+  ``check_updates=False`` (its decision alone, the inner optimizer's output
+  unchecked) in both forms too. The train-step group runs whole steps of
   a loss whose gradient is the fixed gradient tree, through
   :func:`og.make_train_step`
   and through the same bare step written by hand. The single guards follow,
@@ -50,6 +54,8 @@ def groups(
       (OPTAX_APPLY_IF_FINITE, w.UPDATE, w.optax_apply_if_finite, BARE),
       (GUARD_PURE, w.UPDATE, w.recommended_guard, BARE),
       (GUARD_FUSED, w.FUSED, w.recommended_guard, BARE),
+      (UNCHECKED_PURE, w.UPDATE, w.unchecked_guard, BARE),
+      (UNCHECKED_FUSED, w.FUSED, w.unchecked_guard, BARE),
       (FLOOR, w.FUSED, w.guard_floor, BARE),
   ]
   train = [
@@ -79,10 +85,14 @@ def groups(
 COMPARISONS = {
     # The pure transformation against optax's own clip-and-optimizer chain.
     'guard_pure_over_optax_clip': (GUARD_PURE, OPTAX_CLIP),
+    'unchecked_pure_over_optax_clip': (UNCHECKED_PURE, OPTAX_CLIP),
     'guard_pure_over_apply_if_finite': (GUARD_PURE, OPTAX_APPLY_IF_FINITE),
     'guard_fused_over_apply_if_finite': (GUARD_FUSED, OPTAX_APPLY_IF_FINITE),
     # What the recommended guard costs beyond the floor of any guard.
     'guard_fused_over_floor': (GUARD_FUSED, FLOOR),
+    'unchecked_fused_over_floor': (UNCHECKED_FUSED, FLOOR),
+    # What checking the inner optimizer's output adds (check_updates).
+    'guard_fused_over_unchecked_fused': (GUARD_FUSED, UNCHECKED_FUSED),
     'guard_train_over_apply_if_finite': (GUARD_TRAIN,
                                          OPTAX_APPLY_IF_FINITE_TRAIN),
     # The guard's own share of og.make_train_step, the step form aside.

@@ -57,7 +57,8 @@ def test_update_rows_have_sane_times_and_ratios(run):
   assert [r['name'] for r in rows] == [
       update_cost.BARE, update_cost.OPTAX_CLIP,
       update_cost.OPTAX_APPLY_IF_FINITE, update_cost.GUARD_PURE,
-      update_cost.GUARD_FUSED, update_cost.FLOOR,
+      update_cost.GUARD_FUSED, update_cost.UNCHECKED_PURE,
+      update_cost.UNCHECKED_FUSED, update_cost.FLOOR,
   ]
   for row in rows:
     assert row['params'] == 20_000 and row['rounds'] == 2
@@ -69,6 +70,7 @@ def test_update_rows_have_sane_times_and_ratios(run):
   comparison = run[1]['sections']['update']['comparisons']['20000']
   assert _positive(comparison['guard_pure_over_apply_if_finite']['ratio'])
   assert _positive(comparison['guard_fused_over_floor']['ratio'])
+  assert _positive(comparison['guard_fused_over_unchecked_fused']['ratio'])
 
 
 def test_memory_rows_verify_donation(run):
@@ -106,7 +108,7 @@ def test_other_sections_hold_their_measurements(run):
   assert faults['injected_total'] >= 2
   growth = sections['growth']
   assert growth['sizes'] == [20_000]
-  assert [r['change'] for r in growth['rows']] == [None] * 5
+  assert [r['change'] for r in growth['rows']] == [None] * 7
 
 
 def test_targets_cover_every_item(run):

@@ -256,10 +256,10 @@ def test_diagnose_rejects_bad_arguments(kwargs, match):
 
 def test_a_nonfinite_update_is_named_in_the_parameters():
   # adam with eps=0 divides 0 by 0 where a gradient entry is zero: the
-  # gradient is finite, the update is not. Unchecked (the default) the NaN
-  # lands and diagnose names the parameter; check_updates=True skips it.
+  # gradient is finite, the update is not. With check_updates=False the NaN
+  # lands and diagnose names the parameter; the default skips it.
   grads = _zero_bias(_grads(0))
-  unchecked = og.guard(optax.adam(1e-3, eps=0.0))
+  unchecked = og.guard(optax.adam(1e-3, eps=0.0), check_updates=False)
   updates, state = unchecked.update(grads, unchecked.init(PARAMS), PARAMS)
   params = optax.apply_updates(PARAMS, updates)
   report = og.diagnose(state, params)
@@ -268,7 +268,7 @@ def test_a_nonfinite_update_is_named_in_the_parameters():
   assert not report.healthy
   assert ("non-finite parameters: ['dense']['b'] (an update, not a gradient,"
           in str(report))
-  checked = og.guard(optax.adam(1e-3, eps=0.0), check_updates=True)
+  checked = og.guard(optax.adam(1e-3, eps=0.0))
   updates, state = checked.update(grads, checked.init(PARAMS), PARAMS)
   assert bool(state.skipped) and bool(state.inner_nonfinite)
   report = og.diagnose(state, optax.apply_updates(PARAMS, updates))

@@ -355,5 +355,5 @@ def test_the_report_names_parameters_an_update_made_nonfinite(tmp_path):
       recovery.rollback(init._replace(step=3, params=params), 'diverged')
   assert caught.value.report.nonfinite_params == ["['w']"]
   assert ("non-finite parameters (an update, not a gradient, made them so:"
-          " og.guard(..., check_updates=True) skips such steps): ['w']"
+          " og.guard skips such steps unless check_updates=False): ['w']"
           in str(caught.value))

@@ -127,7 +127,6 @@ def _guard(inner_name, spikes, clip):
       clip=og.clip_by_global_norm(1.0) if clip else None,
       spikes=SPIKE_OPTIONS if spikes else None,
       max_consecutive_skips=3,
-      check_updates=True,
   )
 
 
@@ -146,8 +145,7 @@ def _composition(outer, inner_name, spikes, clip):
   if outer == 'inject':
     return optax.inject_hyperparams(
         lambda learning_rate: og.guard(optax.adam(learning_rate),
-                                       max_consecutive_skips=3,
-                                       check_updates=True)
+                                       max_consecutive_skips=3)
     )(learning_rate=1e-2)
   if outer == 'multi':
     return optax.multi_transform({'a': guard(), 'b': og.guard(optax.sgd(0.1))},

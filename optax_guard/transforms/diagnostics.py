@@ -14,8 +14,8 @@ from optax_guard.transforms import vanishing as _vanishing
 
 
 # Why a parameter can be non-finite behind a guard, and what skips it.
-NONFINITE_PARAMS_HINT = ('an update, not a gradient, made them so:'
-                         ' og.guard(..., check_updates=True) skips such steps')
+NONFINITE_PARAMS_HINT = ('an update, not a gradient, made them so: og.guard'
+                         ' skips such steps unless check_updates=False')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Diagnosis:
     nonfinite_params: leaves whose parameters themselves hold a NaN or an
       Inf. A guard never applies a non-finite gradient, so an update put it
       there: the inner optimizer's own arithmetic (an ``eps=0`` division,
-      an overflow), which ``og.guard(..., check_updates=True)`` skips.
+      an overflow), which :func:`og.guard` skips unless built with
+      ``check_updates=False``.
   """
 
   nonfinite: tuple[str, ...]

@@ -190,7 +190,7 @@ class GuardConfig(NamedTuple):
   max_consecutive_skips: Optional[int]
   by_leaf: bool
   vanishing_ratio: Optional[float]
-  check_updates: bool = False
+  check_updates: bool = True
 
 
 class Decision(NamedTuple):
@@ -574,7 +574,7 @@ def guard_config(
     max_consecutive_skips: Optional[int] = None,
     granularity: str = 'global',
     vanishing_ratio: Optional[float] = None,
-    check_updates: bool = False,
+    check_updates: bool = True,
 ) -> GuardConfig:
   """Checks the options of :func:`guard` (``ValueError`` naming the fix)."""
   _check_count('max_consecutive_skips', max_consecutive_skips)
@@ -607,7 +607,7 @@ def guard(
     max_consecutive_skips: Optional[int] = None,
     granularity: str = 'global',
     vanishing_ratio: Optional[float] = None,
-    check_updates: bool = False,
+    check_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """The recommended guard: skip bad steps, clip, then run ``inner``.
 
@@ -630,8 +630,9 @@ def guard(
 
   After ``max_consecutive_skips`` skips in a row, ``diverged`` is raised in
   the state (see :func:`optax_guard.metrics`) for the host to act on; the
-  guard itself never lets a non-finite gradient or loss through (nor, with
-  ``check_updates=True``, a non-finite update the inner optimizer makes).
+  guard itself never lets a non-finite gradient or loss through, nor
+  (unless ``check_updates=False``) a non-finite update or inner state that
+  the inner optimizer makes from finite gradients.
 
   With ``granularity="leaf"``, a NaN/Inf gradient holds only its own leaves:
   their gradients enter neither the norm nor the clip, their updates are
@@ -696,13 +697,14 @@ def guard(
       a copy: XLA does not update in place what it reduces in the same
       branch); needs ``params`` in ``update``.
     check_updates: also skip an accepted step whose update, or new inner
-      state, the inner optimizer made non-finite (``adam(eps=0)`` on a zero
-      gradient, an overflowing ``scale``), reported as ``inner_nonfinite``.
-      Off by default: the check computes the inner update twice (into
-      reductions, one per leaf shape, then in place), 1.9-2.2x a bare adamw
-      update at 1M and 12.6M parameters on CPU against 1.2-1.6x without it.
-      Unchecked, such an update lands and :func:`optax_guard.diagnose`
-      names the parameters it made non-finite.
+      state, the inner optimizer made non-finite from finite gradients
+      (``adam(eps=0)`` on a zero gradient, an overflowing ``scale``, a NaN
+      learning rate), reported as ``inner_nonfinite``. The check computes
+      the inner update twice (into reductions, one per leaf shape, then in
+      place): the optimizer update alone costs about 2x a bare adamw update
+      on CPU where ``False`` costs 1.2-1.5x, a whole train step about 1%
+      more (``BENCHMARKS.md``). With ``False``, such an update lands and
+      :func:`optax_guard.diagnose` names the parameters it made non-finite.
 
   Returns:
     A :class:`~optax_guard.transforms.fused.FusedGradientTransformation`.
@@ -739,7 +741,8 @@ def skip_nonfinite(
     inner: optax.GradientTransformation,
     max_consecutive_skips: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Skips any step whose gradient or loss holds a NaN or an Inf.
+  """Skips any step whose gradient or loss holds a NaN or an Inf, or whose
+  update or new inner state ``inner`` made non-finite.
 
   A skipped step returns zero updates and the inner state unchanged, bit for
   bit (step counts, moments, clip statistics). Unlike
