@@ -52,15 +52,22 @@ def test_readme_quotes_the_committed_benchmark_results():
             if (row['params'], row['group'], row['name'])
             == (count, 'headline', name)]
 
-  for label, name in (('fused as in', uc.GUARD_FUSED), ('floor', uc.FLOOR),
+  for label, name in (('fused as in', uc.GUARD_FUSED),
+                      ('decision on the gradients alone', uc.UNCHECKED_FUSED),
+                      ('floor', uc.FLOOR),
                       ('pure transformation', uc.GUARD_PURE),
                       ('optax `chain', uc.OPTAX_CLIP),
                       ('optax `apply_if_finite', uc.OPTAX_APPLY_IF_FINITE)):
     assert _row(section, label) == ratios(name), label
   over_floor = ' / '.join(
-      f'{update["comparisons"][str(count)]["guard_fused_over_floor"]["ratio"]:.3f}×'
+      f'{update["comparisons"][str(count)]["unchecked_fused_over_floor"]["ratio"]:.3f}×'
       for count in sizes[1:])
-  assert f'costs {over_floor} the floor' in section
+  assert f'Its decision alone costs {over_floor} the floor' in section
+  over_apply_if_finite = sorted(
+      update['comparisons'][str(count)]['guard_fused_over_apply_if_finite']
+      ['ratio'] for count in sizes)
+  assert (f'{over_apply_if_finite[0]:.2f}-{over_apply_if_finite[-1]:.2f}×'
+          f" optax's `apply_if_finite`") in ' '.join(section.split())
 
   step = results['train_step']
   guarded = next(r for r in step['rows'] if r['name'] == train_step.GUARDED)
