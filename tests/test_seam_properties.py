@@ -352,6 +352,14 @@ def _bn_model():
                         nnx.relu, nnx.Linear(4, 1, rngs=rngs))
 
 
+# One transformation for every example: nnx.Optimizer keeps it as static
+# data, so a new og.guard(...) per example compiled the step again each time
+# (the long profile's 500 executables exhausted the process's memory maps).
+@functools.cache
+def _bn_guard():
+  return og.guard(optax.adam(1e-2))
+
+
 @functools.cache
 def _nnx_step():
   loss_fn = lambda model, batch: jnp.mean(
@@ -380,7 +388,7 @@ def _model_batch(step, fault):
                                   min_size=STEPS, max_size=STEPS))
 def test_model_state_rolls_back_with_a_skipped_step(faults):
   model = _bn_model()
-  optimizer = nnx.Optimizer(model, og.guard(optax.adam(1e-2)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, _bn_guard(), wrt=nnx.Param)
   step = _nnx_step()
   for index, fault in enumerate(faults):
     before = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model)))
