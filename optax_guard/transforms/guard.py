@@ -702,7 +702,7 @@ def guard(
       learning rate), reported as ``inner_nonfinite``. The check computes
       the inner update twice (into reductions, one per leaf shape, then in
       place): the optimizer update alone costs about 2x a bare adamw update
-      on CPU where ``False`` costs 1.2-1.5x, a whole train step about 1%
+      on CPU where ``False`` costs 1.2-1.4x, a whole train step about 1%
       more (``BENCHMARKS.md``). With ``False``, such an update lands and
       :func:`optax_guard.diagnose` names the parameters it made non-finite.
 
