@@ -659,8 +659,9 @@ def guard(
   ``fuse_apply=True`` (as :func:`optax_guard.make_train_step` does), the
   update returns the new params instead of the updates, the same decision
   and state, but the ``lax.cond`` covers the inner update *and* the
-  parameter update, so that nothing is materialised beyond what the bare
-  optimizer writes.
+  parameter update, so that no update tree is materialised (the check of
+  the inner optimizer's output keeps one boolean mask of the largest leaf
+  shape).
 
   Examples:
     >>> import jax.numpy as jnp
