@@ -190,7 +190,7 @@ class GuardConfig(NamedTuple):
   max_consecutive_skips: Optional[int]
   by_leaf: bool
   vanishing_ratio: Optional[float]
-  check_updates: bool = True
+  check_updates: bool
 
 
 class Decision(NamedTuple):
