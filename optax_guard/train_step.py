@@ -22,7 +22,6 @@ from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import loss_scale as _loss_scale
 from optax_guard.transforms import metrics as _metrics
-from optax_guard.transforms import numerics as _numerics
 from optax_guard.transforms import states as _states
 
 
@@ -187,14 +186,26 @@ def hold_if_skipped(skipped: jax.Array, new_state: Any, old_state: Any) -> Any:
 
   Returns:
     ``old_state``'s floating leaves where ``skipped``, else ``new_state``.
+
+  Raises:
+    TypeError: for an NNX module (hold its state instead, see below).
+    ValueError: when the two states differ in structure.
   """
-
-  def hold(new, old):
-    if not _numerics.is_float_leaf(new):
-      return new
-    return jnp.where(skipped, old, new)
-
-  return jax.tree.map(hold, new_state, old_state)
+  nnx = _states.loaded_nnx()
+  if nnx is not None and any(isinstance(s, nnx.Module)
+                             for s in (new_state, old_state)):
+    raise TypeError(
+        'hold_if_skipped takes model state, not an NNX module: hold'
+        ' nnx.state(model, nnx.BatchStat) (taken before and after the step)'
+        ' and write it back with nnx.update(model, held); or train with'
+        ' og.make_nnx_train_step, which does this.')
+  try:
+    return _accumulate.hold_floats(skipped, new_state, old_state)
+  except ValueError as e:
+    raise ValueError(
+        'hold_if_skipped needs the model state before and after the step in'
+        f' the same structure; got {jax.tree.structure(new_state)} and'
+        f' {jax.tree.structure(old_state)}.') from e
 
 
 def _step_metrics(loss, aux, opt_state, has_aux) -> dict[str, Any]:
@@ -236,7 +247,10 @@ def make_train_step(
   and the step is ``step(params, opt_state, model_state, batch) -> (params,
   opt_state, model_state, metrics)``. On a skipped step the model state is
   returned as it was, bit for bit, like params and optimizer state (see
-  :func:`hold_if_skipped`, which a hand-written loop can call). Integer and
+  :func:`hold_if_skipped`, which a hand-written loop can call); with
+  :func:`optax_guard.accumulate` built with ``model_state=``, it is the
+  state that exactly the applied micro-batches produce
+  (:func:`optax_guard.transforms.accumulate.model_state_to_keep`). Integer and
   boolean leaves of ``params`` are not differentiated (their gradient is
   zero, as ``jax.grad(allow_int=True)`` gives) and pass through unchanged.
 
@@ -296,12 +310,13 @@ def make_train_step(
     grad_fn = _scaled_value_and_grad(stateful_loss, True, opt_state,
                                      value_and_grad=_value_and_float_grad)
     loss, (aux, new_model_state), grads = grad_fn(params, model_state, batch)
-    params, opt_state = plan_apply(tx, opt_state)(grads, opt_state, params,
-                                                  value=loss)
-    metrics = _step_metrics(loss, aux, opt_state, has_aux)
-    model_state = hold_if_skipped(_skipped(metrics), new_model_state,
-                                  model_state)
-    return params, opt_state, model_state, metrics
+    new_params, new_opt_state = plan_apply(tx, opt_state)(
+        grads, opt_state, params, value=loss)
+    metrics = _step_metrics(loss, aux, new_opt_state, has_aux)
+    model_state, new_opt_state = _accumulate.model_state_to_keep(
+        opt_state, new_opt_state, new_model_state, model_state,
+        _skipped(metrics))
+    return new_params, new_opt_state, model_state, metrics
 
   # keep_unused: the guard's last-step telemetry is overwritten without being
   # read; jit would prune it from the arguments and not donate its buffers.
@@ -332,7 +347,10 @@ def make_nnx_train_step(
   back to its value before the step, bit for bit, so that a NaN batch
   cannot poison the running statistics. RNG counters
   (:class:`flax.nnx.RngState`) still advance. A hand-written loop gets the
-  same with :func:`hold_if_skipped`.
+  same with :func:`hold_if_skipped`. With :func:`optax_guard.accumulate`
+  (built with ``model_state=nnx.state(model, nnx.BatchStat)``), the
+  statistics of a dropped micro-batch and of every micro-batch of a skipped
+  macro step are undone.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -383,13 +401,15 @@ def make_nnx_train_step(
         nnx.as_pure(state_of(grads, optimizer.wrt)),
         opt_state, params, value=loss,
     )
+    metrics = _step_metrics(loss, aux, new_opt_state, has_aux)
+    model_state, new_opt_state = _accumulate.model_state_to_keep(
+        opt_state, new_opt_state, model_state_after, model_state_before,
+        _skipped(metrics))
     # As nnx.Optimizer.update does after tx.update and apply_updates.
     nnx.update(model, new_params)
     nnx.update(optimizer.opt_state, state_of(new_opt_state))
     optimizer.step[...] += 1
-    metrics = _step_metrics(loss, aux, new_opt_state, has_aux)
-    nnx.update(model, hold_if_skipped(
-        _skipped(metrics), model_state_after, model_state_before))
+    nnx.update(model, model_state)
     return metrics
 
   return nnx.jit(step, donate_argnums=(0, 1) if donate else None)

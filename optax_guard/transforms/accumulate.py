@@ -14,9 +14,17 @@ mean of their losses as ``value=``). The guard then takes its usual decision
 on the macro step: spike check, clip, inner update, exact rollback. A macro
 step whose micro-batches were all dropped hands the guard a NaN gradient, so
 it is skipped and counts toward ``diverged`` like any other bad step.
+
+A model with state (BatchNorm statistics, EMA buffers) writes that state on
+every micro-batch, before anyone knows whether its gradient will be applied.
+Built with ``model_state=``, the state keeps a copy of the model state as it
+was when the macro step began, and :func:`model_state_to_keep` (which the
+train steps call) gives the model state that exactly the applied
+micro-batches produce: a dropped micro-batch's statistics are undone at once,
+a skipped macro step's all together.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +49,10 @@ class AccumulateState(NamedTuple):
     accepted: micro-batches of this macro step that entered the sums.
     dropped: whether the last micro-batch was dropped.
     total_dropped: micro-batches dropped since ``init`` (saturating).
+    model_state: the floating leaves of the model state as it was when this
+      macro step began (a tuple, in ``jax.tree.leaves`` order), or ``None``
+      when built without ``model_state=`` (so that the state of such an
+      accumulation keeps the layout it had before this field existed).
   """
 
   inner_state: Any
@@ -50,6 +62,7 @@ class AccumulateState(NamedTuple):
   accepted: jax.Array
   dropped: jax.Array
   total_dropped: jax.Array
+  model_state: Optional[tuple[jax.Array, ...]] = None
 
 
 _is_float = _numerics.is_float_leaf
@@ -108,8 +121,130 @@ def _mean_like(sums: Any, count: jax.Array, grads: Any) -> Any:
   return jax.tree.map(mean, sums, grads, is_leaf=_is_none)
 
 
+def _float_leaves(tree: Any) -> list[Any]:
+  """The floating leaves of ``tree``, in ``jax.tree.leaves`` order."""
+  return [leaf for leaf in jax.tree.leaves(tree) if _is_float(leaf)]
+
+
+def _held_shapes(template: Any) -> tuple[tuple[Any, Any], ...]:
+  """``(shape, dtype)`` of each floating leaf of ``template``."""
+  return tuple((jnp.shape(leaf), jnp.result_type(leaf))
+               for leaf in _float_leaves(template))
+
+
+def _describe(leaves: Any) -> str:
+  return ', '.join(f'{jnp.dtype(leaf.dtype).name}{list(jnp.shape(leaf))}'
+                   for leaf in leaves) or 'none'
+
+
+def model_state_to_keep(
+    state_before: Any, state_after: Any, new_model_state: Any,
+    old_model_state: Any, skipped: jax.Array,
+) -> tuple[Any, Any]:
+  """The model state that the applied micro-batches produce, and the new state.
+
+  Called by the train steps after each micro-batch, with the optimizer
+  states before and after it, the model state the forward pass returned and
+  the one it started from, and whether the guard skipped (fresh only when a
+  macro step ends). Without an :class:`AccumulateState` in the optimizer
+  state, a step is a macro step: the model state is held where ``skipped``
+  (:func:`optax_guard.train_step.hold_if_skipped` does the same). With one,
+  the floating leaves of the returned model state are
+
+  * as they were when the macro step began (the copy kept in
+    ``AccumulateState.model_state``), when this micro-batch ended a macro
+    step the guard skipped: none of its micro-batches was applied;
+  * as they were before this micro-batch, when it was dropped;
+  * the new ones otherwise.
+
+  Other leaves (RNG counters, step counts) keep their new value.
+
+  Args:
+    state_before: the optimizer state before this micro-batch (pure).
+    state_after: the optimizer state after it (pure).
+    new_model_state: the model state the forward pass returned.
+    old_model_state: the model state before this micro-batch.
+    skipped: whether the guard skipped (a bool scalar).
+
+  Returns:
+    ``(model_state, state_after)``, ``state_after`` holding the copy of the
+    model state for the macro step under way.
+
+  Raises:
+    ValueError: when the model state has floating leaves but the
+      :func:`accumulate` in the optimizer was built without ``model_state=``
+      (or with one of other leaves), or the optimizer holds two of them.
+  """
+  is_acc = lambda node: isinstance(node, AccumulateState)
+  found = [n for n in jax.tree.leaves(state_after, is_leaf=is_acc)
+           if is_acc(n)]
+  old = _float_leaves(old_model_state)
+  if not found:
+    return hold_floats(skipped, new_model_state, old_model_state), state_after
+  if len(found) > 1:
+    raise ValueError(
+        f'The optimizer state holds {len(found)} og.accumulate states; a'
+        ' train step with model state can follow one.')
+  if not old:
+    return new_model_state, state_after
+  copy = found[0].model_state or ()
+  if [(leaf.shape, leaf.dtype) for leaf in copy] != [
+      (jnp.shape(leaf), jnp.result_type(leaf)) for leaf in old]:
+    raise ValueError(
+        'og.accumulate keeps a copy of the model state to undo the statistics'
+        ' of micro-batches whose gradients are not applied, so it needs the'
+        ' model state when it is built: og.accumulate(inner, every_k,'
+        ' model_state=...) with the state the step holds: for NNX the'
+        ' floating variables outside the optimizer\'s wrt, RNG state aside'
+        ' (e.g. nnx.state(model, nnx.BatchStat)); for Linen the mutable'
+        ' collections (e.g. {\'batch_stats\': ...}).'
+        f' It holds floating leaves [{_describe(copy)}]; the model state has'
+        f' [{_describe(old)}].')
+
+  def keep(before, after):
+    if not is_acc(after):
+      return after
+    begins = before.micro_step == 0
+    copy = [jnp.where(begins, o, c) for o, c in zip(old, before.model_state)]
+    # micro_step returns to 0 exactly when the macro step ends.
+    undo_macro = (after.micro_step == 0) & skipped
+    kept.extend(
+        jnp.where(undo_macro, c, jnp.where(after.dropped, o, n))
+        for c, o, n in zip(copy, old, _float_leaves(new_model_state)))
+    return after._replace(model_state=tuple(copy))
+
+  kept: list[jax.Array] = []
+  state_after = jax.tree.map(keep, state_before, state_after, is_leaf=is_acc)
+  return _with_float_leaves(new_model_state, kept), state_after
+
+
+def hold_floats(skipped: jax.Array, new_tree: Any, old_tree: Any) -> Any:
+  """``old_tree``'s floating leaves where ``skipped``, else ``new_tree``'s.
+
+  Other leaves (RNG counters, step counts) keep their new value; one
+  ``jnp.where`` per leaf. The trees must have the same structure.
+  """
+
+  def hold(new, old):
+    if not _is_float(new):
+      return new
+    return jnp.where(skipped, old, new)
+
+  return jax.tree.map(hold, new_tree, old_tree)
+
+
+def _with_float_leaves(tree: Any, floats: list[jax.Array]) -> Any:
+  """``tree`` with its floating leaves replaced, in order, by ``floats``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  replacements = iter(floats)
+  return jax.tree.unflatten(
+      treedef, [next(replacements) if _is_float(leaf) else leaf
+                for leaf in leaves])
+
+
 def accumulate(
-    inner: optax.GradientTransformation, every_k: int
+    inner: optax.GradientTransformation, every_k: int, *,
+    model_state: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Averages ``every_k`` micro-batches, dropping those with a NaN/Inf.
 
@@ -148,10 +283,21 @@ def accumulate(
     >>> updates['w'].tolist(), int(state.total_dropped)
     ([-2.0, -2.0], 1)
 
+  With model state (BatchNorm statistics), pass it as ``model_state=``: the
+  train steps (:func:`optax_guard.make_train_step` with ``has_state``,
+  :func:`optax_guard.make_nnx_train_step`) then return the model state that
+  exactly the applied micro-batches produce (:func:`model_state_to_keep`).
+
   Args:
     inner: the optimizer; a guard, or anything else (then wrapped in
       :func:`optax_guard.skip_nonfinite`).
     every_k: micro-batches per macro step (an int >= 1).
+    model_state: the model's state, or a pytree with the same floating
+      leaves (shapes and dtypes are read, not values): for NNX
+      ``nnx.state(model, nnx.BatchStat)`` (whatever the step holds: the
+      floating variables outside the optimizer's ``wrt``, RNG state aside),
+      for Linen the mutable collections (``{'batch_stats': ...}``).
+      ``None`` for a model without state.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -169,6 +315,7 @@ def accumulate(
         f'every_k must be an int >= 1, got {every_k!r}; for a schedule of'
         ' micro-batch counts use optax.MultiSteps without a guard.'
     )
+  held = () if model_state is None else _held_shapes(model_state)
   guarded = optax.with_extra_args_support(
       inner if _holds_guard(inner) else _guard.skip_nonfinite(inner))
 
@@ -181,6 +328,10 @@ def accumulate(
         accepted=jnp.zeros((), jnp.int32),
         dropped=jnp.zeros((), jnp.bool_),
         total_dropped=jnp.zeros((), jnp.int32),
+        # Zeros, fresh in every init: the copy is taken when a macro step
+        # begins, before it is read.
+        model_state=None if model_state is None else tuple(
+            jnp.zeros(shape, dtype) for shape, dtype in held),
     )
 
   def take(grads, state, value):
@@ -208,6 +359,7 @@ def accumulate(
         total_dropped=jnp.where(
             ok, state.total_dropped,
             optax.safe_increment(state.total_dropped)),
+        model_state=state.model_state,
     )
 
   def update_fn(updates, state, params=None, *, value=None, fuse_apply=False,
