@@ -21,6 +21,7 @@ from optax_guard.host.fit import fit
 from optax_guard.host.recovery import RecoveryPolicy
 from optax_guard.host.recovery import scale_hyperparam
 from optax_guard.host.recovery import TrainingDiverged
+from optax_guard.train_step import apply_gradients
 from optax_guard.train_step import make_nnx_train_step
 from optax_guard.train_step import make_train_step
 from optax_guard.transforms.accumulate import accumulate
@@ -46,6 +47,7 @@ __all__ = (
     'TrainingDiverged',
     'accumulate',
     'agc',
+    'apply_gradients',
     'autoclip',
     'batches',
     'clip_by_global_norm',

@@ -208,6 +208,69 @@ def hold_if_skipped(skipped: jax.Array, new_state: Any, old_state: Any) -> Any:
         f' {jax.tree.structure(old_state)}.') from e
 
 
+def apply_gradients(state: Any, *, grads: Any, value: Any = None,
+                    **fields: Any) -> Any:
+  """``state.apply_gradients(grads=grads, **fields)``, guarded, with the loss.
+
+  For a Flax ``flax.training.train_state.TrainState`` (or any subclass,
+  such as one with a ``batch_stats`` field): Flax's own ``apply_gradients``
+  cannot hand the loss to the optimizer, so a guard's loss rule (a NaN
+  loss, a loss spike) never fires there. This passes ``value=`` and uses the
+  guard's fused update-and-apply (:func:`plan_apply`), and it holds
+  ``fields`` as the train steps hold model state: on a step the guard
+  skipped each floating leaf of a field keeps its value in ``state`` (with
+  :func:`optax_guard.accumulate` built with ``model_state=``, the fields
+  passed are that model state: see
+  :func:`optax_guard.transforms.accumulate.model_state_to_keep`).
+  ``state.step`` counts calls, as Flax's does, skipped steps included; the
+  optimizer's own count (schedules) counts applied steps. Call it inside
+  your jitted step; with a :func:`optax_guard.dynamic_loss_scale`, use
+  :func:`make_train_step`, which scales the loss before differentiating.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from flax.training import train_state
+    >>> import optax_guard as og
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=None, params={'w': jnp.ones(2)},
+    ...     tx=og.guard(optax.sgd(0.5)))
+    >>> state = og.apply_gradients(state, grads={'w': jnp.ones(2)},
+    ...                            value=jnp.float32(jnp.nan))
+    >>> state.params['w'].tolist(), int(state.step)  # a NaN loss: held
+    ([1.0, 1.0], 1)
+    >>> bool(og.metrics(state.opt_state)['skipped'])
+    True
+
+  Args:
+    state: a Flax ``TrainState`` (fields ``step``, ``params``, ``tx``,
+      ``opt_state``; a ``replace`` method).
+    grads: gradients with the structure of ``state.params``.
+    value: the loss, handed to the optimizer as ``value=``.
+    **fields: other fields to replace, e.g. ``batch_stats=new_stats``;
+      held on a skipped step.
+
+  Returns:
+    The new state.
+
+  Raises:
+    ValueError: for gradients with an ``overwrite_with_gradient``
+      collection (Flax's fp8 path), which this does not handle.
+  """
+  if isinstance(grads, dict) and 'overwrite_with_gradient' in grads:
+    raise ValueError(
+        'og.apply_gradients does not handle the overwrite_with_gradient'
+        ' collection (fp8 training); call state.apply_gradients for it.')
+  apply = plan_apply(state.tx, state.opt_state)
+  params, opt_state = apply(grads, state.opt_state, state.params, value=value)
+  old_fields = {name: getattr(state, name) for name in fields}
+  held, opt_state = _accumulate.model_state_to_keep(
+      state.opt_state, opt_state, fields, old_fields,
+      _skipped(_guard_metrics(opt_state)))
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state, **held)
+
+
 def _step_metrics(loss, aux, opt_state, has_aux) -> dict[str, Any]:
   metrics = {'loss': loss, **_guard_metrics(opt_state)}
   if has_aux:
