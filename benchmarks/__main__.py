@@ -5,7 +5,8 @@
     python -m benchmarks --render benchmarks/results.json   # notes edited
     python -m benchmarks --help
 
-Sections: update (item 1), train_step (2), memory (3), checkpointing (4),
+Sections: update (item 1), train_step (2), memory (3), kernels (the
+compiled update's kernel counts at 17 and 65 leaves), checkpointing (4),
 growth (5, from update's results), faults (6). A section whose code cannot
 be imported is skipped with the reason; one that raises is recorded as
 failed and the others still run (the exit status is then 1). Results are
@@ -24,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from benchmarks.update_cost import FAMILIES
 
-SECTIONS = ('update', 'train_step', 'memory', 'checkpointing', 'growth',
-            'faults')
+SECTIONS = ('update', 'train_step', 'memory', 'kernels', 'checkpointing',
+            'growth', 'faults')
 DEFAULT_SIZES = '1M,12.6M,100M'
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -156,6 +157,10 @@ def _section_runners(args) -> dict[str, Callable[[Callable], dict[str, Any]]]:
     return section.run(args.sizes, families=args.groups, layers=args.layers,
                        say=say)
 
+  def kernels(say):
+    from benchmarks import kernels as section  # pylint: disable=g-import-not-at-top
+    return section.run(min(args.sizes), say=say)
+
   def checkpointing(say):
     from benchmarks import checkpointing as section  # pylint: disable=g-import-not-at-top
     return section.run(
@@ -168,7 +173,8 @@ def _section_runners(args) -> dict[str, Callable[[Callable], dict[str, Any]]]:
     return section.run(num_faults=args.faults, seed=args.seed, say=say)
 
   return {'update': update, 'train_step': train_step, 'memory': memory,
-          'checkpointing': checkpointing, 'faults': faults}
+          'kernels': kernels, 'checkpointing': checkpointing,
+          'faults': faults}
 
 
 def _say(section: str, start: float) -> Callable[[str], None]:

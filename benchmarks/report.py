@@ -11,6 +11,7 @@ SECTION_TITLES = {
     'update': '1. Update cost',
     'train_step': "2. Whole train step on the demo's language model",
     'memory': '3. Memory',
+    'kernels': '3b. Kernels of the compiled update',
     'checkpointing': '4. Checkpointing',
     'growth': '5. Growth from the smallest to the largest size',
     'faults': '6. Fault campaign, long form',
@@ -345,8 +346,24 @@ def _faults_md(section) -> str:
   ])
 
 
+def _kernels_md(section) -> str:
+  rows = [[row['leaves'], row['name'], row['per_call'],
+           f"+{row['added_per_call']}" if row['added_per_call'] else '-',
+           row['total'], row['branches']]
+          for row in section['rows']]
+  return (
+      f"The fused update at {section['params']:,} parameters, compiled by"
+      ' XLA:CPU; kernels counted in its optimised HLO (`benchmarks/kernels.py`'
+      ' says what counts). *Per call*: the most kernels one call runs (each'
+      ' `conditional` by its largest branch); *all*: every kernel of every'
+      ' branch.\n\n'
+      + _table(['leaves', 'candidate', 'per call', 'vs bare', 'all',
+                'conditionals / loops'], rows))
+
+
 _RENDERERS = {
     'update': _update_md, 'train_step': _train_step_md, 'memory': _memory_md,
+    'kernels': _kernels_md,
     'checkpointing': _checkpointing_md, 'growth': _growth_md,
     'faults': _faults_md,
 }

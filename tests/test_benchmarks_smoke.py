@@ -252,3 +252,25 @@ def test_sizes_parse_and_format():
   assert workloads.format_size(12_600_000) == '12.6M'
   assert workloads.format_size(100_000_000) == '100M'
 
+
+
+def test_kernel_counts_of_the_candidates(run):
+  from benchmarks import kernels  # pylint: disable=g-import-not-at-top
+  rows = run[1]['sections']['kernels']['rows']
+  assert [r['leaves'] for r in rows] == [17] * 4 + [65] * 4
+  for row in rows:
+    assert 0 < row['per_call'] <= row['total']
+    if row['name'] == update_cost.BARE:  # No branch: every kernel runs.
+      assert row['per_call'] == row['total'] and row['branches'] == 0
+    else:
+      assert row['branches'] >= 1 and row['added_per_call'] > 0
+  assert '3b. Kernels' in run[2]
+  # A cond of two kernels a branch, a loop around one kernel.
+  def f(x):
+    y = jax.lax.cond(x.sum() > 0, lambda v: jnp.sin(v) @ v,
+                     lambda v: jnp.cos(v) @ v, x)
+    return jax.lax.fori_loop(0, y.shape[0], lambda i, v: v @ jnp.tanh(v), y)
+  hlo = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+  counts = kernels.kernel_counts(hlo)
+  assert counts['branches'] == 2
+  assert counts['per_call'] < counts['total']
