@@ -3,6 +3,7 @@
     python -m benchmarks                      # everything, ~13 min on 2 cores
     python -m benchmarks --only update,memory --sizes 1M,12.6M
     python -m benchmarks --render benchmarks/results.json   # notes edited
+    python -m benchmarks --device --out /tmp/gpu  # headline ratios on a GPU/TPU
     python -m benchmarks --help
 
 Sections: update (item 1), train_step (2), memory (3), kernels (the
@@ -25,6 +26,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from benchmarks.update_cost import FAMILIES
 
+# What --device runs: the update section's headline group (bare adamw,
+# optax's compositions, both guards, the floor) at the two sizes of the speed
+# targets, and the kernel counts.
+DEVICE_PRESET = ('--only', 'update,kernels', '--groups', 'headline',
+                 '--sizes', '1M,12.6M', '--repeats', '9')
 SECTIONS = ('update', 'train_step', 'memory', 'kernels', 'checkpointing',
             'growth', 'faults')
 DEFAULT_SIZES = '1M,12.6M,100M'
@@ -128,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--seed', type=int, default=0, help='seed of the fault campaign')
   parser.add_argument(
+      '--device', action='store_true',
+      help='the headline ratios on whatever accelerator JAX sees, in a few'
+      f' minutes: {" ".join(DEVICE_PRESET)} (explicit options after it'
+      ' win); writes the same tables')
+  parser.add_argument(
       '--render', type=pathlib.Path, metavar='RESULTS_JSON',
       help='measure nothing: rewrite BENCHMARKS.md from a results.json (and'
       ' the current benchmarks/NOTES.md), e.g. after editing the notes')
@@ -198,6 +209,8 @@ def _write(results: dict[str, Any], markdown_path: pathlib.Path,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if '--device' in argv:
+    argv = [*DEVICE_PRESET, *argv]
   args = build_parser().parse_args(argv)
   from benchmarks import machine  # pylint: disable=g-import-not-at-top
 

@@ -11,9 +11,9 @@ most kernels one call can run (the entry's, plus the largest branch of each
 ``conditional``: the accepted step's, or the guard's rare rescaled-norm
 pass), *total* every kernel of every branch.
 Parameters, constants, tuples and bitcasts are not kernels. The counts are
-XLA:CPU's here; a GPU backend fuses differently, so the point is the
-difference between candidates and its growth with leaves, not the absolute
-number.
+the backend's that JAX runs on (XLA:CPU in CI; a GPU backend fuses
+differently), so the point is the difference between candidates and its
+growth with leaves, not the absolute number.
 
     python -m benchmarks --only kernels
 """
@@ -138,4 +138,4 @@ def run(count: int, *, layer_counts: Sequence[int] = LAYER_COUNTS,
       bare = bare or counts
       rows.append({'leaves': leaves, 'name': name, **counts,
                    'added_per_call': counts['per_call'] - bare['per_call']})
-  return {'params': count, 'rows': rows}
+  return {'params': count, 'backend': jax.default_backend(), 'rows': rows}

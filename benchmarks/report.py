@@ -1,11 +1,13 @@
 """Targets checked against the results, and ``BENCHMARKS.md`` rendered."""
 
+import json
 import pathlib
 from typing import Any, Iterable, NamedTuple, Optional
 
 from benchmarks import update_cost as uc
 from benchmarks import workloads as w
 
+STABILITY_FILE = pathlib.Path(__file__).resolve().parent / 'stability.json'
 NOTES_FILE = pathlib.Path(__file__).with_name('NOTES.md')
 SECTION_TITLES = {
     'update': '1. Update cost',
@@ -352,8 +354,9 @@ def _kernels_md(section) -> str:
            row['total'], row['branches']]
           for row in section['rows']]
   return (
-      f"The fused update at {section['params']:,} parameters, compiled by"
-      ' XLA:CPU; kernels counted in its optimised HLO (`benchmarks/kernels.py`'
+      f"The fused update at {section['params']:,} parameters, compiled for"
+      f" {section.get('backend', 'cpu')}; kernels counted in its optimised"
+      ' HLO (`benchmarks/kernels.py`'
       ' says what counts). *Per call*: the most kernels one call runs (each'
       ' `conditional` by its largest branch); *all*: every kernel of every'
       ' branch.\n\n'
@@ -367,6 +370,36 @@ _RENDERERS = {
     'checkpointing': _checkpointing_md, 'growth': _growth_md,
     'faults': _faults_md,
 }
+
+
+def _stability_md() -> str:
+  """The learning-rate study of ``benchmarks/stability.json``, if run."""
+  if not STABILITY_FILE.exists():
+    return ('*Not run: `python -m benchmarks.stability` writes'
+            ' `benchmarks/stability.json`.*')
+  study = json.loads(STABILITY_FILE.read_text())
+  rates = study['settings']['learning_rates']
+  seeds = len(study['settings']['seeds'])
+  rows = []
+  for method, largest in study['largest_stable_learning_rate'].items():
+    row = [method, largest if largest is not None else 'none']
+    for lr in rates:
+      cell = next(c for c in study['cells']
+                  if c['method'] == method and c['learning_rate'] == lr)
+      loss = cell['mean_final_heldout_loss']
+      row.append(('-' if loss is None else f'{loss:.3f}')
+                 + f" ({cell['diverged_runs']}/{seeds} div,"
+                 f" {cell['spikes']} spikes)")
+    rows.append(row)
+  return (
+      f"`{study['command'].strip()}` on {study['machine']['cpu']}, in"
+      f" {study['seconds'] / 60:.1f} minutes: the demo's transformer,"
+      f" {study['settings']['steps']} steps per run, {seeds} seeds per cell;"
+      ' each cell is the mean final held-out loss of the seeds that did not'
+      ' diverge, the diverged runs and the loss spikes of all seeds'
+      ' (definitions in `benchmarks/stability.py`; plot: `docs/stability.png`).'
+      '\n\n' + _table(['method', 'largest stable lr',
+                        *[f'lr {lr:g}' for lr in rates]], rows))
 
 
 def _machine_md(machine) -> str:
@@ -421,6 +454,7 @@ def markdown(results: dict[str, Any], json_name: str = 'results.json') -> str:
       parts.append(f'*Failed: `{section["error"]}`* (traceback in {json_name}).')
     else:
       parts.append(_RENDERERS[name](section))
+  parts += ['## 7. Stability across learning rates', _stability_md()]
   parts += ['## How these numbers are taken',
             _METHOD.format(layers=results['settings']['layers'])]
   if NOTES_FILE.exists():

@@ -274,3 +274,10 @@ def test_kernel_counts_of_the_candidates(run):
   counts = kernels.kernel_counts(hlo)
   assert counts['branches'] == 2
   assert counts['per_call'] < counts['total']
+
+
+def test_device_preset_selects_the_headline_ratios_and_yields_to_options():
+  args = runner.build_parser().parse_args(
+      [*runner.DEVICE_PRESET, '--repeats', '3'])
+  assert args.only == ['update', 'kernels'] and args.groups == ['headline']
+  assert args.sizes == [1_000_000, 12_600_000] and args.repeats == 3
