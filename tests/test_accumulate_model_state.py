@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen, nnx
+from flax import nnx
 
 import optax_guard as og
 from optax_guard.train_step import hold_if_skipped
+from tests.test_seams import _LinenBN
 
 EVERY_K = 2
 # Macro steps of two micro-batches: 'nan' is a NaN batch, 'big' one whose
@@ -56,15 +57,6 @@ def _assert_same_statistics(actual, expected):
 def _tx(model_state):
   return og.accumulate(og.guard(optax.adam(1e-2), spikes=SPIKES), EVERY_K,
                        model_state=model_state)
-
-
-class _LinenBN(linen.Module):
-
-  @linen.compact
-  def __call__(self, x, train: bool):
-    x = linen.Dense(8)(x)
-    x = linen.BatchNorm(use_running_average=not train)(x)
-    return linen.Dense(1)(linen.relu(x))
 
 
 def _linen_setup():
