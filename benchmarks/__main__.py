@@ -8,6 +8,7 @@
 
 Sections: update (item 1), train_step (2), memory (3), kernels (the
 compiled update's kernel counts at 17 and 65 leaves), checkpointing (4),
+fit (og.fit against a hand-written loop, and an async save's blocking),
 growth (5, from update's results), faults (6). A section whose code cannot
 be imported is skipped with the reason; one that raises is recorded as
 failed and the others still run (the exit status is then 1). Results are
@@ -32,7 +33,7 @@ from benchmarks.update_cost import FAMILIES
 DEVICE_PRESET = ('--only', 'update,kernels', '--groups', 'headline',
                  '--sizes', '1M,12.6M', '--repeats', '9')
 SECTIONS = ('update', 'train_step', 'memory', 'kernels', 'checkpointing',
-            'growth', 'faults')
+            'fit', 'growth', 'faults')
 DEFAULT_SIZES = '1M,12.6M,100M'
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -179,12 +180,17 @@ def _section_runners(args) -> dict[str, Callable[[Callable], dict[str, Any]]]:
         rounds=args.checkpoint_rounds, warmup=1,
         directory=args.checkpoint_dir, say=say)
 
+  def fit(say):
+    from benchmarks import fit_overhead as section  # pylint: disable=g-import-not-at-top
+    return section.run(lm=args.lm, rounds=args.checkpoint_rounds,
+                       warmup=1, directory=args.checkpoint_dir, say=say)
+
   def faults(say):
     from benchmarks import faults as section  # pylint: disable=g-import-not-at-top
     return section.run(num_faults=args.faults, seed=args.seed, say=say)
 
   return {'update': update, 'train_step': train_step, 'memory': memory,
-          'kernels': kernels, 'checkpointing': checkpointing,
+          'kernels': kernels, 'checkpointing': checkpointing, 'fit': fit,
           'faults': faults}
 
 
