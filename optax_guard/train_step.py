@@ -72,7 +72,8 @@ def plan_apply(tx: optax.GradientTransformation,
     return _fused.update_and_apply(tx)
   path = guards[0][0]
   last = _states.is_last_in(opt_state, path, (_loss_scale.LossScaleState,
-                                             _accumulate.AccumulateState))
+                                             _accumulate.AccumulateState,
+                                             _accumulate.HeldModelState))
   if len(guards) == 1 and last and (
       path or isinstance(tx, _fused.FusedGradientTransformation)):
     return _fused.fused_apply(tx)

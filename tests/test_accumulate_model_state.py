@@ -156,12 +156,12 @@ def test_the_copy_is_checkpointed_with_the_optimizer_state(tmp_path):
   # Mid-macro-step: the copy holds the statistics from before micro-batch 0.
   params, opt_state, model_state, _ = step(params, opt_state, model_state,
                                            BATCHES[0])
-  assert int(opt_state.micro_step) == 1
+  assert int(opt_state.inner_state.micro_step) == 1
   with og.Checkpointer(tmp_path / 'ckpt') as ckpt:
     assert ckpt.save(og.TrainState(1, params, opt_state), force=True)
     ckpt.wait_until_finished()
     restored, _ = ckpt.restore(1, og.TrainState(0, params, tx.init(params)))
-  assert int(restored.opt_state.micro_step) == 1
+  assert int(restored.opt_state.inner_state.micro_step) == 1
   jax.tree.map(np.testing.assert_array_equal, restored.opt_state.model_state,
                opt_state.model_state)
 

@@ -17,14 +17,14 @@ it is skipped and counts toward ``diverged`` like any other bad step.
 
 A model with state (BatchNorm statistics, EMA buffers) writes that state on
 every micro-batch, before anyone knows whether its gradient will be applied.
-Built with ``model_state=``, the state keeps a copy of the model state as it
-was when the macro step began, and :func:`model_state_to_keep` (which the
+Built with ``model_state=``, the state (:class:`HeldModelState`) keeps a copy
+of the model state as it was when the macro step began, and :func:`model_state_to_keep` (which the
 train steps call) gives the model state that exactly the applied
 micro-batches produce: a dropped micro-batch's statistics are undone at once,
 a skipped macro step's all together.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +49,6 @@ class AccumulateState(NamedTuple):
     accepted: micro-batches of this macro step that entered the sums.
     dropped: whether the last micro-batch was dropped.
     total_dropped: micro-batches dropped since ``init`` (saturating).
-    model_state: the floating leaves of the model state as it was when this
-      macro step began (a tuple, in ``jax.tree.leaves`` order), or ``None``
-      when built without ``model_state=`` (so that the state of such an
-      accumulation keeps the layout it had before this field existed).
   """
 
   inner_state: Any
@@ -62,7 +58,22 @@ class AccumulateState(NamedTuple):
   accepted: jax.Array
   dropped: jax.Array
   total_dropped: jax.Array
-  model_state: Optional[tuple[jax.Array, ...]] = None
+
+
+class HeldModelState(NamedTuple):
+  """State of :func:`accumulate` built with ``model_state=``.
+
+  A wrapper, so that an accumulation without model state keeps the
+  checkpoint layout of :class:`AccumulateState` alone.
+
+  Attributes:
+    inner_state: the :class:`AccumulateState`.
+    model_state: the floating leaves of the model state as it was when this
+      macro step began (in ``jax.tree.leaves`` order).
+  """
+
+  inner_state: AccumulateState
+  model_state: tuple[jax.Array, ...]
 
 
 _is_float = _numerics.is_float_leaf
@@ -152,7 +163,7 @@ def model_state_to_keep(
   the floating leaves of the returned model state are
 
   * as they were when the macro step began (the copy kept in
-    ``AccumulateState.model_state``), when this micro-batch ended a macro
+    ``HeldModelState.model_state``), when this micro-batch ended a macro
     step the guard skipped: none of its micro-batches was applied;
   * as they were before this micro-batch, when it was dropped;
   * the new ones otherwise.
@@ -175,7 +186,7 @@ def model_state_to_keep(
       :func:`accumulate` in the optimizer was built without ``model_state=``
       (or with one of other leaves), or the optimizer holds two of them.
   """
-  is_acc = lambda node: isinstance(node, AccumulateState)
+  is_acc = lambda node: isinstance(node, (HeldModelState, AccumulateState))
   found = [n for n in jax.tree.leaves(state_after, is_leaf=is_acc)
            if is_acc(n)]
   old = _float_leaves(old_model_state)
@@ -187,7 +198,7 @@ def model_state_to_keep(
         ' train step with model state can follow one.')
   if not old:
     return new_model_state, state_after
-  copy = found[0].model_state or ()
+  copy = getattr(found[0], 'model_state', ())
   if [(leaf.shape, leaf.dtype) for leaf in copy] != [
       (jnp.shape(leaf), jnp.result_type(leaf)) for leaf in old]:
     raise ValueError(
@@ -204,12 +215,13 @@ def model_state_to_keep(
   def keep(before, after):
     if not is_acc(after):
       return after
-    begins = before.micro_step == 0
+    begins = before.inner_state.micro_step == 0
     copy = [jnp.where(begins, o, c) for o, c in zip(old, before.model_state)]
     # micro_step returns to 0 exactly when the macro step ends.
-    undo_macro = (after.micro_step == 0) & skipped
+    undo_macro = (after.inner_state.micro_step == 0) & skipped
+    dropped = after.inner_state.dropped
     kept.extend(
-        jnp.where(undo_macro, c, jnp.where(after.dropped, o, n))
+        jnp.where(undo_macro, c, jnp.where(dropped, o, n))
         for c, o, n in zip(copy, old, _float_leaves(new_model_state)))
     return after._replace(model_state=tuple(copy))
 
@@ -301,8 +313,9 @@ def accumulate(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
-    :class:`AccumulateState`, with a fused update-and-apply form for
-    :func:`optax_guard.make_train_step`.
+    :class:`AccumulateState` (with ``model_state=``, a
+    :class:`HeldModelState` around it), with a fused update-and-apply form
+    for :func:`optax_guard.make_train_step`.
 
   References:
     Goyal et al., `Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour
@@ -328,10 +341,6 @@ def accumulate(
         accepted=jnp.zeros((), jnp.int32),
         dropped=jnp.zeros((), jnp.bool_),
         total_dropped=jnp.zeros((), jnp.int32),
-        # Zeros, fresh in every init: the copy is taken when a macro step
-        # begins, before it is read.
-        model_state=None if model_state is None else tuple(
-            jnp.zeros(shape, dtype) for shape, dtype in held),
     )
 
   def take(grads, state, value):
@@ -359,7 +368,6 @@ def accumulate(
         total_dropped=jnp.where(
             ok, state.total_dropped,
             optax.safe_increment(state.total_dropped)),
-        model_state=state.model_state,
     )
 
   def update_fn(updates, state, params=None, *, value=None, fuse_apply=False,
@@ -389,4 +397,18 @@ def accumulate(
     return output, next_state(state, inner_state, ok, sums, loss_sum,
                               accepted, emit)
 
-  return _fused.FusedGradientTransformation(init_fn, update_fn)
+  if model_state is None:
+    return _fused.FusedGradientTransformation(init_fn, update_fn)
+
+  def held_init_fn(params):
+    # Zeros, fresh in every init: the copy is taken when a macro step
+    # begins, before it is read.
+    return HeldModelState(init_fn(params), tuple(
+        jnp.zeros(shape, dtype) for shape, dtype in held))
+
+  def held_update_fn(updates, state, params=None, **extra_args):
+    output, inner_state = update_fn(updates, state.inner_state, params,
+                                    **extra_args)
+    return output, state._replace(inner_state=inner_state)
+
+  return _fused.FusedGradientTransformation(held_init_fn, held_update_fn)
