@@ -78,20 +78,18 @@ class _RichListener:
       self.console.print(
           f'{run:>8} step {step}/{total}  loss {fields["loss"]}  skips'
           f' {fields["skips"]}  rollbacks {fields["rollbacks"]}'
-          f'  {elapsed:.0f} s', highlight=False, soft_wrap=True)
+          f'  {elapsed:.0f} s', highlight=False)
 
   def note(self, run: str, message: str) -> None:
     color = 'red' if run == 'plain' else 'blue'
-    self.console.print(
-        f'[{color}]{run:>8}[/] {message}', highlight=False, soft_wrap=True
-    )
+    self.console.print(f'[{color}]{run:>8}[/] {message}', highlight=False)
 
   def stop(self) -> None:
     self.progress.stop()
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-  table = Table(title='optax-guard demo', box=box.SIMPLE_HEAVY)
+  table = Table(title='optax-guard demo', box=box.SIMPLE_HEAVY, pad_edge=False)
   table.add_column('run')
   table.add_column('final held-out loss', justify='right')
   table.add_column('finite', justify='center')
