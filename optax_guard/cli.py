@@ -150,7 +150,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
   console.print(
       f'{time.perf_counter() - started:.0f} s. Wrote {out_dir}/: plain/ and'
       ' guarded/ (metrics.jsonl, events.jsonl, TensorBoard files),'
-      f' checkpoints/, summary.json and {report}'
+      f' checkpoints/, config.json, summary.json and {report}'
   )
   return 0
 
