@@ -208,7 +208,9 @@ def _write(results: dict[str, Any], markdown_path: pathlib.Path,
   results['targets'] = report.targets(results)
   json_path.parent.mkdir(parents=True, exist_ok=True)
   markdown_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps(results, indent=1) + '\n')
+  # Strict JSON: a NaN or an infinity here is a benchmark's bug, and no
+  # strict parser (jq, JSON.parse) would read the file.
+  json_path.write_text(json.dumps(results, indent=1, allow_nan=False) + '\n')
   markdown_path.write_text(report.markdown(
       results, os.path.relpath(json_path, markdown_path.parent)))
 

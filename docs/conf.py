@@ -6,11 +6,17 @@ API reference generated from the docstrings by autodoc and autosummary.
 Everything builds offline on CPU:
 
     pip install -e ".[docs]"
-    sphinx-build -W --keep-going -b html docs docs/_build/html
+    sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+(``-q``: only warnings and errors in the log.)
 """
 
+import atexit
 import os
+import pathlib
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.abspath('..'))
 
@@ -53,6 +59,19 @@ nb_execution_raise_on_error = True
 nb_execution_timeout = 180
 nb_execution_show_tb = True
 nb_merge_streams = True
+# The build log and the pages show what the code says, not the tools'
+# chatter: the kernels start from an IPython profile made for this build, in
+# which ipykernel logs errors only (not its notice that it talks over local
+# TCP) and absl's loggers (Orbax's option notices) warnings no more.
+_ipython_dir = pathlib.Path(tempfile.mkdtemp(prefix='optax_guard_docs_'))
+atexit.register(shutil.rmtree, _ipython_dir, ignore_errors=True)
+(_ipython_dir / 'profile_default' / 'startup').mkdir(parents=True)
+(_ipython_dir / 'profile_default' / 'ipython_kernel_config.py').write_text(
+    "c.IPKernelApp.log_level = 'ERROR'\n")
+(_ipython_dir / 'profile_default' / 'startup' / '00_quiet.py').write_text(
+    "import logging\nlogging.getLogger('absl').setLevel(logging.ERROR)\n")
+os.environ['IPYTHONDIR'] = str(_ipython_dir)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # No accelerator probing.
 myst_enable_extensions = ['colon_fence', 'deflist']
 myst_heading_anchors = 3
 

@@ -115,9 +115,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           np.array_equal(a, b) for a, b in
           zip(before, _held_state(model, optimizer))
       )
-      print(f'step {step}: NaN batch skipped={bool(metrics["skipped"])},'
-            f' weights, Adam moments and ZClip statistics unchanged bit for'
-            f' bit={untouched}')
+      verdict = 'skipped' if metrics['skipped'] else 'APPLIED'
+      held = 'unchanged bit for bit' if untouched else 'CHANGED'
+      print(f'step {step}: NaN batch {verdict}; weights, Adam moments and'
+            f' ZClip statistics {held}')
     if step % (steps // 4) == 0:
       print(f'step {step:4d}  loss {float(metrics["loss"]):.4f}  grad norm'
             f' {float(metrics["grad_norm"]):.3f}  skips'

@@ -93,15 +93,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       spikes={'window': 64, 'sigma': 6.0},
       max_consecutive_skips=10,
   )
-  # The faults ride along with the batches (by batch index) and act on the
-  # gradients inside the one compiled step.
+  # The faults ride along with the batches (keyed by the step that draws
+  # them, as this loop counts steps) and act on the gradients inside the one
+  # compiled step.
   faults = {
-      args.steps // 3 - 1: testing.Fault('grad_spike', 1e4),
-      2 * args.steps // 3 - 1: testing.Fault('nan_grad'),
+      args.steps // 3: testing.Fault('grad_spike', 1e4),
+      2 * args.steps // 3: testing.Fault('nan_grad'),
   }
   train_step = og.make_train_step(testing.with_faults(loss_fn), tx)
   batches = testing.FaultInjector(
-      og.batches(train, batch_size=32, seed=args.seed), faults
+      og.batches(train, batch_size=32, seed=args.seed), faults, keys='step'
   )
   params = init_params(jax.random.key(args.seed))
 
@@ -136,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       'step': state.step,
       'test_accuracy': accuracy,
       'skipped_steps': skipped,
-      'fault_steps': sorted(index + 1 for index in faults),
+      'fault_steps': sorted(faults),
       'params_sha256': params_sha256(state.params),
   }
 

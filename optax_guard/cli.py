@@ -78,20 +78,18 @@ class _RichListener:
       self.console.print(
           f'{run:>8} step {step}/{total}  loss {fields["loss"]}  skips'
           f' {fields["skips"]}  rollbacks {fields["rollbacks"]}'
-          f'  {elapsed:.0f} s', highlight=False, soft_wrap=True)
+          f'  {elapsed:.0f} s', highlight=False)
 
   def note(self, run: str, message: str) -> None:
     color = 'red' if run == 'plain' else 'blue'
-    self.console.print(
-        f'[{color}]{run:>8}[/] {message}', highlight=False, soft_wrap=True
-    )
+    self.console.print(f'[{color}]{run:>8}[/] {message}', highlight=False)
 
   def stop(self) -> None:
     self.progress.stop()
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-  table = Table(title='optax-guard demo', box=box.SIMPLE_HEAVY)
+  table = Table(title='optax-guard demo', box=box.SIMPLE_HEAVY, pad_edge=False)
   table.add_column('run')
   table.add_column('final held-out loss', justify='right')
   table.add_column('finite', justify='center')
@@ -152,7 +150,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
   console.print(
       f'{time.perf_counter() - started:.0f} s. Wrote {out_dir}/: plain/ and'
       ' guarded/ (metrics.jsonl, events.jsonl, TensorBoard files),'
-      f' checkpoints/, summary.json and {report}'
+      f' checkpoints/, config.json, summary.json and {report}'
   )
   return 0
 

@@ -5,7 +5,8 @@ and faulty steps alike:
 
 * :class:`FaultInjector` wraps a data iterator and adds ``fault_kind`` and
   ``fault_scale`` to every batch, following a plan (:func:`plan_faults`);
-  a ``poisoned_batch`` fault is applied right there, to the batch's data;
+  the data faults (``poisoned_batch``, ``nan_batch`` and the slow ones) are
+  applied right there, to the batch's data;
 * :func:`with_faults` wraps a loss function so that, inside the jitted
   step, ``nan_grad`` / ``inf_grad`` replace the gradients with NaN / Inf,
   ``grad_spike`` multiplies them by ``fault_scale`` and ``nan_loss`` makes
@@ -25,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch')
+KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch',
+         'nan_batch')
 # Data faults that build up or stay: they act on the batch only (the step
 # sees no fault code), through :func:`ramp` and :func:`level_shift` plans.
 SLOW_KINDS = ('poisoned_rows', 'noisy_targets')
 _CODES = {'none': 0, **{kind: code for code, kind in enumerate(KINDS, 1)},
           **{kind: 0 for kind in SLOW_KINDS}}
+_FIRST_KEY = {'index': 0, 'step': 1}  # FaultInjector's plan numberings.
 
 
 class Fault(NamedTuple):
@@ -43,6 +46,10 @@ class Fault(NamedTuple):
       ``poisoned_rows``, the noise added to the last float array (the
       targets), in units of its standard deviation, of ``noisy_targets``
       (unused by the others).
+
+  ``nan_batch`` makes every float array of the batch NaN, as a corrupt
+  record does (integer arrays, such as token ids, cannot hold a NaN and are
+  left as they are); a batch without a float array cannot carry it.
 
   ``poisoned_rows`` replaces the first ``round(scale * rows)`` rows of every
   array of the batch (seeded by the batch index): a float array's with
@@ -144,6 +151,38 @@ def poison(batch: Mapping[str, Any], scale: float) -> dict[str, Any]:
   }
 
 
+def nan_batch(batch: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """The batch with every float array NaN (the ``nan_batch`` fault).
+
+  Examples:
+    >>> import numpy as np
+    >>> from optax_guard import testing
+    >>> broken = testing.nan_batch({'x': np.ones(2), 'label': np.arange(2)}, 0)
+    >>> broken['x'].tolist(), broken['label'].tolist()
+    ([nan, nan], [0, 1])
+
+  Args:
+    batch: a dict of arrays.
+    index: the batch's index, named in the error.
+
+  Returns:
+    The batch, its float arrays replaced.
+
+  Raises:
+    ValueError: the batch has no float array to hold the NaN.
+  """
+  floats = [name for name, value in batch.items()
+            if np.issubdtype(np.asarray(value).dtype, np.floating)]
+  if not floats:
+    raise ValueError(
+        f'a nan_batch fault at batch index {index} found no float array in'
+        f' the batch (keys {sorted(batch)}); use nan_loss or nan_grad, which'
+        ' act inside the step through with_faults.'
+    )
+  return {**batch, **{name: np.full_like(batch[name], np.nan)
+                      for name in floats}}
+
+
 def ramp(start: int, length: int, *, peak: float = 1.0,
          kind: str = 'poisoned_rows') -> dict[int, Fault]:
   """Slow trouble: a fault whose ``scale`` rises linearly to ``peak`` over
@@ -221,19 +260,48 @@ class FaultInjector:
   step. Restorable when the wrapped iterator is: the state is the wrapped
   state plus the batch index.
 
+  The plan's keys are batch indices, counted from 0 (``keys='index'``, as
+  :func:`plan_faults`, :func:`ramp` and :func:`level_shift` make them), or
+  the steps that draw the batches, counted from 1 (``keys='step'``).
+  :func:`optax_guard.fit`, :class:`optax_guard.TrainState` and a loop that
+  counts ``step += 1`` per batch number a step by the batches drawn so far:
+  step ``s`` draws batch index ``s - 1``. With ``keys='step'`` a fault
+  placed at 150 is reported at step 150; with batch indices, at 151.
+
+  Examples:
+    >>> import numpy as np
+    >>> from optax_guard import testing
+    >>> data = iter([{'x': np.ones(2, np.float32)}] * 3)
+    >>> faulty = testing.FaultInjector(data, {2: testing.Fault('nan_batch')},
+    ...                                keys='step')
+    >>> [bool(np.isnan(next(faulty)['x']).all()) for _ in range(3)]
+    [False, True, False]
+
   Args:
     data: an iterator of dict batches.
-    plan: ``{batch index: Fault}``, e.g. from :func:`plan_faults`.
+    plan: ``{batch index: Fault}``, e.g. from :func:`plan_faults`, or
+      ``{step: Fault}`` with ``keys='step'``.
+    keys: ``'index'`` (the default) or ``'step'``: what the plan's keys count.
   """
 
-  def __init__(self, data: Iterator[Mapping[str, Any]], plan: Mapping[int, Fault]):
+  def __init__(self, data: Iterator[Mapping[str, Any]],
+               plan: Mapping[int, Fault], *, keys: str = 'index'):
     for fault in plan.values():
       if fault.kind not in KINDS + SLOW_KINDS:
         raise ValueError(f'unknown fault kind {fault.kind!r}; known:'
                          f' {KINDS + SLOW_KINDS}.')
+    if keys not in _FIRST_KEY:
+      raise ValueError(f"keys must be 'index' (batch indices from 0) or"
+                       f" 'step' (steps from 1), got {keys!r}.")
+    first = _FIRST_KEY[keys]
+    if plan and min(plan) < first:
+      hint = (" (step s draws batch index s - 1; pass keys='index' for a plan"
+              ' of batch indices)' if keys == 'step' else '')
+      raise ValueError(f'plan key {min(plan)} is before the first batch: with'
+                       f' keys={keys!r} the first is {first}{hint}.')
     # Duck-typed: restorable when the wrapped iterator has get/set_state.
     self._data: Any = data
-    self._plan = dict(plan)
+    self._plan = {key - first: fault for key, fault in plan.items()}
     self._index = 0
 
   def __iter__(self) -> 'FaultInjector':
@@ -245,6 +313,8 @@ class FaultInjector:
     self._index += 1
     if fault.kind == 'poisoned_batch':
       batch = poison(batch, fault.scale)
+    elif fault.kind == 'nan_batch':
+      batch = nan_batch(batch, self._index - 1)
     elif fault.kind in SLOW_KINDS:
       batch = _slow_fault(batch, fault, self._index - 1)
     batch['fault_kind'] = np.int32(_CODES[fault.kind])

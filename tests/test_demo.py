@@ -4,6 +4,9 @@ One demo run (a module fixture) serves most tests; the resume test kills a
 second run in a subprocess and finishes it in this process.
 """
 
+import contextlib
+import io
+import itertools
 import json
 import math
 import os
@@ -21,6 +24,7 @@ import optax_guard as og
 from optax_guard import cli
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
+from optax_guard.demo import report as report_lib
 from optax_guard.demo import run as run_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 
@@ -31,10 +35,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
   # A relative --out, as the default one: Orbax itself takes absolute paths.
+  # What it prints, piped as to a file, is kept beside the run in printed.txt.
   parent = tmp_path_factory.mktemp('demo')
+  printed = io.StringIO()
   with pytest.MonkeyPatch.context() as patch:
     patch.chdir(parent)
-    assert cli.main(['demo', '--steps', str(FAST_STEPS), '--out', 'run']) == 0
+    patch.setenv('COLUMNS', '80')
+    with contextlib.redirect_stdout(printed):
+      assert cli.main(['demo', '--steps', str(FAST_STEPS), '--out', 'run']) == 0
+  (parent / 'printed.txt').write_text(printed.getvalue())
   return parent / 'run'
 
 
@@ -60,7 +69,7 @@ def _events(out, run):
 
 
 def test_plain_run_dies_and_guarded_run_recovers(demo):
-  summary = json.loads((demo / 'summary.json').read_text())
+  summary = report_lib.read_summary(demo / 'summary.json')
   plain, guarded = summary['plain'], summary['guarded']
   assert not plain['finite'] and math.isnan(plain['final_loss'])
   assert guarded['finite']
@@ -70,6 +79,55 @@ def test_plain_run_dies_and_guarded_run_recovers(demo):
   assert guarded['final_loss'] < 3.2
   assert guarded['rollbacks'] == 1
   assert len(guarded['params_sha256']) == 64
+
+
+def test_the_files_the_demo_writes_are_strict_json(demo):
+  # Every JSON file outside the checkpoints: config, summary, og.fit's logs.
+  written = sorted(p.relative_to(demo).as_posix() for p in demo.rglob('*.json*')
+                   if 'checkpoints' not in p.parts)
+  assert written == ['config.json', 'guarded/events.jsonl',
+                     'guarded/metrics.jsonl', 'plain/events.jsonl',
+                     'plain/metrics.jsonl', 'summary.json']
+  for name in written:
+    text = (demo / name).read_text()
+    for document in text.splitlines() if name.endswith('l') else [text]:
+      json.loads(document, parse_constant=_no_constants)
+  # A NaN is written as the logs write it, and read back as a float.
+  summary = json.loads((demo / 'summary.json').read_text(),
+                       parse_constant=_no_constants)
+  assert summary['plain']['final_loss'] == 'nan'
+  assert math.isnan(report_lib.read_summary(demo / 'summary.json')['plain'][
+      'final_loss'])
+
+
+def test_printed_lines_fit_80_columns_and_tell_the_rollback_once(demo):
+  printed = (demo.parent / 'printed.txt').read_text()
+  lines = printed.splitlines()
+  assert [line for line in lines if len(line) > 80] == []
+  # The one rollback is told once, by og.fit's recovery (optax_guard's
+  # warnings print through the CLI), not a second time by the demo.
+  assert printed.count('Rollback 1/') == 1
+  assert 'rolled back' not in printed
+  assert 'guarded step 60/60' in printed
+  # The summary table's header on one line, as the README shows it.
+  assert ' run       final held-out loss   finite   skips   rollbacks   params' \
+      ' sha256' in [line.rstrip() for line in lines]
+
+
+def test_the_docs_show_the_layout_the_demo_writes(demo):
+  page = (REPO / 'docs' / 'demo.md').read_text()
+  tree = page.split('```text\noptax-guard-demo/\n', 1)[1].split('```', 1)[0]
+  shown = {line.split()[1]: line.split(None, 2)[2]
+           for line in tree.splitlines()}
+  written = {p.name + ('/' if p.is_dir() else '') for p in demo.iterdir()}
+  assert set(shown) == written
+  for run in run_lib.RUNS:
+    assert {p.name for p in (demo / run).iterdir()
+            if not p.name.startswith('events.out.tfevents.')} == {
+                'metrics.jsonl', 'events.jsonl'}
+  assert 'metrics.jsonl, events.jsonl, TensorBoard' in shown['plain/']
+  assert '/optax-guard-demo/' in (REPO / '.gitignore').read_text().split()
+  assert cli.DEFAULT_OUT == 'optax-guard-demo'
 
 
 def test_guarded_run_reports_its_best_checkpoint(demo):
@@ -149,13 +207,36 @@ def test_logs_hold_one_line_per_step_and_the_events(demo):
     assert list((demo / run).glob('events.out.tfevents.*'))
 
 
-def test_report_png_is_rendered_and_rerendered(demo, capsys):
+def test_report_png_is_rendered_and_rerendered(demo, capsys, tmp_path):
   png = demo / 'report.png'
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  out = demo / 'again.png'
+  out = tmp_path / 'again.png'
   assert cli.main(['report', str(demo), '--output', str(out)]) == 0
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert 'Wrote' in capsys.readouterr().out
+
+
+def test_report_names_the_faults_apart_and_its_legend_covers_no_panel(demo):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure = report_lib.draw(demo)
+  figure.draw_without_rendering()
+  renderer = figure.canvas.get_renderer()
+  names = [t for t in figure.axes[0].texts
+           if t.get_text() in faults_lib.DESCRIPTIONS]
+  windows = faults_lib.schedule(faults_lib.default_specs(FAST_STEPS),
+                                FAST_STEPS)
+  assert sorted(t.get_text() for t in names) == sorted(windows)
+  # The spike (step 18) and the ramp (from 20) are close enough to collide.
+  boxes = [t.get_window_extent(renderer) for t in names]
+  assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+  title = figure.axes[0].title.get_window_extent(renderer)
+  assert not any(box.overlaps(title) for box in boxes)
+  legend = figure.legends[0].get_window_extent(renderer)
+  assert not any(legend.overlaps(ax.get_window_extent(renderer))
+                 for ax in figure.axes)
+  assert not any(ax.get_legend() for ax in figure.axes)
+  plt.close(figure)
 
 
 def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
@@ -221,8 +302,47 @@ def test_resume_after_kill_ends_with_the_same_params(demo, tmp_path):
   assert events == reference_events
 
 
+class _Stop(Exception):
+  pass
+
+
+class _StopAt(run_lib.Listener):
+  """Records the notes; stops the demo at ``(run, step)`` (0: its start)."""
+
+  def __init__(self, run, step):
+    self.at = (run, step)
+    self.notes = []
+
+  def start(self, run, total):
+    if self.at == (run, 0):
+      raise _Stop
+
+  def step(self, run, step, metrics, counts):
+    if self.at == (run, step):
+      raise _Stop
+
+  def note(self, run, message):
+    self.notes.append((run, message))
+
+
+def test_a_stopped_plain_run_says_it_starts_again_from_step_0(demo, tmp_path):
+  out = tmp_path / 'stopped'
+  config = run_lib.DemoConfig(steps=FAST_STEPS)
+  with pytest.raises(_Stop):
+    run_lib.run_demo(config, out, _StopAt('plain', 20))
+  assert [r['step'] for r in _records(out, 'plain')] == list(range(1, 21))
+  again = _StopAt('guarded', 0)  # Stops once the plain run is done.
+  with pytest.raises(_Stop):
+    run_lib.run_demo(config, out, again)
+  assert again.notes[0] == ('plain', (
+      'starts again from step 0: plain optax keeps no checkpoint here, so the'
+      ' 20 steps it trained before it was stopped are lost'))
+  # Trained again from scratch, each step logged once, as uninterrupted.
+  assert _records(out, 'plain') == _records(demo, 'plain')
+
+
 def test_rerun_of_a_finished_demo_changes_nothing(demo):
-  before = json.loads((demo / 'summary.json').read_text())
+  before = report_lib.read_summary(demo / 'summary.json')
   summary = run_lib.run_demo(run_lib.DemoConfig(steps=FAST_STEPS), demo)
   assert summary == before
 
@@ -265,7 +385,6 @@ def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path):
 
 
 def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
-  import io  # pylint: disable=g-import-not-at-top
   from rich.console import Console  # pylint: disable=g-import-not-at-top
 
   metrics = {'loss': 2.3456}

@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_guard as og
-from benchmarks.faults import run_fault_campaign
+from benchmarks.faults import CAMPAIGN_KINDS, run_fault_campaign
 from optax_guard import testing as faults
 
 
@@ -20,7 +21,7 @@ def campaign():
 def test_guarded_campaign_survives_every_fault(campaign):
   print(campaign)
   assert sum(campaign.injected.values()) == 16 + 6  # singles + one burst
-  assert all(campaign.injected[kind] > 0 for kind in faults.KINDS)
+  assert all(campaign.injected[kind] > 0 for kind in CAMPAIGN_KINDS)
   assert campaign.params_always_finite
   # Every fault was skipped or clipped, the burst was rolled back, and the
   # model ends as good as the fault-free one on the same data.
@@ -104,3 +105,62 @@ def test_injector_state_resumes_batches_and_counts():
       np.testing.assert_array_equal(got[name], want[name])
   assert first.injected() == second.injected()
   assert sum(second.injected().values()) == sum(s < 21 for s in plan)
+
+
+def test_nan_batch_makes_the_float_arrays_nan_and_the_step_skip():
+  data = iter([{'x': np.ones((4, 2), np.float32),
+                'y': np.zeros((4, 1), np.float32),
+                'label': np.arange(4)}])
+  batch = next(faults.FaultInjector(data, {0: faults.Fault('nan_batch')}))
+  assert batch['x'].dtype == np.float32 and np.isnan(batch['x']).all()
+  assert np.isnan(batch['y']).all()
+  np.testing.assert_array_equal(batch['label'], np.arange(4))
+  assert int(batch['fault_kind']) == faults.KINDS.index('nan_batch') + 1
+  tx = og.guard(optax.sgd(0.1))
+  step = og.make_train_step(faults.with_faults(
+      lambda p, b: jnp.mean((b['x'] @ p['w'] - b['y']) ** 2)), tx)
+  params = {'w': jnp.ones((2, 1))}
+  params, _, metrics = step(params, tx.init(params), batch)
+  assert bool(metrics['skipped']) and bool(metrics['nonfinite'])
+  np.testing.assert_array_equal(params['w'], np.ones((2, 1), np.float32))
+
+
+def test_nan_batch_needs_a_float_array():
+  tokens = iter([{'tokens': np.arange(6).reshape(2, 3)}] * 4)
+  injector = faults.FaultInjector(tokens, {3: faults.Fault('nan_batch')})
+  for _ in range(3):
+    next(injector)
+  with pytest.raises(ValueError,
+                     match=r'batch index 3 found no float array.*nan_loss'):
+    next(injector)
+
+
+@pytest.mark.parametrize('keys, reported', [('step', 150), ('index', 151)])
+def test_a_fault_is_reported_at_the_step_it_is_placed_at(keys, reported):
+  """og.fit's step s draws batch index s - 1: keyed by step, a fault placed
+  at 150 is skipped at step 150; keyed by batch index, at 151."""
+  tx = og.guard(optax.sgd(0.05))
+  step = og.make_train_step(faults.with_faults(faults.mse), tx)
+  params = faults.mlp_init(jax.random.key(0), [8, 8, 1])
+  data = faults.FaultInjector(
+      og.batches(faults.regression_data(seed=0, num_examples=64), 16, seed=0),
+      {150: faults.Fault('nan_batch')}, keys=keys)
+  skipped = []
+  result = og.fit(
+      step, og.TrainState(0, params, tx.init(params)), data, num_steps=160,
+      progress=False, callback=lambda state, metrics, events: skipped.extend(
+          e.step for e in events if e.kind == 'skipped_step'))
+  assert skipped == [reported]
+  assert result.events.counts['skipped_step'] == 1
+  assert data.injected()['nan_batch'] == 1
+
+
+def test_plan_keys_are_checked():
+  data = iter([])
+  with pytest.raises(ValueError, match="keys must be 'index'.*got 'steps'"):
+    faults.FaultInjector(data, {}, keys='steps')
+  with pytest.raises(ValueError, match=r"plan key 0 is before the first batch:"
+                     r" with keys='step' the first is 1 \(step s draws"):
+    faults.FaultInjector(data, {0: faults.Fault('nan_grad')}, keys='step')
+  with pytest.raises(ValueError, match="plan key -1 .* the first is 0.$"):
+    faults.FaultInjector(data, {-1: faults.Fault('nan_grad')})

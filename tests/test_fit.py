@@ -232,9 +232,26 @@ def test_giving_up_saves_the_diverged_step_not_its_donated_input(
   assert f'after step 9; saved step 9 in {tmp_path}' in caplog.text
 
 
+@pytest.fixture
+def python_signal_handlers():
+  """Python's own SIGINT and SIGTERM handlers for the test, the caller's after.
+
+  A shell starts background jobs with SIGINT ignored, and Python then keeps
+  it ignored instead of installing ``default_int_handler``: the test must not
+  depend on how pytest was started.
+  """
+  wanted = {signal.SIGINT: signal.default_int_handler,
+            signal.SIGTERM: signal.SIG_DFL}
+  previous = {signum: signal.signal(signum, handler)
+              for signum, handler in wanted.items()}
+  yield wanted
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_exits_zero(
-    tmp_path, train_step, uninterrupted, signum):
+    tmp_path, train_step, uninterrupted, signum, python_signal_handlers):
   def send_signal(state, metrics, events):
     if state.step == 7:  # off the save interval: only preemption saves it
       os.kill(os.getpid(), signum)
@@ -246,7 +263,8 @@ def test_signal_finishes_the_step_saves_and_exits_zero(
     assert stopped.value.code == 0
     assert ckpt.latest_step() == 7
   # Handlers are restored once fit has stopped.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  for handled, handler in python_signal_handlers.items():
+    assert signal.getsignal(handled) is handler
   with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
     result = og.fit(train_step, make_init(), make_data(), num_steps=20,
                     checkpointer=ckpt, progress=False)

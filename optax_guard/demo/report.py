@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import transforms  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
 from optax_guard.demo import faults as faults_lib
 
@@ -31,15 +32,33 @@ FAULT_COLORS = {
     'nan': '#8c564b', 'ramp': '#e377c2', 'shift': '#17becf',
 }
 ZCLIP_Z = 2.5
+FAULT_ROW_POINTS = 11  # The height of a row of fault names (8-point text).
 
 
 class NotADemoDirectory(ValueError):
   """The directory holds no optax-guard demo logs."""
 
 
+# Strict JSON has no NaN or Infinity: og.fit's logs and the demo's
+# summary.json write a non-finite number as one of these strings. Read back,
+# they are math's constants, one object each, so that two reads of one file
+# compare equal (nan != nan, but a container compares its items by identity
+# first).
+_NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
+
+
 def _number(value: Any) -> Any:
   """A logged value: og.fit writes non-finite numbers as "nan" / "inf"."""
-  return float(value) if value in ('nan', 'inf', '-inf') else value
+  return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _json_number(value: Any) -> Any:
+  """A summary value as strict JSON: a non-finite float as og.fit writes it."""
+  if isinstance(value, dict):
+    return {key: _json_number(item) for key, item in value.items()}
+  if isinstance(value, float) and not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  return value
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -49,6 +68,27 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   with open(path) as f:
     return [{k: _number(v) for k, v in json.loads(line).items()}
             for line in f]
+
+
+def read_summary(path: pathlib.Path) -> dict[str, Any]:
+  """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet.
+
+  Also reads the ``NaN`` of summaries written before they were strict JSON.
+  """
+  if not path.exists():
+    return {}
+  summary = json.loads(path.read_text())
+  return {run: {k: _number(v) for k, v in row.items()}
+          for run, row in summary.items()}
+
+
+def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
+  """Writes ``value`` as strict JSON (non-finite floats as strings) at once:
+  a kill leaves the old file or the new one."""
+  temporary = path.with_suffix('.tmp')
+  temporary.write_text(
+      json.dumps(_json_number(value), indent=1, allow_nan=False) + '\n')
+  os.replace(temporary, path)
 
 
 def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
@@ -66,10 +106,8 @@ def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
   if not any(runs.values()):
     raise NotADemoDirectory(f'{run_dir} holds no logged steps yet.')
   events = {run: read_jsonl(run_dir / run / 'events.jsonl') for run in COLORS}
-  summary_path = run_dir / 'summary.json'
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   return {'config': json.loads(config_path.read_text()), 'runs': runs,
-          'events': events, 'summary': summary}
+          'events': events, 'summary': read_summary(run_dir / 'summary.json')}
 
 
 def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
@@ -166,9 +204,8 @@ def _plot_run(axes, run, records, events, clip_norm):
       )
       train_ax.text(
           event['to_step'], 0.72,
-          f'rollback to step {event["to_step"]}, skipping\nbatches'
-          f' {event["to_step"]}..{event["resume_step"] - 1} (steps'
-          f' {event["to_step"] + 1}-{event["resume_step"]})',
+          f'rollback to step {event["to_step"]},\nskipping steps'
+          f' {event["to_step"] + 1}-{event["resume_step"]}',
           color=color, fontsize=8,
           transform=top(train_ax.transData, train_ax.transAxes),
       )
@@ -181,12 +218,43 @@ def _plot_run(axes, run, records, events, clip_norm):
       )
 
 
+def _name_faults(figure, ax, windows) -> int:
+  """Names each fault above ``ax`` at its first step; a name that would
+  touch another goes up a row. Returns the rows used."""
+  renderer = figure.canvas.get_renderer()
+  above = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+  placed = []  # (row, left, right) in pixels, with a small gap.
+  for name, (start, _) in windows.items():
+    row = 0
+    while True:
+      text = ax.text(
+          start, 1, name, color=FAULT_COLORS[name], fontsize=8,
+          transform=transforms.offset_copy(
+              above, figure, y=FAULT_ROW_POINTS * row + 2, units='points'))
+      box = text.get_window_extent(renderer)
+      if not any(row == r and box.x0 < right + 4 and left < box.x1 + 4
+                 for r, left, right in placed):
+        break
+      text.remove()
+      row += 1
+    placed.append((row, box.x0, box.x1))
+  return 1 + max((row for row, _, _ in placed), default=0)
+
+
 def render(run_dir: os.PathLike, output: os.PathLike = None) -> pathlib.Path:
   """Draws ``report.png`` (or ``output``) from the logs of ``run_dir``."""
-  logs = load_run_dir(run_dir)
   output = pathlib.Path(output or pathlib.Path(run_dir) / REPORT_FILE)
+  figure = draw(run_dir)
+  figure.savefig(output, dpi=110)
+  plt.close(figure)
+  return output
+
+
+def draw(run_dir: os.PathLike) -> Figure:
+  """The report's figure, from the logs of ``run_dir``."""
+  logs = load_run_dir(run_dir)
   figure, axes = plt.subplots(
-      3, 1, figsize=(11, 10), sharex=True,
+      3, 1, figsize=(11, 10.5), sharex=True, layout='constrained',
       gridspec_kw={'height_ratios': [1.2, 1, 1]},
   )
   loss_ax, train_ax, norm_ax = axes
@@ -199,11 +267,6 @@ def render(run_dir: os.PathLike, output: os.PathLike = None) -> pathlib.Path:
                    color=FAULT_COLORS[name], alpha=0.15)
       else:
         ax.axvline(start, color=FAULT_COLORS[name], alpha=0.6, linewidth=2)
-    loss_ax.text(
-        start, 1.01, name, color=FAULT_COLORS[name],
-        fontsize=8, transform=transforms.blended_transform_factory(
-            loss_ax.transData, loss_ax.transAxes),
-    )
   for run, records in logs['runs'].items():
     if records:
       _plot_run(axes, run, records, logs['events'][run], config['clip_norm'])
@@ -213,23 +276,23 @@ def render(run_dir: os.PathLike, output: os.PathLike = None) -> pathlib.Path:
       label += f': final held-out loss {logs["summary"][run]["final_loss"]:.3f}'
     loss_ax.plot([], [], color=COLORS[run], label=label)
   loss_ax.set_ylabel('held-out loss')
-  loss_ax.set_title(
-      'optax-guard demo: the same model and batches, with faults injected',
-      pad=16,
-  )
-  loss_ax.legend(loc='upper right', fontsize=8)
   train_ax.set_ylabel('training loss (log)')
   train_ax.set_yscale('log')
-  train_ax.legend(loc='upper left', fontsize=8)
   norm_ax.set_ylabel('grad norm (log)')
   norm_ax.set_yscale('log')
   norm_ax.plot([], [], color='k', linestyle='--', label='clip threshold')
-  norm_ax.legend(loc='upper left', fontsize=8)
   norm_ax.set_xlabel('step')
   norm_ax.set_xlim(0, logs['config']['steps'] + 5)
   for ax in axes:
     ax.grid(alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(output, dpi=110)
-  plt.close(figure)
-  return output
+  # One legend for all panels, under them, where it covers no mark.
+  handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+  figure.legend(handles=handles, loc='outside lower center', ncol=2,
+                fontsize=8, frameon=False)
+  figure.draw_without_rendering()  # The final layout, for the fault names.
+  rows = _name_faults(figure, loss_ax, windows)
+  loss_ax.set_title(
+      'optax-guard demo: the same model and batches, with faults injected',
+      pad=4 + FAULT_ROW_POINTS * rows,
+  )
+  return figure

@@ -31,6 +31,7 @@ from optax_guard import testing
 from optax_guard.demo import data as data_lib
 from optax_guard.demo import faults as faults_lib
 from optax_guard.demo import model as model_lib
+from optax_guard.demo import report as report_lib
 
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
@@ -263,9 +264,8 @@ class _Watcher:
         self.listener.note(
             self.run, f'step {step}: {fault} over -> {counts[0]} of its steps'
             f' trained on, {counts[1]} skipped')
-    for event in events:
-      if event.kind == 'rollback':
-        self.listener.note(self.run, str(event))
+    # A rollback is not noted here: og.fit's recovery logs it, and the CLI
+    # prints optax_guard's warnings.
     self.listener.step(self.run, state.step, metrics, dict(self.counts))
     preempt = self.config.windows.get('preempt', (None,))[0]
     # A rollback may jump past the planned step: then it comes right after.
@@ -297,6 +297,19 @@ def _fit(setup: Setup, run: str, out_dir: pathlib.Path, watcher: _Watcher,
   )
 
 
+def _last_logged_step(path: pathlib.Path) -> int:
+  """The last step in a metrics log (0 if none); a kill may tear its last
+  line, which og.fit drops on the next start."""
+  step = 0
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        step = json.loads(line)['step']
+      except (ValueError, KeyError):
+        break
+  return step
+
+
 def train(setup: Setup, run: str, out_dir: pathlib.Path,
           listener: Listener) -> dict[str, Any]:
   """One run to the end; the guarded one resumes from disk after a signal."""
@@ -305,6 +318,11 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   best: dict[str, Any] = {}  # The best held-out loss saved, and its step.
   while True:
     if run == 'plain':  # No checkpoints: a rerun starts from scratch.
+      lost = _last_logged_step(out_dir / run / 'metrics.jsonl')
+      if lost:
+        listener.note(run, f'starts again from step 0: plain optax keeps no'
+                      f' checkpoint here, so the {lost} steps it trained'
+                      ' before it was stopped are lost')
       result = _fit(setup, run, out_dir, watcher)
       break
     with og.Checkpointer(out_dir / CHECKPOINT_DIR, max_to_keep=3,
@@ -361,20 +379,14 @@ def run_demo(config: DemoConfig, out_dir: os.PathLike,
   out_dir = pathlib.Path(out_dir)
   check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _write_json(out_dir / CONFIG_FILE, dataclasses.asdict(config))
+  report_lib.write_json(out_dir / CONFIG_FILE, dataclasses.asdict(config))
   summary_path = out_dir / SUMMARY_FILE
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  summary = report_lib.read_summary(summary_path)
   setup = make_setup(config)
   for run in RUNS:
     if run == 'plain' and run in summary:
       listener.note(run, 'already complete in this directory')
       continue
     summary[run] = train(setup, run, out_dir, listener)
-    _write_json(summary_path, summary)
+    report_lib.write_json(summary_path, summary)
   return summary
-
-
-def _write_json(path: pathlib.Path, value: Any) -> None:
-  temporary = path.with_suffix('.tmp')
-  temporary.write_text(json.dumps(value, indent=1))
-  os.replace(temporary, path)
