@@ -18,6 +18,10 @@ from optax_guard.host.checkpoint import Checkpointer
 from optax_guard.host.checkpoint import TrainState
 from optax_guard.host.data import batches
 from optax_guard.host.fit import fit
+from optax_guard.host.flax_models import flax_fit_step
+from optax_guard.host.flax_models import flax_state
+from optax_guard.host.flax_models import nnx_fit_step
+from optax_guard.host.flax_models import nnx_update
 from optax_guard.host.recovery import RecoveryPolicy
 from optax_guard.host.recovery import scale_hyperparam
 from optax_guard.host.recovery import TrainingDiverged
@@ -54,12 +58,16 @@ __all__ = (
     'diagnose',
     'dynamic_loss_scale',
     'fit',
+    'flax_fit_step',
+    'flax_state',
     'global_norm',
     'guard',
     'loss_scale',
     'make_nnx_train_step',
     'make_train_step',
     'metrics',
+    'nnx_fit_step',
+    'nnx_update',
     'scale_hyperparam',
     'skip_nonfinite',
     'skip_spikes',

@@ -442,6 +442,20 @@ def make_nnx_train_step(
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  return nnx.jit(nnx_step_body(loss_fn, has_aux=has_aux),
+                 donate_argnums=(0, 1) if donate else None)
+
+
+def nnx_step_body(loss_fn: Callable[..., Any], *,
+                  has_aux: bool = False) -> Callable[..., Any]:
+  """The body of :func:`make_nnx_train_step`, not compiled.
+
+  ``step(model, optimizer, batch) -> metrics``, updating both in place; for
+  a caller that compiles it within its own function (as
+  :func:`optax_guard.nnx_fit_step` does around ``nnx.merge``).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
   def step(model, optimizer, batch):
     # Flax versions before nnx.Optimizer(graph=...) take no graph argument.
     graph = getattr(optimizer, 'graph', None)
@@ -476,4 +490,4 @@ def make_nnx_train_step(
     nnx.update(model, model_state)
     return metrics
 
-  return nnx.jit(step, donate_argnums=(0, 1) if donate else None)
+  return step

@@ -6,7 +6,8 @@ directory; the layout is plain Orbax, so Orbax alone reads it::
 
   <directory>/
     <step>/                  an Orbax step directory (no prefix, e.g. ``120``)
-      state/                 StandardSave of {'params', 'opt_state', 'rng'?}
+      state/                 StandardSave of {'params', 'opt_state', 'rng'?,
+                             'model_state'?}
       data_iterator/         JsonSave: {'encoding', 'value'} of the iterator
       events/                JsonSave: the caller's events dict
       integrity/             JsonSave: {'fingerprints': {keypath: uint32}}
@@ -98,7 +99,7 @@ _DATA = 'data_iterator'
 _EVENTS = 'events'
 _INTEGRITY = 'integrity'
 _OG_ITEMS = frozenset({_STATE, _DATA, _EVENTS, _INTEGRITY, 'metrics'})
-_FIELDS = ('params', 'opt_state', 'rng')
+_FIELDS = ('params', 'opt_state', 'rng', 'model_state')
 QUARANTINE_DIR = 'corrupted'
 LOCK_FILE = '.writer.lock'
 HOLDER_FILE = '.writer.json'
@@ -112,12 +113,19 @@ class TrainState(NamedTuple):
     params: the parameters (any pytree of arrays, sharded or not).
     opt_state: the optimizer state, e.g. ``tx.init(params)``.
     rng: an optional PRNG key (typed or raw), saved and restored with the rest.
+    model_state: the model's state besides its parameters, or ``None``: a
+      Linen model's mutable collections (``{'batch_stats': ...}``), an NNX
+      model's non-parameter variables (BatchNorm statistics, RNG streams).
+      With it, :func:`optax_guard.fit` calls ``train_step(params, opt_state,
+      model_state, batch)`` (see :func:`optax_guard.make_train_step`'s
+      ``has_state``); it is saved, restored and rolled back with the rest.
   """
 
   step: int
   params: Any
   opt_state: Any
   rng: Optional[jax.Array] = None
+  model_state: Any = None
 
 
 class CorruptCheckpointWarning(RuntimeWarning):
@@ -404,7 +412,8 @@ def _check_arguments(best_metric, best_mode, from_orbax) -> None:
       or not all(isinstance(v, str) and v.strip('/') for v in
                  from_orbax.values())):
     raise ValueError(
-        "from_orbax must map 'params' (and optionally 'opt_state', 'rng') to"
+        "from_orbax must map 'params' (and optionally 'opt_state', 'rng',"
+        " 'model_state') to"
         " an Orbax item name or 'item/key/...', e.g. {'params':"
         f" 'default/params'}}; got {from_orbax!r}."
     )
@@ -611,6 +620,7 @@ class Checkpointer:
     self._cast_dtypes = cast_dtypes
     self._from_orbax = dict(from_orbax or {})
     self._read_only = read_only
+    self._best_metric = best_metric
     self._best_rank = None if best_metric is None else functools.partial(
         _metric_rank, name=best_metric, sign=1.0 if best_mode == 'max' else -1.0
     )
@@ -926,10 +936,12 @@ class Checkpointer:
       data_iter: optionally, an iterator to restore too.
 
     Returns:
-      ``(state, events)``, or ``None`` when no step recorded the metric.
+      ``(state, events)``, or ``None`` when every step that recorded the
+      metric is damaged.
 
     Raises:
-      ValueError: when the Checkpointer has no ``best_metric``.
+      ValueError: when the Checkpointer has no ``best_metric``, or no step
+        recorded it (no ``eval_fn`` gave it).
     """
     if self._best_rank is None:
       raise ValueError(
@@ -937,7 +949,15 @@ class Checkpointer:
           " best_metric='eval_loss', best_mode='min')."
       )
     self._manager.wait_until_finished()
-    return self._restore_first(self._best_first(), target, data_iter)
+    ranked = self._best_first()
+    if not ranked:
+      raise ValueError(
+          f'No checkpoint in {self._directory} recorded {self._best_metric!r}'
+          ' (best_metric), so there is no best step to restore. og.fit records'
+          ' it from eval_fn: pass eval_fn=lambda state: {'
+          f'{self._best_metric!r}: ...}}; a hand-written loop passes'
+          f' metrics={{{self._best_metric!r}: ...}} to save().')
+    return self._restore_first(ranked, target, data_iter)
 
   def _restore_first(self, steps, target, data_iter):
     """The first of ``steps`` that restores; damaged ones are moved aside."""
@@ -1005,6 +1025,7 @@ class Checkpointer:
         params=arrays['params'],
         opt_state=arrays.get('opt_state', target.opt_state),
         rng=arrays.get('rng', target.rng),
+        model_state=arrays.get('model_state', target.model_state),
     )
     return state, dict(saved[_EVENTS] or {}), saved[_DATA]
 
@@ -1290,4 +1311,6 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
   tree = {'params': state.params, 'opt_state': state.opt_state}
   if state.rng is not None:
     tree['rng'] = state.rng
+  if state.model_state is not None:
+    tree['model_state'] = state.model_state
   return tree

@@ -10,6 +10,7 @@ for users who don't want to write one.
 
 import collections
 import dataclasses
+import inspect
 import json
 import math
 import logging
@@ -426,6 +427,65 @@ def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
+def _eval_scalars(result: Any) -> dict[str, Any]:
+  """``eval_fn``'s result as Python numbers, or a TypeError naming the fix."""
+  if not isinstance(result, Mapping):
+    raise TypeError(
+        'eval_fn must return a mapping of scalar metrics, e.g.'
+        f" {{'eval_loss': loss}}; it returned {type(result).__name__}"
+        f' {result!r:.80}.')
+  fetched = jax.device_get(dict(result))
+  shaped = {name: np.shape(value) for name, value in fetched.items()
+            if np.ndim(value) != 0}
+  if shaped:
+    raise TypeError(
+        'eval_fn must return scalar metrics (each is logged and can rank a'
+        f' checkpoint); these are not scalars: {shaped}. Reduce them, e.g.'
+        ' with jnp.mean.')
+  return _host_scalars(fetched)
+
+
+def _step_arity(train_step: Callable[..., Any]) -> Optional[int]:
+  """How many positional arguments ``train_step`` takes, if it says."""
+  try:
+    parameters = inspect.signature(train_step).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+    return None
+  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.default is p.empty for p in parameters)
+
+
+def _check_step(train_step: Callable[..., Any], state: TrainState) -> None:
+  """Refuses a step that cannot take ``state``'s form, before anything is
+  restored, donated or saved."""
+  if type(train_step).__module__.startswith('flax.nnx'):
+    raise TypeError(
+        'train_step is compiled with flax.nnx (e.g. og.make_nnx_train_step):'
+        ' it takes NNX objects, but og.fit passes arrays. Use'
+        ' step, state = og.nnx_fit_step(loss_fn, model, optimizer), then'
+        ' og.fit(step, state, ...) and og.nnx_update(model, optimizer,'
+        ' result.state).')
+  with_model_state = state.model_state is not None
+  wanted = 4 if with_model_state else 3
+  arity = _step_arity(train_step)
+  if arity is None or arity == wanted:
+    return
+  if with_model_state:
+    fix = ('with model_state in the TrainState, og.fit calls'
+           ' train_step(params, opt_state, model_state, batch) ->'
+           ' (params, opt_state, model_state, metrics): build it with'
+           ' og.make_train_step(..., has_state=True)')
+  else:
+    fix = ('og.fit calls train_step(params, opt_state, batch) -> (params,'
+           ' opt_state, metrics); a step that also threads model state needs'
+           ' og.TrainState(..., model_state=...); an NNX step (model,'
+           ' optimizer, batch) goes through og.nnx_fit_step')
+  raise TypeError(
+      f'train_step takes {arity} positional arguments, not {wanted}: {fix}.')
+
+
 def _committed(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.device_put(x, x.sharding)
@@ -584,7 +644,11 @@ def fit(
   """Trains to step ``num_steps`` (or until the data ends), fault-tolerant.
 
   Each loop step draws one batch and runs ``train_step(params, opt_state,
-  batch) -> (params, opt_state, metrics)``; ``state.step`` counts batches
+  batch) -> (params, opt_state, metrics)`` (with ``state.model_state``,
+  ``train_step(params, opt_state, model_state, batch) -> (params,
+  opt_state, model_state, metrics)``, as built by
+  :func:`optax_guard.make_train_step` with ``has_state``; an NNX model goes
+  through :func:`optax_guard.nnx_fit_step`); ``state.step`` counts batches
   drawn, so after a rollback it keeps counting while the optimizer's own
   step count (in ``opt_state``) goes back.
 
@@ -673,6 +737,9 @@ def fit(
     TrainingDiverged: when ``recovery`` gives up.
     ValueError: for bad arguments (``recovery`` without ``checkpointer``, a
       ``lr_backoff`` with no injected learning rate, ...).
+    TypeError: for a ``train_step`` whose arguments do not fit ``state``'s
+      form (raised before anything is restored, donated or saved), or an
+      ``eval_fn`` that returns anything but a mapping of scalars.
   """
   if not isinstance(num_steps, int) or num_steps < 0:
     raise ValueError(f'num_steps must be an int >= 0, got {num_steps!r}.')
@@ -680,6 +747,7 @@ def fit(
     raise ValueError(f'eval_every must be an int >= 1, got {eval_every!r}.')
   if recovery is not None and checkpointer is None:
     raise ValueError('recovery needs a checkpointer to roll back to.')
+  _check_step(train_step, state)
   if recovery is not None and recovery.lr_backoff is not None:
     recovery_lib.scale_hyperparam(state.opt_state, 1.0, recovery.lr_hyperparam)
   watch = recovery_lib.Recovery(
@@ -692,7 +760,7 @@ def fit(
   # means the step compiles once, not again after a resume or rollback.
   state = state._replace(
       params=_committed(state.params), opt_state=_committed(state.opt_state),
-      rng=_committed(state.rng),
+      rng=_committed(state.rng), model_state=_committed(state.model_state),
   )
   if log_dir:
     loop.logger = RunLogger(log_dir, tensorboard=tensorboard,
@@ -755,16 +823,23 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   except StopIteration:
     _log.warning('The data ran out at step %d of %d.', state.step, num_steps)
     return state, 'data ran out'
-  params, opt_state, metrics = train_step(state.params, state.opt_state, batch)
-  state = state._replace(step=state.step + 1, params=params,
-                         opt_state=opt_state)
+  if state.model_state is None:
+    params, opt_state, metrics = train_step(state.params, state.opt_state,
+                                            batch)
+    state = state._replace(step=state.step + 1, params=params,
+                           opt_state=opt_state)
+  else:
+    params, opt_state, model_state, metrics = train_step(
+        state.params, state.opt_state, state.model_state, batch)
+    state = state._replace(step=state.step + 1, params=params,
+                           opt_state=opt_state, model_state=model_state)
   loop.completed = state
   scalars = _host_scalars(metrics)
   evaluated = {}
   if eval_fn is not None and (
       state.step % eval_every == 0 or state.step == num_steps
   ):
-    evaluated = _host_scalars(eval_fn(state))
+    evaluated = _eval_scalars(eval_fn(state))
     scalars.update(evaluated)
   if loop.logger is not None:
     loop.logger.log_metrics(state.step, scalars)

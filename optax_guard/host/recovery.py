@@ -578,9 +578,8 @@ class Recovery:
         len(self.rollbacks), self.policy.max_rollbacks, state.step, good.step,
         reason, good.step, step - 1,
     )
-    return checkpoint_lib.TrainState(
-        step=step, params=good.params, opt_state=opt_state, rng=good.rng
-    )
+    # Model state (BatchNorm statistics) comes from the same checkpoint.
+    return good._replace(step=step, opt_state=opt_state)
 
   def state_dict(self) -> dict[str, Any]:
     """The watch state and rollback history, as JSON-serializable data."""
