@@ -19,6 +19,7 @@ from flax.training import train_state
 
 import optax_guard as og
 from optax_guard import testing
+from optax_guard.host.fit import Rollback
 from tests.test_seams import _LinenBN
 
 NUM_STEPS = 24
@@ -195,3 +196,41 @@ def test_restore_best_without_a_recorded_metric_names_eval_fn(tmp_path):
            progress=False)
     with pytest.raises(ValueError, match='eval_fn'):
       checkpointer.restore_best(state)
+
+
+def test_a_rollback_restores_the_statistics_of_the_same_checkpoint(tmp_path):
+  module = _LinenBN()
+  variables = module.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+
+  def loss_fn(params, model_state, batch):
+    out, new_state = module.apply(
+        {'params': params, **model_state}, batch['x'], train=True,
+        mutable=['batch_stats'])
+    return jnp.mean((out - batch['y']) ** 2), new_state
+
+  tx = og.guard(optax.adam(1e-2), max_consecutive_skips=2)
+  state = og.TrainState(0, variables['params'], tx.init(variables['params']),
+                        model_state={'batch_stats': variables['batch_stats']})
+  x = np.random.default_rng(0).normal(size=(256, 3)).astype(np.float32)
+  plan = {step: testing.Fault('nan_batch', 1.0) for step in (15, 16, 17)}
+  data = testing.FaultInjector(
+      og.batches({'x': x, 'y': x.sum(axis=1, keepdims=True)}, 16, seed=0),
+      plan, keys='step')
+  after_rollback = []
+
+  def callback(state, metrics, events):
+    del metrics
+    after_rollback.extend((state, e) for e in events
+                          if isinstance(e, Rollback))
+
+  with og.Checkpointer(tmp_path / 'ckpt', save_interval_steps=4,
+                       max_to_keep=5) as checkpointer:
+    og.fit(og.make_train_step(loss_fn, tx, has_state=True), state, data,
+           num_steps=24, checkpointer=checkpointer,
+           recovery=og.RecoveryPolicy(confirm_steps=1), progress=False,
+           callback=callback)
+    (rolled, event), = after_rollback
+    saved, _ = checkpointer.restore(event.to_step, state)
+  chex.assert_trees_all_equal(_pure(rolled.model_state),
+                              _pure(saved.model_state))
+  chex.assert_trees_all_equal(_pure(rolled.params), _pure(saved.params))
