@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
@@ -55,3 +57,23 @@ def test_sharded_example_names_the_device_count_it_needs(monkeypatch):
   monkeypatch.setattr(example, 'DEVICES', 4096)
   with pytest.raises(SystemExit, match='needs 4096 devices'):
     example.main([])
+
+
+@pytest.mark.parametrize('name', ['nnx_fit', 'linen_fit'])
+def test_flax_fit_examples_hold_the_nan_batch_and_resume_to_the_same_bits(
+    name, tmp_path):
+  example = load(name)
+  args = ['--steps', '120']
+  whole = example.main([*args, '--checkpoint-dir', str(tmp_path / 'whole')])
+  assert whole['step'] == 120 and whole['skipped_steps'] == [40]
+  assert whole['statistics_finite'] and whole['test_accuracy'] >= 0.85
+  resumed_dir = str(tmp_path / 'resumed')
+  assert example.main([*args, '--checkpoint-dir', resumed_dir,
+                       '--stop-after', '70'])['step'] == 70
+  resumed = example.main([*args, '--checkpoint-dir', resumed_dir])
+  assert resumed['step'] == 120 and resumed['skipped_steps'] == [40]
+  if name == 'nnx_fit':
+    assert resumed['params_sha256'] == whole['params_sha256']
+  else:
+    jax.tree.map(np.testing.assert_array_equal, resumed['params'],
+                 whole['params'])
