@@ -255,17 +255,42 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def fresh_buffers(state: Any, params: Any) -> Any:
+  """``state`` with every array that also sits elsewhere replaced by a copy.
+
+  Some optimizers keep one array in two places: optax.contrib's ``dog``,
+  ``dowg``, ``madgrad`` and ``prodigy`` store ``params`` itself as their
+  starting point, ``cocob`` one zero array as three moments. A donating
+  train step cannot donate one buffer twice (XLA refuses the call), so each
+  repeat (the same array object, concrete or traced) is copied, once, here;
+  a state without repeats is returned as it was.
+  """
+  seen = {id(leaf) for leaf in jax.tree.leaves(params)}
+
+  def fresh(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    if id(leaf) in seen:
+      return jnp.copy(leaf)
+    seen.add(id(leaf))
+    return leaf
+
+  return jax.tree.map(fresh, state)
+
+
 def init(config: GuardConfig, params: Any) -> GuardState:
   """The initial :class:`GuardState` for ``params``.
 
   Every field is a fresh array: a buffer shared by two leaves could not be
-  donated to the train step.
+  donated to the train step. That holds for the inner and clip states too
+  (:func:`fresh_buffers`).
   """
   zero = lambda dtype=jnp.float32: jnp.zeros((), dtype)
   no = lambda: zero(jnp.bool_)
   return GuardState(
-      inner_state=config.inner.init(params),
-      clip_state=None if config.clip is None else config.clip.init(params),
+      inner_state=fresh_buffers(config.inner.init(params), params),
+      clip_state=None if config.clip is None else fresh_buffers(
+          config.clip.init(params), params),
       window=None if config.spikes is None else _spikes.init_window(
           config.spikes),
       counters=GuardCounters(*(zero(jnp.int32) for _ in GuardCounters._fields)),
