@@ -185,6 +185,10 @@ def accumulate(
 
   def take(grads, state, value):
     """Adds this micro-batch; returns what the macro step needs."""
+    if value is not None:
+      # Before the float32 cast, which would hide an integer or complex loss.
+      _guard.check_loss(value, 'value=', 'pass the loss alone, not the'
+                        ' (loss, aux) tuple.')
     loss = None if value is None else jnp.asarray(value, jnp.float32)
     ok = _all_finite(grads, loss)
     sums = _add_if(state.grad_sums, grads, ok)

@@ -535,21 +535,44 @@ def next_state(config: GuardConfig, state: GuardState, decision: Decision,
   )
 
 
+def check_loss(loss: Any, where: str, tuple_fix: str) -> None:
+  """A loss must be one real floating-point scalar (checked at trace time).
+
+  An integer loss has no gradient and a complex one would be reduced to its
+  real part, so both are refused with the non-scalar ones, naming dtype and
+  shape; any float dtype passes (bfloat16 and float16 included).
+
+  Args:
+    loss: the loss as given.
+    where: how the error names it (``'value='``, ``'loss_fn'``'s loss).
+    tuple_fix: what to do instead when ``loss`` is a tuple.
+
+  Raises:
+    TypeError: for anything but a real floating-point scalar.
+  """
+  if isinstance(loss, tuple):
+    raise TypeError(
+        f'{where} must be the scalar loss, got a tuple of {len(loss)};'
+        f' {tuple_fix}'
+    )
+  if not isinstance(loss, (int, float)) and not hasattr(loss, 'shape'):
+    raise TypeError(
+        f'{where} must be the scalar loss, got a {type(loss).__name__}.'
+    )
+  dtype, shape = jnp.result_type(loss), jnp.shape(loss)
+  if not jnp.issubdtype(dtype, jnp.floating) or shape != ():
+    raise TypeError(
+        f'{where} must be a real floating-point scalar, got dtype {dtype} and'
+        f' shape {shape}: return the mean loss as a float (e.g.'
+        ' jnp.mean(losses).astype(jnp.float32)), a scalar of shape ().'
+    )
+
+
 def _check_value(value: Any) -> None:
   """``value=`` must be one scalar loss (checked at trace time)."""
-  if value is None:
-    return
-  if not isinstance(value, (int, float)) and not hasattr(value, 'shape'):
-    raise ValueError(
-        'value= must be the scalar loss, got a'
-        f' {type(value).__name__}; with has_aux, pass the loss alone, not'
-        ' the (loss, aux) tuple.'
-    )
-  if jnp.shape(value) != ():
-    raise ValueError(
-        f'value= must be the scalar loss, got shape {jnp.shape(value)}; pass'
-        ' the mean loss (e.g. jnp.mean(losses)) or reshape it to ().'
-    )
+  if value is not None:
+    check_loss(value, 'value=', 'with has_aux, pass the loss alone, not the'
+               ' (loss, aux) tuple.')
 
 
 def _spike_options(spikes: Mapping[str, Any]) -> _spikes.SpikeConfig:
