@@ -731,7 +731,8 @@ def guard(
     spikes: ``None`` for no spike check, or options of
       :func:`~optax_guard.transforms.spikes.spike_config` (``window``,
       ``sigma``, ``min_history``, ``shift_after``, ``rebase_down``,
-      ``winsorize``; see :func:`skip_spikes`); ``{}`` takes the defaults.
+      ``winsorize``, ``min_rel_std``, ``min_abs_std``; see
+      :func:`skip_spikes`); ``{}`` takes the defaults.
     max_consecutive_skips: raise ``diverged`` after this many skips in a row.
       Skips of every kind count, and a level shift costs ``shift_after`` of
       them: an explicit ``shift_after`` that is not smaller raises

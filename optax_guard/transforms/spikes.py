@@ -36,6 +36,11 @@ buffer of its last ``window`` admitted values. A value is *high* when, once
    drop does not leave a two-level buffer whose wide spread would let spikes
    through for a whole window.
 
+5. **The spread has a floor.** The std is at least ``min_rel_std * |mean| +
+   min_abs_std`` (``1e-2`` and ``1e-6``), so that a window of equal values
+   (zeros, denormals, a constant loss) does not make the next ordinary value
+   a spike: at the default ``sigma`` nothing within 6% of the mean is one.
+
 The check is armed once ``min_history`` values are in; the default
 ``max(2, window // 2 - 1)`` arms it at the same step as OLMo-core (since
 2025) and MaxText, whose rolling lists count the current value.
@@ -95,6 +100,8 @@ class SpikeConfig(NamedTuple):
   shift_after: int
   rebase_down: bool
   winsorize: bool
+  min_rel_std: float
+  min_abs_std: float
 
 
 def spike_config(
@@ -104,6 +111,8 @@ def spike_config(
     shift_after: Optional[int] = None,
     rebase_down: bool = True,
     winsorize: bool = False,
+    min_rel_std: float = 1e-2,
+    min_abs_std: float = 1e-6,
 ) -> SpikeConfig:
   """Checks the spike options and fills in the defaults.
 
@@ -137,6 +146,15 @@ def spike_config(
       (as ZClip does) instead of keeping it out. Off by default: measured, it
       adapts to a widening spread with fewer skips but lets a quarter of the
       injected spike steps through (``docs/spike_rule.md``).
+    min_rel_std: floor on the std relative to the mean (``>= 0``): the
+      std used is at least ``min_rel_std * |mean| + min_abs_std``, so that a
+      window of equal values (a constant loss, a fixed batch) does not make
+      the next ordinary value, a hair above them, a spike. With the
+      defaults nothing within ``sigma`` percent of the mean is a spike.
+    min_abs_std: absolute floor on the std (``>= 0``), for a window of zeros
+      or denormals, whose mean gives no scale: values up to ``sigma *
+      min_abs_std`` above it pass. Lower it for a loss or gradient norm
+      that is ordinarily below ``1e-6``.
 
   Returns:
     A :class:`SpikeConfig`.
@@ -162,8 +180,15 @@ def spike_config(
         f'shift_after must be an int in [1, window={window}], got'
         f' {shift_after!r}; a larger window allows a longer one.'
     )
+  for name, floor in (('min_rel_std', min_rel_std),
+                      ('min_abs_std', min_abs_std)):
+    if (isinstance(floor, bool) or not isinstance(floor, (int, float))
+        or not 0 <= floor < float('inf')):
+      raise ValueError(
+          f'{name} must be a finite float >= 0, got {floor!r}.')
   return SpikeConfig(window, float(sigma), min_history, shift_after,
-                     bool(rebase_down), bool(winsorize))
+                     bool(rebase_down), bool(winsorize), float(min_rel_std),
+                     float(min_abs_std))
 
 
 def init_window(config: SpikeConfig) -> SpikeWindow:
@@ -215,13 +240,22 @@ class SpikeCheck(NamedTuple):
   spike: jax.Array
 
 
-def _mean_std(signal: SignalWindow) -> tuple[jax.Array, jax.Array]:
-  """Mean and Bessel-corrected std of the valid entries."""
+def _mean_std(signal: SignalWindow,
+              config: SpikeConfig) -> tuple[jax.Array, jax.Array]:
+  """Mean and Bessel-corrected std of the valid entries, std floored."""
   valid = jnp.arange(signal.values.shape[0]) < signal.size
   count = jnp.maximum(signal.size, 1).astype(jnp.float32)
   mean = jnp.sum(jnp.where(valid, signal.values, 0)) / count
-  squares = jnp.sum(jnp.where(valid, jnp.square(signal.values - mean), 0))
-  return mean, jnp.sqrt(squares / jnp.maximum(count - 1, 1))
+  # The deviations in units of the largest one, so that their squares
+  # neither overflow (a level of 1e20 rounds to deviations of 1e13) nor
+  # underflow; a window is at most a few hundred values.
+  deviations = jnp.where(valid, signal.values - mean, 0)
+  unit = jnp.max(jnp.abs(deviations))
+  unit = jnp.where(unit > 0, unit, 1)
+  squares = jnp.sum(jnp.square(deviations / unit))
+  std = unit * jnp.sqrt(squares / jnp.maximum(count - 1, 1))
+  floor = config.min_rel_std * jnp.abs(mean) + config.min_abs_std
+  return mean, jnp.maximum(std, floor)
 
 
 def _check_signal(signal: SignalWindow, config: SpikeConfig,
@@ -230,7 +264,7 @@ def _check_signal(signal: SignalWindow, config: SpikeConfig,
   if value is None:
     return SignalCheck(jnp.full((), jnp.inf, jnp.float32), no, no)
   ready = signal.size >= config.min_history
-  mean, std = _mean_std(signal)
+  mean, std = _mean_std(signal, config)
   threshold = jnp.where(ready, mean + config.sigma * std, jnp.inf)
   low = ready & (value < mean - config.sigma * std)
   return SignalCheck(threshold, ready & (value > threshold),
