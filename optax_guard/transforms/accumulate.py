@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import numerics as _numerics
@@ -164,11 +165,10 @@ def accumulate(
     as the large-batch gradient); :class:`optax.MultiSteps` (the
     accumulation this replaces when a guard is involved).
   """
-  if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
-    raise ValueError(
-        f'every_k must be an int >= 1, got {every_k!r}; for a schedule of'
-        ' micro-batch counts use optax.MultiSteps without a guard.'
-    )
+  _arguments.transformation('inner', inner,
+                            example='og.guard(optax.adam(1e-3))')
+  _arguments.count('every_k', every_k, hint=' For a schedule of micro-batch'
+                   ' counts use optax.MultiSteps without a guard.')
   guarded = optax.with_extra_args_support(
       inner if _holds_guard(inner) else _guard.skip_nonfinite(inner))
 

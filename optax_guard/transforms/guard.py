@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import clipping as _clipping
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import leafwise as _leafwise
@@ -587,11 +588,6 @@ def _spike_options(spikes: Mapping[str, Any]) -> _spikes.SpikeConfig:
   return _spikes.spike_config(**spikes)
 
 
-def _check_count(name: str, value: Optional[int]) -> None:
-  if value is not None and (not isinstance(value, int) or value < 1):
-    raise ValueError(f'{name} must be None or an int >= 1, got {value!r}.')
-
-
 def _spike_config(spikes: Mapping[str, Any],
                   max_consecutive_skips: Optional[int]) -> _spikes.SpikeConfig:
   """The spike options; an explicit ``shift_after`` must stay below
@@ -624,18 +620,23 @@ def guard_config(
     vanishing_ratio: Optional[float] = None,
     check_updates: bool = True,
 ) -> GuardConfig:
-  """Checks the options of :func:`guard` (``ValueError`` naming the fix)."""
-  _check_count('max_consecutive_skips', max_consecutive_skips)
+  """Checks the options of :func:`guard` (``TypeError``/``ValueError``
+  naming the argument, the value and what is accepted)."""
+  _arguments.transformation('inner', inner)
+  _arguments.transformation('clip', clip, allow_none=True,
+                            example='og.zclip()')
+  if spikes is not None and not isinstance(spikes, Mapping):
+    raise TypeError(
+        f'spikes must be None (no spike check) or a dict of spike options,'
+        f' {{}} for the defaults (e.g. {{"window": 64}}), got {spikes!r}.'
+    )
+  _arguments.count('max_consecutive_skips', max_consecutive_skips,
+                   allow_none=True)
   spike_config = None if spikes is None else _spike_config(
       spikes, max_consecutive_skips)
-  if granularity not in _GRANULARITIES:
-    raise ValueError(
-        f'granularity must be one of {_GRANULARITIES}, got {granularity!r}.'
-    )
-  if vanishing_ratio is not None and not vanishing_ratio > 0:
-    raise ValueError(
-        f'vanishing_ratio must be None or > 0, got {vanishing_ratio!r}.'
-    )
+  _arguments.choice('granularity', granularity, _GRANULARITIES)
+  _arguments.real('vanishing_ratio', vanishing_ratio, low=0, allow_none=True)
+  _arguments.flag('check_updates', check_updates)
   return GuardConfig(
       inner=optax.with_extra_args_support(inner),
       clip=None if clip is None else optax.with_extra_args_support(clip),

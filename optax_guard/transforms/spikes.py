@@ -54,6 +54,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from optax_guard.transforms import arguments as _arguments
+
 
 class SignalWindow(NamedTuple):
   """The recent history of one signal.
@@ -160,32 +162,31 @@ def spike_config(
     A :class:`SpikeConfig`.
 
   Raises:
+    TypeError: for an option of the wrong type (the message names it).
     ValueError: for an option out of range (the message names it).
   """
-  if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-    raise ValueError(f'window must be an int >= 2, got {window!r}.')
-  if not sigma > 0:
-    raise ValueError(f'sigma must be > 0, got {sigma!r}.')
+  _arguments.count('window', window, 2)
+  _arguments.real('sigma', sigma, low=0)
   if min_history is None:
     min_history = max(2, window // 2 - 1)
-  if not isinstance(min_history, int) or not 2 <= min_history <= window:
+  _arguments.count('min_history', min_history, 2)
+  if min_history > window:
     raise ValueError(
         f'min_history must be an int in [2, window={window}], got'
         f' {min_history!r}.'
     )
   if shift_after is None:
     shift_after = max(1, min(16, window // 4))
-  if not isinstance(shift_after, int) or not 1 <= shift_after <= window:
+  _arguments.count('shift_after', shift_after, 1)
+  if shift_after > window:
     raise ValueError(
         f'shift_after must be an int in [1, window={window}], got'
         f' {shift_after!r}; a larger window allows a longer one.'
     )
-  for name, floor in (('min_rel_std', min_rel_std),
-                      ('min_abs_std', min_abs_std)):
-    if (isinstance(floor, bool) or not isinstance(floor, (int, float))
-        or not 0 <= floor < float('inf')):
-      raise ValueError(
-          f'{name} must be a finite float >= 0, got {floor!r}.')
+  _arguments.flag('rebase_down', rebase_down)
+  _arguments.flag('winsorize', winsorize)
+  _arguments.real('min_rel_std', min_rel_std, low=0, low_open=False)
+  _arguments.real('min_abs_std', min_abs_std, low=0, low_open=False)
   return SpikeConfig(window, float(sigma), min_history, shift_after,
                      bool(rebase_down), bool(winsorize), float(min_rel_std),
                      float(min_abs_std))
