@@ -76,7 +76,9 @@ class StepReport(NamedTuple):
     inner_nonfinite: whether the step was skipped because the inner
       optimizer (or the clip), given a finite gradient, produced a NaN/Inf
       update or state (``eps=0``, an overflowing scale, a moment that
-      overflows); ``nonfinite`` keeps meaning a bad gradient or loss.
+      overflows), or an update that would make a float16 (or float8)
+      parameter overflow; ``nonfinite`` keeps meaning a bad gradient or
+      loss.
     diverged: ``consecutive_skips`` reached ``max_consecutive_skips``; the
       host should act (roll back, lower the learning rate, stop). Cleared by
       the next accepted step.
@@ -458,7 +460,10 @@ def run(config: GuardConfig, decision: Decision, grads: Any,
                                                  clip_state, vanishing)
     # The clip's own state is telemetry (ClipStats holds inf when nothing
     # was clipped); what it does to the gradients shows in the updates.
-    return _numerics.outputs_finite(updates, new_inner_state, inner_state)
+    # With params, a float16 parameter the update would overflow fails too
+    # (numerics.overflows_below_float32; float32 params are not read).
+    return _numerics.outputs_finite(updates, new_inner_state, inner_state,
+                                    params)
 
   def applied(params, inner_state, clip_state, vanishing):
     updates, ran, new_vanishing = computed(params, inner_state, clip_state,
@@ -750,7 +755,12 @@ def guard(
     check_updates: also skip an accepted step whose update, or new inner
       state, the inner optimizer made non-finite from finite gradients
       (``adam(eps=0)`` on a zero gradient, an overflowing ``scale``, a NaN
-      learning rate), reported as ``inner_nonfinite``. The check computes
+      learning rate), or whose finite update would make a parameter of a
+      narrower range than float32 overflow (float16: 60000 + 10000; read
+      only when ``params`` are passed, as the train steps do), reported as
+      ``inner_nonfinite``. float32, bfloat16 and float64 parameters are not
+      read: their sum with a finite update overflows only above 1.7e38, and
+      the float32 check costs what it did. The check computes
       the inner update twice (into reductions, one per leaf shape, then in
       place): the optimizer update alone costs about 2x a bare adamw update
       on CPU where ``False`` costs 1.2-1.4x, a whole train step about 1%
