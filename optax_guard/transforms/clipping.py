@@ -9,7 +9,7 @@ A caller that already knows the global norm of the updates (such as
 ``global_grad_norm=`` so that the gradients are read only once.
 """
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +361,49 @@ def autoclip(
     return updates, AutoClipState(history, count, stats)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Re-adapting to a level the spike rule accepted.
+
+
+def rebase(state: Any, norms: jax.Array, when: jax.Array) -> Any:
+  """An adaptive clip's statistics seeded from ``norms`` where ``when``.
+
+  :func:`optax_guard.guard` calls it when its spike rule accepts a level
+  shift of the gradient norm: ``norms`` are the raw norms of the skipped
+  run and of the accepting step (the values the rule rebuilt its own window
+  from). ZClip's mean and variance are set to theirs (as its warm-up seeds
+  them), AutoClip's history is refilled with them; any other state is
+  returned as it was. Without it, a clip whose statistics learn from
+  clipped norms (ZClip's EMA) keeps clipping the new level for hundreds of
+  steps. A clip used alone never calls it, and stays the published
+  algorithm.
+
+  Args:
+    state: the clip's state.
+    norms: float32 vector of the norms of the new level.
+    when: bool scalar, whether to rebase at all.
+
+  Returns:
+    The state, rebased where ``when``.
+  """
+  if isinstance(state, ZClipState):
+    mean = jnp.mean(norms)
+    var = jnp.mean(jnp.square(norms - mean))
+    warmup_steps = state.warmup_norms.shape[0]
+    return state._replace(
+        warmup_count=jnp.where(when, warmup_steps, state.warmup_count),
+        mean=jnp.where(when, mean, state.mean),
+        var=jnp.where(when, var, state.var),
+    )
+  if isinstance(state, AutoClipState):
+    length = state.history.shape[0]
+    return state._replace(
+        history=jnp.where(when, jnp.resize(norms, (length,)), state.history),
+        count=jnp.where(when, length, state.count),
+    )
+  return state
 
 
 # ---------------------------------------------------------------------------

@@ -216,6 +216,11 @@ class Decision(NamedTuple):
     accept: the step updates (some of) the parameters.
     unscale: ``1 / loss_scale`` when the gradients arrive scaled, else
       ``None``.
+    new_level: the spike rule accepts this step as the start of a new
+      level of the gradient norm (the clip is then rebased, see
+      :func:`~optax_guard.transforms.clipping.rebase`).
+    level_norms: the norms of that level: those of the skipped run and this
+      step's (``None`` without spike checks).
   """
 
   stats: _numerics.NormStats
@@ -228,6 +233,8 @@ class Decision(NamedTuple):
   spike_check: Optional[_spikes.SpikeCheck]
   accept: jax.Array
   unscale: Optional[jax.Array]
+  new_level: jax.Array
+  level_norms: Optional[jax.Array]
 
 
 class Outcome(NamedTuple):
@@ -346,15 +353,22 @@ def decide(config: GuardConfig, grads: Any, state: GuardState,
     reject = bad_loss | ~health.any_healthy
   grad_norm = clip_norm.astype(jnp.float32)
   spike = jnp.zeros((), jnp.bool_)
-  spike_check = None
+  new_level = jnp.zeros((), jnp.bool_)
+  spike_check, level_norms = None, None
   if config.spikes is not None and state.window is not None:
     spike_check = _spikes.is_spike(state.window, config.spikes, loss,
                                    grad_norm)
     spike = ~reject & spike_check.spike
+    # The gradient norm's own level moved (not only the loss's): the rule
+    # rebuilds its window from these values, and the clip follows.
+    new_level = ~reject & spike_check.release & (
+        spike_check.grad_norm.high | state.window.grad_norm.high_seen)
+    level_norms = jnp.append(state.window.grad_norm.pending, grad_norm)
   return Decision(
       stats=stats, healthy=healthy, clip_norm=clip_norm, grad_norm=grad_norm,
       loss=loss, nonfinite=nonfinite, spike=spike, spike_check=spike_check,
-      accept=~(reject | spike), unscale=unscale,
+      accept=~(reject | spike), unscale=unscale, new_level=new_level,
+      level_norms=level_norms,
   )
 
 
@@ -376,6 +390,9 @@ def _clip_and_inner(config: GuardConfig, decision: Decision, grads: Any,
   clip_threshold = jnp.full((), jnp.inf, jnp.float32)
   update_norm = decision.grad_norm
   if config.clip is not None:
+    if decision.level_norms is not None:
+      clip_state = _clipping.rebase(clip_state, decision.level_norms,
+                                    decision.new_level)
     clipped, clip_state = config.clip.update(
         grads, clip_state, params, global_grad_norm=decision.clip_norm,
         **extra_args,
