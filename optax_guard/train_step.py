@@ -122,6 +122,18 @@ def _value_and_float_grad(fn, argnums=0, has_aux=False):
   return wrapped
 
 
+def _split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  """``(loss, aux)`` of what ``loss_fn`` returned (``aux`` ``None`` without)."""
+  if not has_aux:
+    return out, None
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(
+        'with has_aux=True, loss_fn must return (loss, aux), got a'
+        f' {type(out).__name__}.'
+    )
+  return out
+
+
 def _scaled_value_and_grad(loss_fn, has_aux, opt_state,
                            value_and_grad=jax.value_and_grad, argnums=0):
   """``value_and_grad`` of ``loss_fn``, times the state's loss scale if any.
@@ -132,8 +144,11 @@ def _scaled_value_and_grad(loss_fn, has_aux, opt_state,
   scale_state = _loss_scale.find_loss_scale_state(opt_state)
 
   def scaled_loss(*args):
-    out = loss_fn(*args)
-    loss, aux = out if has_aux else (out, None)
+    loss, aux = _split_aux(loss_fn(*args), has_aux)
+    # Before any cast: float32(int loss) would train on zero gradients,
+    # float32(complex loss) on the real part.
+    _guard.check_loss(loss, "loss_fn's loss", 'for (loss, aux) pass'
+                      ' has_aux=True to the step builder.')
     scaled = loss
     if scale_state is not None:
       scaled = loss.astype(jnp.float32) * scale_state.loss_scale
@@ -338,6 +353,13 @@ def make_train_step(
     >>> float(m['loss']), bool(m['skipped'])
     (10.0, False)
 
+  The loss must be a real floating-point scalar of any float dtype (the
+  guard reads it as float32, and a loss scale multiplies it in float32, so
+  that a float16 loss times the scale cannot overflow): an integer,
+  complex or non-scalar loss, or a ``(loss, aux)`` tuple without
+  ``has_aux``, is a ``TypeError`` naming its dtype and shape, raised when
+  the step is traced.
+
   Args:
     loss_fn: ``loss_fn(params, batch)`` returning a scalar loss, or ``(loss,
       aux)`` with ``has_aux``.
@@ -367,7 +389,7 @@ def make_train_step(
 
   def stateful_loss(params, model_state, batch):
     out, new_model_state = loss_fn(params, model_state, batch)
-    loss, aux = out if has_aux else (out, None)
+    loss, aux = _split_aux(out, has_aux)
     return loss, (aux, new_model_state)
 
   def stateful_step(params, opt_state, model_state, batch):
@@ -430,6 +452,8 @@ def make_nnx_train_step(
     >>> m = step(model, optimizer, batch)
     >>> bool(m['skipped']), int(optimizer.step[...])
     (False, 1)
+
+  The loss contract is :func:`make_train_step`'s.
 
   Args:
     loss_fn: ``loss_fn(model, batch)`` returning a scalar loss, or ``(loss,

@@ -142,9 +142,11 @@ def test_in_the_train_step():
   assert int(state.total_dropped) == 1
 
 
-@pytest.mark.parametrize('every_k', [0, 1.5, True, None])
-def test_every_k_must_be_a_positive_int(every_k):
-  with pytest.raises(ValueError, match='every_k must be an int >= 1'):
+@pytest.mark.parametrize(('every_k', 'error'), [
+    (0, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)])
+def test_every_k_must_be_a_positive_int(every_k, error):
+  # A wrong type is a TypeError since issue 23 (tests/test_arguments.py).
+  with pytest.raises(error, match='every_k must be an int >= 1'):
     accumulate(optax.sgd(0.1), every_k=every_k)
 
 

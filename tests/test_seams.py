@@ -374,8 +374,9 @@ def test_schedule_free_eval_params_through_the_guard():
     jnp.ones(1), (jnp.array(1.0), {'acc': jnp.array(0.5)})],
     ids=['shape_1', 'loss_aux_tuple'])
 def test_value_must_be_a_scalar(value):
+  # Issue 23 made this a TypeError, like every other loss of the wrong kind.
   tx = og.guard(optax.sgd(0.1))
-  with pytest.raises(ValueError, match='scalar'):
+  with pytest.raises(TypeError, match='scalar'):
     tx.update({'w': jnp.ones(2)}, tx.init(PARAMS), PARAMS, value=value)
 
 

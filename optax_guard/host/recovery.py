@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import diagnostics as _diagnostics
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import states as _states
@@ -112,35 +113,20 @@ class RecoveryPolicy:
   healthy_loss_sigma: float = 3.0
 
   def __post_init__(self):
-    def count(name, minimum):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or (
-          value < minimum
-      ):
-        raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
-
-    count('max_rollbacks', 0)
-    count('loss_patience', 1)
-    count('loss_warmup_steps', 0)
-    count('skip_extra_batches', 0)
-    count('confirm_steps', 0)
-    if not self.healthy_loss_sigma > 0:
-      raise ValueError(
-          'healthy_loss_sigma must be > 0, got'
-          f' {self.healthy_loss_sigma!r}.'
-      )
-    if self.loss_factor is not None and not self.loss_factor > 1:
-      raise ValueError(
-          f'loss_factor must be None or > 1, got {self.loss_factor!r}.'
-      )
-    if not 0 < self.loss_ema_decay < 1:
-      raise ValueError(
-          f'loss_ema_decay must be in (0, 1), got {self.loss_ema_decay!r}.'
-      )
-    if self.lr_backoff is not None and not 0 < self.lr_backoff <= 1:
-      raise ValueError(
-          f'lr_backoff must be None or in (0, 1], got {self.lr_backoff!r}.'
-      )
+    # TypeError for a wrong type (bool is no count), ValueError out of range.
+    for name, minimum in (('max_rollbacks', 0), ('loss_patience', 1),
+                          ('loss_warmup_steps', 0), ('skip_extra_batches', 0),
+                          ('confirm_steps', 0)):
+      _arguments.count(name, getattr(self, name), minimum)
+    _arguments.real('healthy_loss_sigma', self.healthy_loss_sigma, low=0)
+    _arguments.real('loss_factor', self.loss_factor, low=1, allow_none=True)
+    _arguments.real('loss_ema_decay', self.loss_ema_decay, low=0, high=1)
+    _arguments.real('lr_backoff', self.lr_backoff, low=0, high=1,
+                    high_open=False, allow_none=True)
+    if not isinstance(self.lr_hyperparam, str) or not self.lr_hyperparam:
+      raise TypeError(
+          'lr_hyperparam must be the name of an inject_hyperparams'
+          f' hyperparameter (a non-empty str), got {self.lr_hyperparam!r}.')
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import numerics as _numerics
@@ -323,11 +324,10 @@ def accumulate(
     as the large-batch gradient); :class:`optax.MultiSteps` (the
     accumulation this replaces when a guard is involved).
   """
-  if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
-    raise ValueError(
-        f'every_k must be an int >= 1, got {every_k!r}; for a schedule of'
-        ' micro-batch counts use optax.MultiSteps without a guard.'
-    )
+  _arguments.transformation('inner', inner,
+                            example='og.guard(optax.adam(1e-3))')
+  _arguments.count('every_k', every_k, hint=' For a schedule of micro-batch'
+                   ' counts use optax.MultiSteps without a guard.')
   held = () if model_state is None else _held_shapes(model_state)
   guarded = optax.with_extra_args_support(
       inner if _holds_guard(inner) else _guard.skip_nonfinite(inner))
@@ -345,6 +345,10 @@ def accumulate(
 
   def take(grads, state, value):
     """Adds this micro-batch; returns what the macro step needs."""
+    if value is not None:
+      # Before the float32 cast, which would hide an integer or complex loss.
+      _guard.check_loss(value, 'value=', 'pass the loss alone, not the'
+                        ' (loss, aux) tuple.')
     loss = None if value is None else jnp.asarray(value, jnp.float32)
     ok = _all_finite(grads, loss)
     sums = _add_if(state.grad_sums, grads, ok)

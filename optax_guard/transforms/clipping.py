@@ -9,12 +9,13 @@ A caller that already knows the global norm of the updates (such as
 ``global_grad_norm=`` so that the gradients are read only once.
 """
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import numerics as _numerics
 
 _ZCLIP_MODES = ('zscore', 'percentile')
@@ -63,13 +64,6 @@ def _clip(updates, norm: jax.Array, threshold: jax.Array):
   return _numerics.clip_tree_to_norm(updates, norm, threshold), stats
 
 
-def _check_positive(name: str, value, allow_none: bool = False) -> None:
-  if value is None and allow_none:
-    return
-  if value is None or not value > 0:
-    raise ValueError(f'{name} must be > 0, got {value!r}.')
-
-
 # ---------------------------------------------------------------------------
 # Fixed threshold.
 
@@ -109,7 +103,7 @@ def clip_by_global_norm(
     Pascanu et al., `On the difficulty of training Recurrent Neural Networks
     <https://arxiv.org/abs/1211.5063>`_, 2012
   """
-  _check_positive('max_norm', max_norm)
+  _arguments.real('max_norm', max_norm, low=0)
 
   def init_fn(params):
     del params
@@ -205,21 +199,15 @@ def zclip(
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
     <https://arxiv.org/abs/2504.02507>`_, 2025
   """
-  if not 0 < alpha < 1:
-    raise ValueError(f'alpha must be in (0, 1), got {alpha!r}.')
-  _check_positive('z_thresh', z_thresh)
-  _check_positive('max_norm', max_norm, allow_none=True)
-  _check_positive('clip_factor', clip_factor)
-  if not isinstance(warmup_steps, int) or warmup_steps < 1:
-    raise ValueError(f'warmup_steps must be an int >= 1, got {warmup_steps!r}.')
-  if mode not in _ZCLIP_MODES:
-    raise ValueError(f'mode must be one of {_ZCLIP_MODES}, got {mode!r}.')
-  if clip_option not in _ZCLIP_CLIP_OPTIONS:
-    raise ValueError(
-        f'clip_option must be one of {_ZCLIP_CLIP_OPTIONS}, got {clip_option!r}.'
-    )
-  if not eps >= 0:
-    raise ValueError(f'eps must be >= 0, got {eps!r}.')
+  _arguments.real('alpha', alpha, low=0, high=1)
+  _arguments.real('z_thresh', z_thresh, low=0)
+  _arguments.real('max_norm', max_norm, low=0, allow_none=True)
+  _arguments.count('warmup_steps', warmup_steps)
+  _arguments.choice('mode', mode, _ZCLIP_MODES)
+  _arguments.choice('clip_option', clip_option, _ZCLIP_CLIP_OPTIONS)
+  _arguments.real('clip_factor', clip_factor, low=0)
+  _arguments.flag('skip_update_on_spike', skip_update_on_spike)
+  _arguments.real('eps', eps, low=0, low_open=False)
   ceiling = jnp.inf if max_norm is None else max_norm
 
   def init_fn(params):
@@ -345,12 +333,8 @@ def autoclip(
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
-  if not 0 < quantile <= 1:
-    raise ValueError(f'quantile must be in (0, 1], got {quantile!r}.')
-  if not isinstance(history_length, int) or history_length < 1:
-    raise ValueError(
-        f'history_length must be an int >= 1, got {history_length!r}.'
-    )
+  _arguments.real('quantile', quantile, low=0, high=1, high_open=False)
+  _arguments.count('history_length', history_length)
 
   def init_fn(params):
     del params
@@ -377,6 +361,49 @@ def autoclip(
     return updates, AutoClipState(history, count, stats)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Re-adapting to a level the spike rule accepted.
+
+
+def rebase(state: Any, norms: jax.Array, when: jax.Array) -> Any:
+  """An adaptive clip's statistics seeded from ``norms`` where ``when``.
+
+  :func:`optax_guard.guard` calls it when its spike rule accepts a level
+  shift of the gradient norm: ``norms`` are the raw norms of the skipped
+  run and of the accepting step (the values the rule rebuilt its own window
+  from). ZClip's mean and variance are set to theirs (as its warm-up seeds
+  them), AutoClip's history is refilled with them; any other state is
+  returned as it was. Without it, a clip whose statistics learn from
+  clipped norms (ZClip's EMA) keeps clipping the new level for hundreds of
+  steps. A clip used alone never calls it, and stays the published
+  algorithm.
+
+  Args:
+    state: the clip's state.
+    norms: float32 vector of the norms of the new level.
+    when: bool scalar, whether to rebase at all.
+
+  Returns:
+    The state, rebased where ``when``.
+  """
+  if isinstance(state, ZClipState):
+    mean = jnp.mean(norms)
+    var = jnp.mean(jnp.square(norms - mean))
+    warmup_steps = state.warmup_norms.shape[0]
+    return state._replace(
+        warmup_count=jnp.where(when, warmup_steps, state.warmup_count),
+        mean=jnp.where(when, mean, state.mean),
+        var=jnp.where(when, var, state.var),
+    )
+  if isinstance(state, AutoClipState):
+    length = state.history.shape[0]
+    return state._replace(
+        history=jnp.where(when, jnp.resize(norms, (length,)), state.history),
+        count=jnp.where(when, length, state.count),
+    )
+  return state
 
 
 # ---------------------------------------------------------------------------
@@ -421,9 +448,8 @@ def agc(
     Brock et al., `High-Performance Large-Scale Image Recognition Without
     Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
   """
-  _check_positive('clipping', clipping)
-  if not eps >= 0:
-    raise ValueError(f'eps must be >= 0, got {eps!r}.')
+  _arguments.real('clipping', clipping, low=0)
+  _arguments.real('eps', eps, low=0, low_open=False)
   inner = optax.adaptive_grad_clip(clipping, eps)
 
   def init_fn(params):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import clipping as _clipping
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import leafwise as _leafwise
@@ -75,7 +76,9 @@ class StepReport(NamedTuple):
     inner_nonfinite: whether the step was skipped because the inner
       optimizer (or the clip), given a finite gradient, produced a NaN/Inf
       update or state (``eps=0``, an overflowing scale, a moment that
-      overflows); ``nonfinite`` keeps meaning a bad gradient or loss.
+      overflows), or an update that would make a float16 (or float8)
+      parameter overflow; ``nonfinite`` keeps meaning a bad gradient or
+      loss.
     diverged: ``consecutive_skips`` reached ``max_consecutive_skips``; the
       host should act (roll back, lower the learning rate, stop). Cleared by
       the next accepted step.
@@ -213,6 +216,11 @@ class Decision(NamedTuple):
     accept: the step updates (some of) the parameters.
     unscale: ``1 / loss_scale`` when the gradients arrive scaled, else
       ``None``.
+    new_level: the spike rule accepts this step as the start of a new
+      level of the gradient norm (the clip is then rebased, see
+      :func:`~optax_guard.transforms.clipping.rebase`).
+    level_norms: the norms of that level: those of the skipped run and this
+      step's (``None`` without spike checks).
   """
 
   stats: _numerics.NormStats
@@ -225,6 +233,8 @@ class Decision(NamedTuple):
   spike_check: Optional[_spikes.SpikeCheck]
   accept: jax.Array
   unscale: Optional[jax.Array]
+  new_level: jax.Array
+  level_norms: Optional[jax.Array]
 
 
 class Outcome(NamedTuple):
@@ -255,17 +265,42 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def fresh_buffers(state: Any, params: Any) -> Any:
+  """``state`` with every array that also sits elsewhere replaced by a copy.
+
+  Some optimizers keep one array in two places: optax.contrib's ``dog``,
+  ``dowg``, ``madgrad`` and ``prodigy`` store ``params`` itself as their
+  starting point, ``cocob`` one zero array as three moments. A donating
+  train step cannot donate one buffer twice (XLA refuses the call), so each
+  repeat (the same array object, concrete or traced) is copied, once, here;
+  a state without repeats is returned as it was.
+  """
+  seen = {id(leaf) for leaf in jax.tree.leaves(params)}
+
+  def fresh(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    if id(leaf) in seen:
+      return jnp.copy(leaf)
+    seen.add(id(leaf))
+    return leaf
+
+  return jax.tree.map(fresh, state)
+
+
 def init(config: GuardConfig, params: Any) -> GuardState:
   """The initial :class:`GuardState` for ``params``.
 
   Every field is a fresh array: a buffer shared by two leaves could not be
-  donated to the train step.
+  donated to the train step. That holds for the inner and clip states too
+  (:func:`fresh_buffers`).
   """
   zero = lambda dtype=jnp.float32: jnp.zeros((), dtype)
   no = lambda: zero(jnp.bool_)
   return GuardState(
-      inner_state=config.inner.init(params),
-      clip_state=None if config.clip is None else config.clip.init(params),
+      inner_state=fresh_buffers(config.inner.init(params), params),
+      clip_state=None if config.clip is None else fresh_buffers(
+          config.clip.init(params), params),
       window=None if config.spikes is None else _spikes.init_window(
           config.spikes),
       counters=GuardCounters(*(zero(jnp.int32) for _ in GuardCounters._fields)),
@@ -318,15 +353,22 @@ def decide(config: GuardConfig, grads: Any, state: GuardState,
     reject = bad_loss | ~health.any_healthy
   grad_norm = clip_norm.astype(jnp.float32)
   spike = jnp.zeros((), jnp.bool_)
-  spike_check = None
+  new_level = jnp.zeros((), jnp.bool_)
+  spike_check, level_norms = None, None
   if config.spikes is not None and state.window is not None:
     spike_check = _spikes.is_spike(state.window, config.spikes, loss,
                                    grad_norm)
     spike = ~reject & spike_check.spike
+    # The gradient norm's own level moved (not only the loss's): the rule
+    # rebuilds its window from these values, and the clip follows.
+    new_level = ~reject & spike_check.release & (
+        spike_check.grad_norm.high | state.window.grad_norm.high_seen)
+    level_norms = jnp.append(state.window.grad_norm.pending, grad_norm)
   return Decision(
       stats=stats, healthy=healthy, clip_norm=clip_norm, grad_norm=grad_norm,
       loss=loss, nonfinite=nonfinite, spike=spike, spike_check=spike_check,
-      accept=~(reject | spike), unscale=unscale,
+      accept=~(reject | spike), unscale=unscale, new_level=new_level,
+      level_norms=level_norms,
   )
 
 
@@ -348,6 +390,9 @@ def _clip_and_inner(config: GuardConfig, decision: Decision, grads: Any,
   clip_threshold = jnp.full((), jnp.inf, jnp.float32)
   update_norm = decision.grad_norm
   if config.clip is not None:
+    if decision.level_norms is not None:
+      clip_state = _clipping.rebase(clip_state, decision.level_norms,
+                                    decision.new_level)
     clipped, clip_state = config.clip.update(
         grads, clip_state, params, global_grad_norm=decision.clip_norm,
         **extra_args,
@@ -432,7 +477,10 @@ def run(config: GuardConfig, decision: Decision, grads: Any,
                                                  clip_state, vanishing)
     # The clip's own state is telemetry (ClipStats holds inf when nothing
     # was clipped); what it does to the gradients shows in the updates.
-    return _numerics.outputs_finite(updates, new_inner_state, inner_state)
+    # With params, a float16 parameter the update would overflow fails too
+    # (numerics.overflows_below_float32; float32 params are not read).
+    return _numerics.outputs_finite(updates, new_inner_state, inner_state,
+                                    params)
 
   def applied(params, inner_state, clip_state, vanishing):
     updates, ran, new_vanishing = computed(params, inner_state, clip_state,
@@ -510,21 +558,44 @@ def next_state(config: GuardConfig, state: GuardState, decision: Decision,
   )
 
 
+def check_loss(loss: Any, where: str, tuple_fix: str) -> None:
+  """A loss must be one real floating-point scalar (checked at trace time).
+
+  An integer loss has no gradient and a complex one would be reduced to its
+  real part, so both are refused with the non-scalar ones, naming dtype and
+  shape; any float dtype passes (bfloat16 and float16 included).
+
+  Args:
+    loss: the loss as given.
+    where: how the error names it (``'value='``, ``'loss_fn'``'s loss).
+    tuple_fix: what to do instead when ``loss`` is a tuple.
+
+  Raises:
+    TypeError: for anything but a real floating-point scalar.
+  """
+  if isinstance(loss, tuple):
+    raise TypeError(
+        f'{where} must be the scalar loss, got a tuple of {len(loss)};'
+        f' {tuple_fix}'
+    )
+  if not isinstance(loss, (int, float)) and not hasattr(loss, 'shape'):
+    raise TypeError(
+        f'{where} must be the scalar loss, got a {type(loss).__name__}.'
+    )
+  dtype, shape = jnp.result_type(loss), jnp.shape(loss)
+  if not jnp.issubdtype(dtype, jnp.floating) or shape != ():
+    raise TypeError(
+        f'{where} must be a real floating-point scalar, got dtype {dtype} and'
+        f' shape {shape}: return the mean loss as a float (e.g.'
+        ' jnp.mean(losses).astype(jnp.float32)), a scalar of shape ().'
+    )
+
+
 def _check_value(value: Any) -> None:
   """``value=`` must be one scalar loss (checked at trace time)."""
-  if value is None:
-    return
-  if not isinstance(value, (int, float)) and not hasattr(value, 'shape'):
-    raise ValueError(
-        'value= must be the scalar loss, got a'
-        f' {type(value).__name__}; with has_aux, pass the loss alone, not'
-        ' the (loss, aux) tuple.'
-    )
-  if jnp.shape(value) != ():
-    raise ValueError(
-        f'value= must be the scalar loss, got shape {jnp.shape(value)}; pass'
-        ' the mean loss (e.g. jnp.mean(losses)) or reshape it to ().'
-    )
+  if value is not None:
+    check_loss(value, 'value=', 'with has_aux, pass the loss alone, not the'
+               ' (loss, aux) tuple.')
 
 
 def _spike_options(spikes: Mapping[str, Any]) -> _spikes.SpikeConfig:
@@ -537,11 +608,6 @@ def _spike_options(spikes: Mapping[str, Any]) -> _spikes.SpikeConfig:
         f' {", ".join(allowed)}.'
     )
   return _spikes.spike_config(**spikes)
-
-
-def _check_count(name: str, value: Optional[int]) -> None:
-  if value is not None and (not isinstance(value, int) or value < 1):
-    raise ValueError(f'{name} must be None or an int >= 1, got {value!r}.')
 
 
 def _spike_config(spikes: Mapping[str, Any],
@@ -576,18 +642,23 @@ def guard_config(
     vanishing_ratio: Optional[float] = None,
     check_updates: bool = True,
 ) -> GuardConfig:
-  """Checks the options of :func:`guard` (``ValueError`` naming the fix)."""
-  _check_count('max_consecutive_skips', max_consecutive_skips)
+  """Checks the options of :func:`guard` (``TypeError``/``ValueError``
+  naming the argument, the value and what is accepted)."""
+  _arguments.transformation('inner', inner)
+  _arguments.transformation('clip', clip, allow_none=True,
+                            example='og.zclip()')
+  if spikes is not None and not isinstance(spikes, Mapping):
+    raise TypeError(
+        f'spikes must be None (no spike check) or a dict of spike options,'
+        f' {{}} for the defaults (e.g. {{"window": 64}}), got {spikes!r}.'
+    )
+  _arguments.count('max_consecutive_skips', max_consecutive_skips,
+                   allow_none=True)
   spike_config = None if spikes is None else _spike_config(
       spikes, max_consecutive_skips)
-  if granularity not in _GRANULARITIES:
-    raise ValueError(
-        f'granularity must be one of {_GRANULARITIES}, got {granularity!r}.'
-    )
-  if vanishing_ratio is not None and not vanishing_ratio > 0:
-    raise ValueError(
-        f'vanishing_ratio must be None or > 0, got {vanishing_ratio!r}.'
-    )
+  _arguments.choice('granularity', granularity, _GRANULARITIES)
+  _arguments.real('vanishing_ratio', vanishing_ratio, low=0, allow_none=True)
+  _arguments.flag('check_updates', check_updates)
   return GuardConfig(
       inner=optax.with_extra_args_support(inner),
       clip=None if clip is None else optax.with_extra_args_support(clip),
@@ -683,7 +754,8 @@ def guard(
     spikes: ``None`` for no spike check, or options of
       :func:`~optax_guard.transforms.spikes.spike_config` (``window``,
       ``sigma``, ``min_history``, ``shift_after``, ``rebase_down``,
-      ``winsorize``; see :func:`skip_spikes`); ``{}`` takes the defaults.
+      ``winsorize``, ``min_rel_std``, ``min_abs_std``; see
+      :func:`skip_spikes`); ``{}`` takes the defaults.
     max_consecutive_skips: raise ``diverged`` after this many skips in a row.
       Skips of every kind count, and a level shift costs ``shift_after`` of
       them: an explicit ``shift_after`` that is not smaller raises
@@ -700,7 +772,12 @@ def guard(
     check_updates: also skip an accepted step whose update, or new inner
       state, the inner optimizer made non-finite from finite gradients
       (``adam(eps=0)`` on a zero gradient, an overflowing ``scale``, a NaN
-      learning rate), reported as ``inner_nonfinite``. The check computes
+      learning rate), or whose finite update would make a parameter of a
+      narrower range than float32 overflow (float16: 60000 + 10000; read
+      only when ``params`` are passed, as the train steps do), reported as
+      ``inner_nonfinite``. float32, bfloat16 and float64 parameters are not
+      read: their sum with a finite update overflows only above 1.7e38, and
+      the float32 check costs what it did. The check computes
       the inner update twice (into reductions, one per leaf shape, then in
       place): the optimizer update alone costs about 2x a bare adamw update
       on CPU where ``False`` costs 1.2-1.4x, a whole train step about 1%

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard.transforms import arguments as _arguments
 from optax_guard.transforms import fused as _fused
 from optax_guard.transforms import guard as _guard
 from optax_guard.transforms import states as _states
@@ -140,19 +141,18 @@ def dynamic_loss_scale(
     Micikevicius et al., `Mixed Precision Training
     <https://arxiv.org/abs/1710.03740>`_, 2018
   """
-  if not 0 < initial_scale <= MAX_SCALE:
+  _arguments.transformation('inner', inner)
+  _arguments.real('initial_scale', initial_scale, low=0)
+  _arguments.count('growth_interval', growth_interval)
+  _arguments.real('factor', factor, low=1)
+  _arguments.real('min_scale', min_scale, low=0)
+  if not initial_scale <= MAX_SCALE:
     raise ValueError(
         f'initial_scale must be in (0, 2**126], got {initial_scale!r}: above'
         ' 2**126, 1/scale is not a normal float32 and the unscaled gradients'
         ' flush to zero.'
     )
-  if not isinstance(growth_interval, int) or growth_interval < 1:
-    raise ValueError(
-        f'growth_interval must be an int >= 1, got {growth_interval!r}.'
-    )
-  if not 1 < factor < float('inf'):
-    raise ValueError(f'factor must be finite and > 1, got {factor!r}.')
-  if not 0 < min_scale <= initial_scale:
+  if not min_scale <= initial_scale:
     raise ValueError(
         f'min_scale must be in (0, initial_scale={initial_scale}], got'
         f' {min_scale!r}.'

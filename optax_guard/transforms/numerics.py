@@ -59,8 +59,29 @@ def all_finite(tree: Any) -> jax.Array:
   return outputs_finite(tree, None, None)
 
 
-def outputs_finite(updates: Any, new_state: Any, old_state: Any) -> jax.Array:
+def overflows_below_float32(dtype) -> bool:
+  """Whether ``dtype`` is a float of a narrower exponent range than float32.
+
+  For these (float16, the float8 types) a finite update can make a finite
+  parameter overflow: 60000 + 10000 is ``inf`` in float16. float32,
+  bfloat16 (float32's exponent range) and float64 overflow only when a
+  parameter or the update is near half the largest float (1.7e38 for
+  float32), which training reaches through NaNs first; they are not
+  checked, so that the float32 check costs what it cost before.
+  """
+  return bool(jnp.issubdtype(dtype, jnp.floating)) and (
+      jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp)
+
+
+def outputs_finite(updates: Any, new_state: Any, old_state: Any,
+                   params: Any = None) -> jax.Array:
   """Whether ``updates`` are finite and ``new_state`` stays finite (a bool).
+
+  With ``params`` (of the structure of ``updates``), a parameter of a dtype
+  that :func:`overflows_below_float32` must also stay finite once updated,
+  computed as :func:`optax.apply_updates` does (``p + u`` cast to the
+  parameter's dtype); other parameters are not read, so a float32 check
+  costs what it cost without them.
 
   ``new_state`` and ``old_state`` have one structure (a state after and
   before an update): an element passes where it is finite or where the old
@@ -74,9 +95,23 @@ def outputs_finite(updates: Any, new_state: Any, old_state: Any) -> jax.Array:
   per leaf, 2.4x grouped by shape, same machine).
   """
   masks: dict[tuple[int, ...], list[jax.Array]] = {}
-  for leaf in jax.tree.leaves(as_array_leaves(updates)):
+  update_leaves = jax.tree.leaves(as_array_leaves(updates))
+  param_leaves: list[Any] = [None] * len(update_leaves)
+  if params is not None:
+    flat_params, param_tree = jax.tree.flatten(as_array_leaves(params))
+    # A differently shaped update (optax.lookahead's) is checked alone.
+    if param_tree == jax.tree.structure(as_array_leaves(updates)):  # type: ignore[operator]
+      param_leaves = flat_params
+  for leaf, param in zip(update_leaves, param_leaves):
     if is_float_leaf(leaf):
-      masks.setdefault(leaf.shape, []).append(jnp.isfinite(leaf))
+      finite = jnp.isfinite(leaf)
+      if (param is not None and hasattr(param, 'dtype')
+          and overflows_below_float32(param.dtype)
+          and jnp.shape(param) == jnp.shape(leaf)):
+        # A parameter that was already non-finite is the user's, not ours.
+        applied = (param + leaf).astype(param.dtype)
+        finite &= jnp.isfinite(applied) | ~jnp.isfinite(param)
+      masks.setdefault(leaf.shape, []).append(finite)
   new_leaves = jax.tree.leaves(as_array_leaves(new_state))
   old_leaves = jax.tree.leaves(as_array_leaves(old_state))
   for new, old in zip(new_leaves, old_leaves):

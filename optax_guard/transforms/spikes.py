@@ -36,6 +36,11 @@ buffer of its last ``window`` admitted values. A value is *high* when, once
    drop does not leave a two-level buffer whose wide spread would let spikes
    through for a whole window.
 
+5. **The spread has a floor.** The std is at least ``min_rel_std * |mean| +
+   min_abs_std`` (``1e-2`` and ``1e-6``), so that a window of equal values
+   (zeros, denormals, a constant loss) does not make the next ordinary value
+   a spike: at the default ``sigma`` nothing within 6% of the mean is one.
+
 The check is armed once ``min_history`` values are in; the default
 ``max(2, window // 2 - 1)`` arms it at the same step as OLMo-core (since
 2025) and MaxText, whose rolling lists count the current value.
@@ -48,6 +53,8 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from optax_guard.transforms import arguments as _arguments
 
 
 class SignalWindow(NamedTuple):
@@ -95,6 +102,8 @@ class SpikeConfig(NamedTuple):
   shift_after: int
   rebase_down: bool
   winsorize: bool
+  min_rel_std: float
+  min_abs_std: float
 
 
 def spike_config(
@@ -104,6 +113,8 @@ def spike_config(
     shift_after: Optional[int] = None,
     rebase_down: bool = True,
     winsorize: bool = False,
+    min_rel_std: float = 1e-2,
+    min_abs_std: float = 1e-6,
 ) -> SpikeConfig:
   """Checks the spike options and fills in the defaults.
 
@@ -137,33 +148,48 @@ def spike_config(
       (as ZClip does) instead of keeping it out. Off by default: measured, it
       adapts to a widening spread with fewer skips but lets a quarter of the
       injected spike steps through (``docs/spike_rule.md``).
+    min_rel_std: floor on the std relative to the mean (``>= 0``): the
+      std used is at least ``min_rel_std * |mean| + min_abs_std``, so that a
+      window of equal values (a constant loss, a fixed batch) does not make
+      the next ordinary value, a hair above them, a spike. With the
+      defaults nothing within ``sigma`` percent of the mean is a spike.
+    min_abs_std: absolute floor on the std (``>= 0``), for a window of zeros
+      or denormals, whose mean gives no scale: values up to ``sigma *
+      min_abs_std`` above it pass. Lower it for a loss or gradient norm
+      that is ordinarily below ``1e-6``.
 
   Returns:
     A :class:`SpikeConfig`.
 
   Raises:
+    TypeError: for an option of the wrong type (the message names it).
     ValueError: for an option out of range (the message names it).
   """
-  if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-    raise ValueError(f'window must be an int >= 2, got {window!r}.')
-  if not sigma > 0:
-    raise ValueError(f'sigma must be > 0, got {sigma!r}.')
+  _arguments.count('window', window, 2)
+  _arguments.real('sigma', sigma, low=0)
   if min_history is None:
     min_history = max(2, window // 2 - 1)
-  if not isinstance(min_history, int) or not 2 <= min_history <= window:
+  _arguments.count('min_history', min_history, 2)
+  if min_history > window:
     raise ValueError(
         f'min_history must be an int in [2, window={window}], got'
         f' {min_history!r}.'
     )
   if shift_after is None:
     shift_after = max(1, min(16, window // 4))
-  if not isinstance(shift_after, int) or not 1 <= shift_after <= window:
+  _arguments.count('shift_after', shift_after, 1)
+  if shift_after > window:
     raise ValueError(
         f'shift_after must be an int in [1, window={window}], got'
         f' {shift_after!r}; a larger window allows a longer one.'
     )
+  _arguments.flag('rebase_down', rebase_down)
+  _arguments.flag('winsorize', winsorize)
+  _arguments.real('min_rel_std', min_rel_std, low=0, low_open=False)
+  _arguments.real('min_abs_std', min_abs_std, low=0, low_open=False)
   return SpikeConfig(window, float(sigma), min_history, shift_after,
-                     bool(rebase_down), bool(winsorize))
+                     bool(rebase_down), bool(winsorize), float(min_rel_std),
+                     float(min_abs_std))
 
 
 def init_window(config: SpikeConfig) -> SpikeWindow:
@@ -215,13 +241,22 @@ class SpikeCheck(NamedTuple):
   spike: jax.Array
 
 
-def _mean_std(signal: SignalWindow) -> tuple[jax.Array, jax.Array]:
-  """Mean and Bessel-corrected std of the valid entries."""
+def _mean_std(signal: SignalWindow,
+              config: SpikeConfig) -> tuple[jax.Array, jax.Array]:
+  """Mean and Bessel-corrected std of the valid entries, std floored."""
   valid = jnp.arange(signal.values.shape[0]) < signal.size
   count = jnp.maximum(signal.size, 1).astype(jnp.float32)
   mean = jnp.sum(jnp.where(valid, signal.values, 0)) / count
-  squares = jnp.sum(jnp.where(valid, jnp.square(signal.values - mean), 0))
-  return mean, jnp.sqrt(squares / jnp.maximum(count - 1, 1))
+  # The deviations in units of the largest one, so that their squares
+  # neither overflow (a level of 1e20 rounds to deviations of 1e13) nor
+  # underflow; a window is at most a few hundred values.
+  deviations = jnp.where(valid, signal.values - mean, 0)
+  unit = jnp.max(jnp.abs(deviations))
+  unit = jnp.where(unit > 0, unit, 1)
+  squares = jnp.sum(jnp.square(deviations / unit))
+  std = unit * jnp.sqrt(squares / jnp.maximum(count - 1, 1))
+  floor = config.min_rel_std * jnp.abs(mean) + config.min_abs_std
+  return mean, jnp.maximum(std, floor)
 
 
 def _check_signal(signal: SignalWindow, config: SpikeConfig,
@@ -230,7 +265,7 @@ def _check_signal(signal: SignalWindow, config: SpikeConfig,
   if value is None:
     return SignalCheck(jnp.full((), jnp.inf, jnp.float32), no, no)
   ready = signal.size >= config.min_history
-  mean, std = _mean_std(signal)
+  mean, std = _mean_std(signal, config)
   threshold = jnp.where(ready, mean + config.sigma * std, jnp.inf)
   low = ready & (value < mean - config.sigma * std)
   return SignalCheck(threshold, ready & (value > threshold),
