@@ -98,6 +98,8 @@ _ROWS = [
     ('accumulate', 'inner', None, TypeError, r'og.guard\(optax.adam'),
     ('accumulate', 'every_k', True, TypeError, r'an int >= 1'),
     ('accumulate', 'every_k', 0, ValueError, r'MultiSteps'),
+    ('accumulate', 'model_state', {'step': 3}, ValueError,
+     r'None for a model without state'),
     ('dynamic_loss_scale', 'inner', None, TypeError, r'optax'),
     ('dynamic_loss_scale', 'initial_scale', NAN, ValueError, r'finite float'),
     ('dynamic_loss_scale', 'initial_scale', 2.0**127, ValueError, r'2\*\*126'),

@@ -329,6 +329,11 @@ def accumulate(
   _arguments.count('every_k', every_k, hint=' For a schedule of micro-batch'
                    ' counts use optax.MultiSteps without a guard.')
   held = () if model_state is None else _held_shapes(model_state)
+  if model_state is not None and not held:
+    raise ValueError(
+        f'model_state has no floating leaves to hold, got {model_state!r:.200};'
+        ' pass None for a model without state, or the state the step holds,'
+        ' e.g. nnx.state(model, nnx.BatchStat) or {\'batch_stats\': ...}.')
   guarded = optax.with_extra_args_support(
       inner if _holds_guard(inner) else _guard.skip_nonfinite(inner))
 
