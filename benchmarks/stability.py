@@ -10,7 +10,8 @@ reports its final held-out loss, its loss spikes and whether it diverged.
 
 * **methods**: adamw alone; ``optax.clip_by_global_norm(1.0)`` before it;
   ``og.zclip()`` before it; ``og.autoclip()`` before it; ``og.guard`` around
-  it with its defaults.
+  it with its defaults (NaN/Inf skipping only); and the guard the README
+  recommends, with ZClip and the spike rule.
 * **schedule**: the peak learning rate is reached by a linear warm-up over
   the first 10% of the steps and decays by cosine to a tenth of it, as in
   the demo; weight decay 1e-4. The peak is an injected hyperparameter, so
@@ -70,6 +71,8 @@ METHODS: dict[str, Callable[[int], optax.GradientTransformation]] = {
     'og.zclip()': lambda steps: optax.chain(og.zclip(), _inner(steps)),
     'og.autoclip()': lambda steps: optax.chain(og.autoclip(), _inner(steps)),
     'og.guard (defaults)': lambda steps: og.guard(_inner(steps)),
+    'og.guard(clip=og.zclip(), spikes={}) (recommended)':
+        lambda steps: og.guard(_inner(steps), clip=og.zclip(), spikes={}),
 }
 
 
@@ -173,15 +176,25 @@ def run(*, learning_rates: Sequence[float] = LEARNING_RATES,
         seeds: Sequence[int] = SEEDS, steps: int = 250, batch_size: int = 32,
         seq_len: int = 64, width: int = 96, depth: int = 2,
         heldout_batches: int = 8, methods: Sequence[str] = tuple(METHODS),
+        done: Sequence[dict[str, Any]] = (),
         say: Callable[[str], None] = print) -> dict[str, Any]:
-  """Every method at every learning rate and seed; the runs and summary."""
+  """Every method at every learning rate and seed; the runs and summary.
+
+  ``done``: runs of an earlier call with the same settings, kept as they are
+  (so that an interrupted study, or one given a new method, runs only what
+  it lacks).
+  """
   problem = _Problem(steps=steps, batch_size=batch_size, seq_len=seq_len,
                      width=width, depth=depth,
                      heldout_batches=heldout_batches)
+  kept = {(r['method'], r['learning_rate'], r['seed']): r for r in done}
   runs = []
   for name in methods:
     for lr in learning_rates:
       for seed in seeds:
+        if (name, lr, seed) in kept:
+          runs.append(kept[(name, lr, seed)])
+          continue
         result = problem.run(name, lr, seed)
         say(f'{name} lr={lr:g} seed={seed}: held-out'
             f' {result["final_heldout_loss"]:.4f}, spikes {result["spikes"]},'
@@ -247,20 +260,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)))
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   parser.add_argument('--plot', type=pathlib.Path, default=PLOT)
+  parser.add_argument(
+      '--keep', action='store_true',
+      help='keep the runs already in --out (same settings) and run only the'
+      ' missing ones')
   args = parser.parse_args(argv)
   from benchmarks import machine  # pylint: disable=g-import-not-at-top
 
+  done, seconds = [], 0.0
+  if args.keep and args.out.exists():
+    previous = json.loads(args.out.read_text())
+    done, seconds = previous['runs'], previous['seconds']
   start = time.perf_counter()
   say = lambda line: print(f'[{time.perf_counter() - start:7.1f}s] {line}',
                            flush=True)
   results = run(
       learning_rates=[float(x) for x in args.learning_rates.split(',')],
       seeds=[int(x) for x in args.seeds.split(',')], steps=args.steps,
-      say=say)
+      done=done, say=say)
   results['machine'] = machine.describe()
   results['command'] = 'python -m benchmarks.stability ' + ' '.join(
       argv if argv is not None else sys.argv[1:])
-  results['seconds'] = time.perf_counter() - start
+  results['seconds'] = seconds + time.perf_counter() - start
   args.out.write_text(json.dumps(results, indent=1) + '\n')
   plot(results, args.plot)
   say(f'wrote {args.out} and {args.plot}')
