@@ -73,9 +73,9 @@ def test_the_guard_accepts_the_next_ordinary_step(level, ordinary):
     assert not bool(og.metrics(state)['skipped']), value
 
 
-@pytest.mark.parametrize(('option', 'value'), [
-    ('min_rel_std', -0.1), ('min_rel_std', float('nan')),
-    ('min_abs_std', float('inf')), ('min_abs_std', True)])
-def test_the_floors_are_validated(option, value):
-  with pytest.raises(ValueError, match=option):
+@pytest.mark.parametrize(('option', 'value', 'error'), [
+    ('min_rel_std', -0.1, ValueError), ('min_rel_std', float('nan'), ValueError),
+    ('min_abs_std', float('inf'), ValueError), ('min_abs_std', True, TypeError)])
+def test_the_floors_are_validated(option, value, error):
+  with pytest.raises(error, match=option):
     rule.spike_config(**{option: value})
