@@ -22,7 +22,7 @@ reports its final held-out loss, its loss spikes and whether it diverged.
   above 90% of the untrained model's (it unlearned what it had learned, or
   never learned).
 
-    python -m benchmarks.stability     # ~15 min on 2 idle CPU cores
+    python -m benchmarks.stability     # 90 runs, under an hour on 2 cores
 
 writes ``benchmarks/stability.json`` and ``docs/stability.png``; the next
 ``python -m benchmarks`` (or ``--render``) puts its table in BENCHMARKS.md.
