@@ -127,3 +127,17 @@ def test_overwrite_with_gradient_is_refused_by_name():
   with pytest.raises(ValueError, match='overwrite_with_gradient'):
     og.apply_gradients(state, grads={'params': state.params,
                                      'overwrite_with_gradient': {}})
+
+
+def test_a_loss_rule_without_the_loss_says_so_when_traced():
+  tx = og.guard(optax.sgd(0.1), spikes={})
+  params = {'w': jnp.ones(2)}
+  update = jax.jit(tx.update)
+  with pytest.warns(UserWarning, match='got no value='):
+    update({'w': jnp.ones(2)}, tx.init(params), params)
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    update({'w': jnp.ones(2)}, tx.init(params), params)  # Traced once.
+    tx.update({'w': jnp.ones(2)}, tx.init(params), params,
+              value=jnp.float32(1.0))

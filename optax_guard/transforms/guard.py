@@ -22,6 +22,7 @@ The pure transformation and the fused update-and-apply of
 
 import functools
 import inspect
+import warnings
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -805,6 +806,14 @@ def guard(
           ' apply): call update(updates, state, params).'
       )
     _check_value(value)
+    if value is None and config.spikes is not None:
+      # At trace time: once per compiled step, not on every call.
+      warnings.warn(
+          'og.guard(spikes=...) watches the loss, but update() got no'
+          ' value=: only the gradient norm is checked and the loss metric is'
+          ' NaN. Pass the loss as value= (nnx.Optimizer.update(model, grads,'
+          ' value=loss); og.apply_gradients for a Flax TrainState;'
+          ' og.make_train_step does it).', stacklevel=2)
     decision = decide(config, updates, state, value, loss_scale)
     outcome = run(config, decision, updates, state, params,
                   dict(value=value, **extra_args), apply_to_params=fuse_apply)
