@@ -234,3 +234,20 @@ def test_a_rollback_restores_the_statistics_of_the_same_checkpoint(tmp_path):
   chex.assert_trees_all_equal(_pure(rolled.model_state),
                               _pure(saved.model_state))
   chex.assert_trees_all_equal(_pure(rolled.params), _pure(saved.params))
+
+
+@pytest.mark.parametrize('form', sorted(FORMS))
+def test_the_checkpointer_alone_saves_and_restores_every_form(form, tmp_path):
+  # A user's own loop: og.Checkpointer with the state of each form.
+  _, state = FORMS[form]()
+  state = state._replace(step=3)
+  expected = jax.tree.map(_as_numpy, (state.params, state.opt_state,
+                                      state.model_state))
+  with og.Checkpointer(tmp_path / 'ckpt') as checkpointer:
+    assert checkpointer.save(state, force=True)
+    checkpointer.wait_until_finished()
+    restored, _ = checkpointer.restore(3, FORMS[form]()[1])
+  assert restored.step == 3
+  chex.assert_trees_all_equal(
+      jax.tree.map(_as_numpy, (restored.params, restored.opt_state,
+                               restored.model_state)), expected)
