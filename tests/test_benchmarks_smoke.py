@@ -118,7 +118,12 @@ def test_other_sections_hold_their_measurements(run):
 
 def test_targets_cover_every_item(run):
   found = run[1]['targets']
-  assert {t['item'] for t in found} == {1, 2, 3, 4, 6, 8}
+  assert {t['item'] for t in found} == {1, 2, 3, 4, 6, 7, 8}
+  # Issue 21, items 6 and 7: og.fit against a hand loop, an async save's
+  # blocking.
+  item_7 = [t['what'] for t in found if t['item'] == 7]
+  assert any('og.fit ÷ a hand-written loop' in what for what in item_7)
+  assert any('async save blocks the loop' in what for what in item_7)
   # Issue 10, item 8: the fused update against bare adamw and the pure
   # transformation against optax's own chain, at every size.
   item_8 = [t['what'] for t in found if t['item'] == 8]
