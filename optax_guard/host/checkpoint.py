@@ -74,6 +74,7 @@ import concurrent.futures.thread  # pylint: disable=unused-import
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -328,24 +329,28 @@ def _metric_rank(metrics: Optional[Mapping[str, Any]], *, name: str,
 
 @dataclasses.dataclass
 class _NewestWhere:
-  """Orbax preservation: keep the newest step for which ``predicate`` holds.
+  """Orbax preservation: keep the ``n`` newest steps where ``predicate`` holds.
 
   ``predicate`` is set after construction (:meth:`Checkpointer.preserve_newest`)
   and read at each clean-up, so that it can follow training (a checkpoint
-  confirmed by the steps after it).
+  confirmed by the steps after it). Two by default: the rollback target and
+  the one before it, so that a damaged target (the save right after a
+  rollback is a copy of the previous target) still leaves one to restore.
   """
 
   predicate: Optional[Callable[[int], bool]] = None
+  n: int = 2
 
   def should_preserve(self, checkpoints, *, context):
     del context  # Unused; part of Orbax's PreservationPolicy protocol.
     keep = [False] * len(checkpoints)
-    if self.predicate is not None:
-      for i in sorted(range(len(checkpoints)),
-                      key=lambda i: checkpoints[i].step, reverse=True):
-        if self.predicate(checkpoints[i].step):
-          keep[i] = True
-          break
+    if self.predicate is None:
+      return keep
+    newest_first = sorted(range(len(checkpoints)),
+                          key=lambda i: checkpoints[i].step, reverse=True)
+    kept = [i for i in newest_first if self.predicate(checkpoints[i].step)]
+    for i in kept[:self.n]:
+      keep[i] = True
     return keep
 
 
@@ -471,6 +476,40 @@ def _abstract(tree: Any, casts: Mapping[tuple[str, ...], np.dtype]) -> Any:
     leaf = flat[key]
     flat[key] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
   return ocp.tree.from_flat_dict(flat, target=abstract)
+
+
+def _check_restored_leaves(restored: Any, tree: Any,
+                           casts: Mapping[tuple[str, ...], np.dtype]) -> None:
+  """Each restored leaf has the target's shape and the dtype asked for.
+
+  Orbax reads a typed PRNG key back as raw key data when the step's
+  ``array_metadatas`` are missing: damage, found before any cast.
+  """
+  wanted = ocp.tree.to_flat_dict(tree)
+  for key, leaf in ocp.tree.to_flat_dict(restored).items():
+    want = wanted.get(key)
+    if want is not None and (tuple(np.shape(leaf)) == tuple(np.shape(want))
+                             and leaf.dtype == casts.get(key, want.dtype)):
+      continue
+    saved = 'nothing' if want is None else _describe_leaf(want)
+    raise _Unusable(
+        f'{"/".join(map(str, key))} restored as {_describe_leaf(leaf)},'
+        f' the target is {saved} (damaged array metadata)'
+    )
+
+
+def _describe_leaf(leaf: Any) -> str:
+  return f'{leaf.dtype}{list(np.shape(leaf))}'
+
+
+def _json_digests(metrics, events, data_state) -> dict[str, str]:
+  """SHA-256 of each JSON item as canonical text, for the integrity record."""
+  items = {'metrics': metrics, 'events': events, 'data_iterator': data_state}
+  return {
+      name: hashlib.sha256(
+          json.dumps(value, sort_keys=True).encode()).hexdigest()
+      for name, value in items.items()
+  }
 
 
 def _cast_like(restored: Any, tree: Any) -> Any:
@@ -685,11 +724,13 @@ class Checkpointer:
     return self._manager
 
   def preserve_newest(self, predicate: Callable[[int], bool]) -> None:
-    """Keeps the newest step for which ``predicate(step)`` holds, however old.
+    """Keeps the two newest steps where ``predicate(step)`` holds, however old.
 
     :class:`optax_guard.Recovery` registers its ``is_confirmed`` here, so that
-    retention never deletes the checkpoint a rollback would restore. The
-    predicate is asked at every clean-up after a save.
+    retention never deletes the checkpoint a rollback would restore, nor
+    the one before it (the target may be damaged: a save during a rollback
+    that fails leaves the previous target). The predicate is asked at every
+    clean-up after a save.
 
     Args:
       predicate: takes a step, says whether it is to be kept.
@@ -795,7 +836,10 @@ class Checkpointer:
     # written; failing here leaves nothing half-written.
     _check_json('events', events)
     _check_json('the data iterator state', data_state)
-    integrity = {'fingerprints': fingerprint(tree) if self._verify else None}
+    integrity = {
+        'fingerprints': fingerprint(tree) if self._verify else None,
+        'json': _json_digests(record, events, data_state),
+    }
     return self._manager.save(
         step,
         args=ocp.args.Composite(**{
@@ -939,6 +983,25 @@ class Checkpointer:
     self._manager.wait_until_finished()
     return self._restore_first(self._best_first(), target, data_iter)
 
+  def restore_first_of(
+      self, steps: list[int], target: TrainState, *, data_iter: Any = None
+  ) -> Optional[tuple[TrainState, dict[str, Any]]]:
+    """Restores the first usable step of ``steps``, in the order given.
+
+    A damaged one is skipped (as in :meth:`restore_or_init`: warned about
+    and moved aside) for the next; :class:`optax_guard.Recovery` walks its
+    rollback targets, newest first, this way.
+
+    Args:
+      steps: the steps to try, in order.
+      target: the restore target (see :meth:`restore`).
+      data_iter: optionally, an iterator to restore too.
+
+    Returns:
+      ``(state, events)``, or ``None`` when none of ``steps`` is usable.
+    """
+    return self._restore_first(steps, target, data_iter)
+
   def _restore_first(self, steps, target, data_iter):
     """The first of ``steps`` that restores; damaged ones are moved aside."""
     self._manager.wait_until_finished()
@@ -1041,13 +1104,29 @@ class Checkpointer:
       # files are damaged: truncated, missing or garbled.
       raise _Unusable(f'cannot be read ({_first_line(e)})') from e
     arrays = restored[_STATE]
-    expected = (restored[_INTEGRITY] or {}).get('fingerprints')
+    _check_restored_leaves(arrays, tree, casts)
+    record = restored[_INTEGRITY] or {}
+    expected = record.get('fingerprints')
     if self._verify and expected is not None:
       actual = fingerprint(arrays)  # in the saved dtypes, before any cast
       bad = [path for path in expected if actual.get(path) != expected[path]]
       if bad or set(actual) != set(expected):
         raise _Unusable(f'fingerprint mismatch in {bad or "the leaf set"}')
+    self._check_json_items(step, record, restored)
     return _cast_like(arrays, tree), restored
+
+  def _check_json_items(self, step, record, restored) -> None:
+    """The metrics, events and iterator state match the integrity record.
+
+    Steps saved before the record held them (no ``json`` key) pass.
+    """
+    if not self._verify or 'json' not in record:
+      return
+    actual = _json_digests(self.metrics(step), restored[_EVENTS],
+                           restored[_DATA])
+    for item, digest in record['json'].items():
+      if actual.get(item) != digest:
+        raise _Unusable(f'{item} differ from the integrity record')
 
   def _restore_orbax_items(self, step, target, items):
     """A plain Orbax step: check, then read each ``from_orbax`` location."""

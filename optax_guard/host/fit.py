@@ -336,6 +336,18 @@ class Diverged(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class GaveUp(Event):
+  """Recovery gave up (:class:`optax_guard.TrainingDiverged`); ``reason``
+  says why. A restart raises it again instead of resuming."""
+
+  kind: ClassVar[str] = 'gave_up'
+  reason: str
+
+  def __str__(self) -> str:
+    return f'step {self.step}: recovery gave up ({self.reason})'
+
+
+@dataclasses.dataclass(frozen=True)
 class Saved(Event):
   """A checkpoint of ``step`` was written (``healthy``: a rollback target)."""
 
@@ -548,6 +560,7 @@ def _resume(checkpointer, state, data, loop) -> TrainState:
   if saved:
     loop.events.load_state_dict(saved['log'])
     loop.watch.load_state_dict(saved['recovery'])
+    loop.watch.raise_if_gave_up()
     loop.step_events.append(Resumed(state.step, dict(loop.events.counts)))
   elif checkpointer.latest_step() is None:
     loop.save(state, healthy=True, force=True)
@@ -721,6 +734,8 @@ def fit(
         if stop is not None:
           break
     except BaseException as error:
+      if isinstance(error, recovery_lib.TrainingDiverged):
+        loop.record(GaveUp(error.report.step, error.report.reason))
       loop.save_after_error(loop.completed or state, error)
       raise
     if not preempted:

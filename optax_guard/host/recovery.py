@@ -339,6 +339,9 @@ class Recovery:
     self._runs: list[list[int]] = []
     # Steps holding a restored confirmed state (saved right after a rollback).
     self._restored_steps: list[int] = []
+    # The report of the divergence that ended the run (DivergenceReport as
+    # a dict), or None while recovery has not given up.
+    self.gave_up: Optional[dict[str, Any]] = None
     if checkpointer is not None and policy.confirm_steps > 0:
       # Retention must not delete the checkpoint a rollback would restore.
       checkpointer.preserve_newest(self.is_confirmed)
@@ -472,12 +475,13 @@ class Recovery:
     assert checkpointer is not None  # Recovery.rollback checked it.
     if self.policy.confirm_steps == 0:
       return checkpointer.restore_last_good(state)
-    for step in sorted(checkpointer.all_steps(), reverse=True):
-      if self.is_confirmed(step):
-        try:
-          return checkpointer.restore(step, state)
-        except checkpoint_lib.CorruptCheckpointError as e:
-          _log.warning('Rollback target skipped: %s', e)
+    confirmed = [step for step in sorted(checkpointer.all_steps(),
+                                         reverse=True)
+                 if self.is_confirmed(step)]
+    # A damaged target is moved aside with a warning; the next one is tried.
+    restored = checkpointer.restore_first_of(confirmed, state)
+    if restored is not None:
+      return restored
     restored = checkpointer.restore_last_good(state)
     if restored is not None:
       _log.warning(
@@ -534,6 +538,9 @@ class Recovery:
           nonfinite_params=nonfinite_params,
       )
       _log.error('%s', report)
+      # Saved with the next checkpoint: a restart must not resume the
+      # diverged state as if training had been healthy.
+      self.gave_up = dataclasses.asdict(report)
       return TrainingDiverged(report)
 
     if len(self.rollbacks) >= self.policy.max_rollbacks:
@@ -593,6 +600,7 @@ class Recovery:
         'rollbacks': list(self.rollbacks),
         'runs': [list(run) for run in self._runs],
         'restored_steps': list(self._restored_steps),
+        'gave_up': self.gave_up,
     }
 
   def load_state_dict(self, saved: Mapping[str, Any]) -> None:
@@ -609,3 +617,24 @@ class Recovery:
     self.rollbacks = [dict(r) for r in saved['rollbacks']]
     self._runs = [list(run) for run in saved.get('runs', [])]
     self._restored_steps = list(saved.get('restored_steps', []))
+    self.gave_up = saved.get('gave_up')
+
+  def raise_if_gave_up(self) -> None:
+    """Raises :class:`TrainingDiverged` again if the saved run gave up.
+
+    A restart of a run that gave up finds the diverged state as its newest
+    checkpoint; resuming it would go on from that state as if it were good.
+
+    Raises:
+      TrainingDiverged: with the saved report, when recovery gave up.
+    """
+    if self.gave_up is None:
+      return
+    saved = dict(self.gave_up)
+    saved['reason'] = (
+        f'{saved["reason"]}; recovery gave up at step {saved["step"]} before'
+        ' this restart, so the run is not resumed (restore an earlier step'
+        ' with Checkpointer.restore into a new directory, or start afresh)'
+    )
+    saved['worst_leaves'] = [tuple(leaf) for leaf in saved['worst_leaves']]
+    raise TrainingDiverged(DivergenceReport(**saved))

@@ -1,0 +1,158 @@
+"""The four ways the host layer lost a run or hung (issue 21, "Why" 1-4),
+each reproduced with real Orbax files, real directories and real processes."""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+from optax_guard import testing as faults
+from optax_guard.host import checkpoint as checkpoint_lib
+from optax_guard.host.checkpoint import CorruptCheckpointWarning
+from optax_guard.host.recovery import Recovery
+
+# A damaged checkpoint makes Orbax abandon its other pending reads; Python
+# reports those never-awaited coroutines as unraisable.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning'
+)
+
+
+def make_state(step, offset=0.0):
+  params = {'w': jnp.arange(6.0).reshape(2, 3) + offset}
+  return og.TrainState(step, params, optax.adam(1e-3).init(params),
+                       jax.random.key(step))
+
+
+def save_steps(directory, steps, **options):
+  with og.Checkpointer(directory, save_interval_steps=1, **options) as ckpt:
+    for step in steps:
+      assert ckpt.save(make_state(step, offset=step),
+                       metrics={'eval_loss': 1.0 / step})
+    ckpt.wait_until_finished()
+
+
+def test_missing_array_metadata_sends_the_step_aside(tmp_path):
+  # "Why" 1: without it Orbax restores the typed PRNG key as raw uint32 key
+  # data; the cast raised ValueError on every restart and nothing moved.
+  save_steps(tmp_path, [1, 2])
+  os.remove(tmp_path / '2' / 'state' / 'array_metadatas' / 'process_0')
+  with pytest.warns(CorruptCheckpointWarning,
+                    match=r'step 2 .*rng.*restored as uint32\[2\]'):
+    with og.Checkpointer(tmp_path) as ckpt:
+      restored, _ = ckpt.restore_or_init(make_state(0))
+  assert restored.step == 1
+  np.testing.assert_array_equal(restored.params['w'], make_state(1, 1).params['w'])
+  assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+  assert os.listdir(tmp_path / checkpoint_lib.QUARANTINE_DIR / '2')
+  # The next restart gets past it at once.
+  with og.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+
+
+def _flip_a_digit(path):
+  """Changes one digit of a JSON file: still valid JSON, another value."""
+  text = path.read_text()
+  index = next(i for i, c in enumerate(text) if c in '123456789')
+  path.write_text(text[:index] + str(int(text[index]) % 9 + 1)
+                  + text[index + 1:])
+
+
+def test_a_changed_metrics_file_is_damage(tmp_path):
+  # "Why" 1: a flipped byte in the newest step's metrics was accepted.
+  save_steps(tmp_path, [1, 2])
+  metrics = tmp_path / '2' / 'metrics' / 'metrics'
+  before = json.loads(metrics.read_text())
+  _flip_a_digit(metrics)
+  assert json.loads(metrics.read_text()) != before
+  with pytest.warns(CorruptCheckpointWarning,
+                    match=r'step 2 .*metrics differ from the integrity record'):
+    with og.Checkpointer(tmp_path) as ckpt:
+      restored, _ = ckpt.restore_or_init(make_state(0))
+  assert restored.step == 1
+
+
+def _flip_a_byte_of_the_arrays(step_dir):
+  files = glob.glob(f'{step_dir}/state/**/d/*', recursive=True)
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x01]))
+
+
+def _observe(recovery, step, loss):
+  return recovery.observe(step, {'loss': loss})
+
+
+def test_a_damaged_rollback_save_leaves_the_previous_target(tmp_path):
+  # "Why" 2: with max_to_keep=2 the save made right after a rollback (step
+  # 12, a copy of step 8) became the only target kept; damaged, the next
+  # rollback found nothing and gave up.
+  state = make_state(0)
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2,
+                       async_save=False) as ckpt:
+    recovery = Recovery(og.RecoveryPolicy(confirm_steps=2), ckpt)
+    for step in range(1, 12):
+      _observe(recovery, step, 1.0)
+      if step in (4, 8):
+        ckpt.save(make_state(step, offset=step), healthy=recovery.healthy)
+    rolled = recovery.rollback(state._replace(step=12), 'first')
+    assert rolled.step == 12 and recovery.rollbacks[0]['to_step'] == 8
+    ckpt.save(rolled, healthy=True)
+    _flip_a_byte_of_the_arrays(tmp_path / '12')
+    for step in (13, 14):
+      _observe(recovery, step, float('nan'))
+      ckpt.save(make_state(step, offset=step), healthy=recovery.healthy)
+    assert 8 in ckpt.all_steps()
+    with pytest.warns(CorruptCheckpointWarning, match='step 12 '):
+      again = recovery.rollback(state._replace(step=14), 'second')
+  assert [r['to_step'] for r in recovery.rollbacks] == [8, 8]
+  np.testing.assert_array_equal(again.params['w'],
+                                make_state(8, offset=8).params['w'])
+
+
+def _faulty_run(directory, plan, policy, num_steps=40):
+  arrays = faults.regression_data(seed=1, num_examples=256)
+  data = faults.FaultInjector(og.batches(arrays, 16, seed=1), plan)
+  params = {'w': jnp.full((8, 8), 0.1), 'v': jnp.full((8, 1), 0.1)}
+  init = og.TrainState(0, params, FAULTY_TX.init(params))
+  with og.Checkpointer(directory / 'ckpt', save_interval_steps=10) as ckpt:
+    return og.fit(
+        FAULTY_STEP, init, data, num_steps=num_steps, checkpointer=ckpt,
+        recovery=policy, progress=False, handle_preemption=False,
+        log_dir=directory / 'logs', tensorboard=False,
+    )
+
+
+FAULTY_TX = og.guard(optax.adam(0.05), max_consecutive_skips=3)
+FAULTY_STEP = og.make_train_step(
+    faults.with_faults(
+        lambda p, b: jnp.mean((jnp.tanh(b['x'] @ p['w']) @ p['v'] - b['y'])
+                              ** 2)),
+    FAULTY_TX,
+)
+
+
+def test_giving_up_is_an_event_and_the_restart_raises_again(tmp_path):
+  # "Why" 2: recovery gave up without an event, and the next restart
+  # resumed the diverged step silently, as if it were healthy.
+  plan = {i: faults.Fault('nan_grad') for i in range(25, 29)}
+  policy = og.RecoveryPolicy(max_rollbacks=0)
+  with pytest.raises(og.TrainingDiverged, match='step 28'):
+    _faulty_run(tmp_path, plan, policy)
+  with open(tmp_path / 'logs' / 'events.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  assert [(e['kind'], e['step']) for e in logged][-1] == ('gave_up', 28)
+  assert 'after 0 rollbacks, the maximum' in logged[-1]['reason']
+  with pytest.raises(og.TrainingDiverged,
+                     match=r'(?s)step 28.*gave up at step 28 before this'
+                     ' restart'):
+    _faulty_run(tmp_path, {}, policy)
