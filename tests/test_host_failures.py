@@ -4,6 +4,8 @@ each reproduced with real Orbax files, real directories and real processes."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +158,91 @@ def test_giving_up_is_an_event_and_the_restart_raises_again(tmp_path):
                      match=r'(?s)step 28.*gave up at step 28 before this'
                      ' restart'):
     _faulty_run(tmp_path, {}, policy)
+
+
+def test_an_unwritable_directory_raises_naming_the_step_and_exits(tmp_path):
+  # "Why" 3: PermissionError came after 0.4 s, then the process waited
+  # 300 s for an Orbax thread. The timeout only catches that hang.
+  worker = os.path.join(os.path.dirname(__file__), 'unwritable_worker.py')
+  if os.geteuid() == 0 and subprocess.run(
+      ['chattr', '-i', str(tmp_path)], capture_output=True,
+      check=False).returncode:
+    pytest.skip('root, and this file system has no chattr +i')
+  result = subprocess.run(
+      [sys.executable, worker, str(tmp_path / 'ckpt')], capture_output=True,
+      text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  (line,) = [x for x in result.stdout.splitlines() if x.startswith('raised')]
+  name, seconds, message = line.split(' ', 3)[1:]
+  print(f'unwritable directory: raised after {seconds} s')
+  assert name == 'CheckpointSaveError'
+  assert message.startswith(f'Saving step 15 to {tmp_path / "ckpt"} failed')
+  with og.Checkpointer(tmp_path / 'ckpt') as ckpt:
+    assert ckpt.all_steps() == [0, 5, 10]
+
+
+LOCK_WORKER = os.path.join(os.path.dirname(__file__), 'lock_worker.py')
+
+
+def test_a_deleted_lock_file_lets_no_second_writer_in(tmp_path):
+  # "Why" 4: with .writer.lock removed, a second writer took the directory
+  # and deleted the first one's save in flight.
+  worker = subprocess.Popen([sys.executable, LOCK_WORKER, 'hold',
+                             str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert worker.stdout.readline() == f'holding {worker.pid}\n'
+    os.remove(tmp_path / checkpoint_lib.LOCK_FILE)
+    unfinished = tmp_path / '7.orbax-checkpoint-tmp-123'
+    unfinished.mkdir()  # As the holder's save in flight.
+    with pytest.raises(checkpoint_lib.CheckpointLockedError,
+                       match=rf'pid {worker.pid}.*lock file was deleted'):
+      og.Checkpointer(tmp_path)
+    assert unfinished.exists()
+  finally:
+    worker.kill()
+    worker.wait()
+  # Killed, it blocks nobody.
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    assert ckpt.save(make_state(1))
+
+
+def test_the_holder_takes_a_deleted_lock_file_again_before_saving(tmp_path):
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as first:
+    assert first.save(make_state(1))
+    first.wait_until_finished()
+    os.remove(tmp_path / checkpoint_lib.LOCK_FILE)
+    with pytest.raises(checkpoint_lib.CheckpointLockedError,
+                       match='lock file was deleted'):
+      og.Checkpointer(tmp_path)
+    assert first.save(make_state(2))
+    assert (tmp_path / checkpoint_lib.LOCK_FILE).exists()
+    # Taken again: a second writer is refused by the file lock itself.
+    with pytest.raises(checkpoint_lib.CheckpointLockedError,
+                       match=rf'pid {os.getpid()}'):
+      og.Checkpointer(tmp_path)
+  with og.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1, 2]
+
+
+def test_a_replaced_lock_file_held_by_another_writer_stops_the_saves(
+    tmp_path):
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as first:
+    assert first.save(make_state(1))
+    first.wait_until_finished()
+    os.remove(tmp_path / checkpoint_lib.LOCK_FILE)
+    holder = json.loads((tmp_path / checkpoint_lib.HOLDER_FILE).read_text())
+    (tmp_path / checkpoint_lib.HOLDER_FILE).write_text(json.dumps(
+        {**holder, 'released': True}))
+    # A writer that got in (the first one's record looked released).
+    worker = subprocess.Popen([sys.executable, LOCK_WORKER, 'hold',
+                               str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+      assert worker.stdout.readline() == f'holding {worker.pid}\n'
+      with pytest.raises(checkpoint_lib.CheckpointLockedError,
+                         match=rf'pid {worker.pid}'):
+        first.save(make_state(2))
+    finally:
+      worker.kill()
+      worker.wait()
+    assert first.all_steps() == [1]

@@ -62,7 +62,9 @@ Unmapped fields come from the restore target (e.g. a fresh
 One writer per directory: the constructor takes an exclusive file lock
 (``filelock``; the kernel drops it when the process dies, even by SIGKILL),
 and a second writer, in this process or another, gets
-:class:`CheckpointLockedError` naming the holder at once. ``read_only=True``
+:class:`CheckpointLockedError` naming the holder at once; the lock is
+checked again before every save, so deleting its file lets no second writer
+in (see :mod:`optax_guard.host.lock`). ``read_only=True``
 takes no lock, never writes, moves nothing (evaluation, inspection). Under
 ``jax.distributed``, process 0 holds the lock for the run and every process
 gets the same answer. Remote paths (``gs://``) are not locked.
@@ -72,25 +74,27 @@ import atexit
 import base64
 import concurrent.futures.thread  # pylint: disable=unused-import
 import dataclasses
-import datetime
 import functools
 import hashlib
 import json
 import logging
 import math
 import os
-import socket
 import threading
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from optax_guard.host import lock as lock_lib
+from optax_guard.host.lock import CheckpointLockedError  # re-exported
+from optax_guard.host.lock import HOLDER_FILE  # re-exported
+from optax_guard.host.lock import LOCK_FILE  # re-exported
 
 _log = logging.getLogger('optax_guard')
 
@@ -101,8 +105,6 @@ _INTEGRITY = 'integrity'
 _OG_ITEMS = frozenset({_STATE, _DATA, _EVENTS, _INTEGRITY, 'metrics'})
 _FIELDS = ('params', 'opt_state', 'rng')
 QUARANTINE_DIR = 'corrupted'
-LOCK_FILE = '.writer.lock'
-HOLDER_FILE = '.writer.json'
 
 
 class TrainState(NamedTuple):
@@ -272,50 +274,21 @@ class _Unusable(Exception):
     self.reason = reason
 
 
-class CheckpointLockedError(RuntimeError):
-  """Another writer holds the checkpoint directory; the message names it."""
+class CheckpointSaveError(RuntimeError):
+  """Saving a step failed (unwritable directory, full disk, ...).
 
+  Attributes:
+    step: the step whose save failed (``None`` if unknown).
+    directory: the checkpoint directory.
+  """
 
-def _holder(directory: epath.Path) -> str:
-  try:
-    info = json.loads((directory / HOLDER_FILE).read_text())
-    return f'host {info["host"]}, pid {info["pid"]}, since {info["since"]}'
-  except Exception:  # pylint: disable=broad-except
-    return f'holder unknown: no readable {HOLDER_FILE}'
-
-
-def _lock_directory(directory: epath.Path) -> Optional[filelock.BaseFileLock]:
-  """Takes the one-writer lock at once or raises; process 0 holds it."""
-  lock, holder = None, ''
-  if jax.process_index() == 0 and '://' not in str(directory):
-    directory.mkdir(parents=True, exist_ok=True)
-    # Not thread-local: close() may run on another thread than __init__.
-    lock = filelock.FileLock(
-        os.fspath(directory / LOCK_FILE), timeout=0, thread_local=False
-    )
-    try:
-      lock.acquire()
-    except filelock.Timeout:
-      lock, holder = None, _holder(directory)
-    else:
-      since = datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'
-      )
-      (directory / HOLDER_FILE).write_text(json.dumps(
-          {'host': socket.gethostname(), 'pid': os.getpid(), 'since': since}
-      ))
-  if jax.process_count() > 1:
-    # All processes raise or none does: a lone failure would leave the others
-    # waiting in a collective.
-    if multihost_utils.broadcast_one_to_all(np.int32(bool(holder))):
-      holder = holder or 'see process 0'
-  if holder:
-    raise CheckpointLockedError(
-        f'{directory} is being written by another Checkpointer ({holder}).'
-        ' Close that one (or let its process end), use another directory,'
-        ' or pass read_only=True to restore without writing.'
-    )
-  return lock
+  def __init__(self, step: Optional[int], directory: Any, error: Any):
+    which = 'a checkpoint' if step is None else f'step {step}'
+    super().__init__(
+        f'Saving {which} to {directory} failed: {error}. Nothing of that'
+        ' step was committed; the steps saved before are intact.')
+    self.step = step
+    self.directory = directory
 
 
 def _metric_rank(metrics: Optional[Mapping[str, Any]], *, name: str,
@@ -664,7 +637,9 @@ class Checkpointer:
     for item in (_DATA, _EVENTS, _INTEGRITY):
       self._registry.add(item, ocp.args.JsonSave)
       self._registry.add(item, ocp.args.JsonRestore)
-    self._lock = None if read_only else _lock_directory(self._directory)
+    self._pending_step: Optional[int] = None  # the async save in flight
+    self._lock = None if read_only else lock_lib.WriterLock(
+        self._directory, is_open_here=self._directory_open_here)
     try:
       self._warn_unfinished_saves()
       self._manager = self._open_manager()
@@ -840,21 +815,64 @@ class Checkpointer:
         'fingerprints': fingerprint(tree) if self._verify else None,
         'json': _json_digests(record, events, data_state),
     }
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(tree),
-            _DATA: ocp.args.JsonSave(data_state),
-            _EVENTS: ocp.args.JsonSave(events),
-            _INTEGRITY: ocp.args.JsonSave(integrity),
-        }),
-        metrics=record,
-        force=True,
-    )
+    # The previous async save first, so that its failure names its step.
+    self.wait_until_finished()
+    if self._lock is not None:
+      self._lock.check()  # Orbax deletes old steps after the save.
+    self._check_writable(step)
+    self._pending_step = step
+    try:
+      return self._manager.save(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardSave(tree),
+              _DATA: ocp.args.JsonSave(data_state),
+              _EVENTS: ocp.args.JsonSave(events),
+              _INTEGRITY: ocp.args.JsonSave(integrity),
+          }),
+          metrics=record,
+          force=True,
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      self._pending_step = None
+      raise CheckpointSaveError(step, self._directory, e) from e
+
+  def _check_writable(self, step: int) -> None:
+    """Raises :class:`CheckpointSaveError` unless ``directory`` takes a
+    new entry, alike on every process.
+
+    Orbax creates the step directory in a background thread; when that
+    fails, its other threads wait 300 s for the directory and the process
+    cannot exit meanwhile. A directory made and removed here fails first.
+    """
+    error = None
+    if '://' not in str(self._directory):
+      probe = self._directory / (
+          f'.og-write-probe-{jax.process_index()}-{os.getpid()}')
+      try:
+        probe.mkdir()
+        probe.rmdir()
+      except OSError as e:
+        error = e
+    failed = error is not None
+    if jax.process_count() > 1:
+      failed = bool(np.any(multihost_utils.process_allgather(
+          np.int32(failed))))
+    if failed:
+      raise CheckpointSaveError(
+          step, self._directory, error or 'not writable on another process')
 
   def wait_until_finished(self) -> None:
-    """Blocks until the pending async save, if any, is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the pending async save, if any, is on disk.
+
+    Raises:
+      CheckpointSaveError: when that save failed (naming its step).
+    """
+    step, self._pending_step = self._pending_step, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(step, self._directory, e) from e
 
   def close(self) -> None:
     """Waits for pending saves, releases Orbax's resources and the lock.
@@ -875,6 +893,11 @@ class Checkpointer:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
+
+  def _directory_open_here(self) -> bool:
+    """Whether another writer of this process holds this directory."""
+    return any(other._directory == self._directory and not other._read_only
+               for other in _OPEN_CHECKPOINTERS if other is not self)
 
   def __enter__(self) -> 'Checkpointer':
     return self

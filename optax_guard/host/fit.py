@@ -539,6 +539,11 @@ class _Loop:
                    state.step)
       return
     directory = self.checkpointer.directory
+    if isinstance(error, checkpoint_lib.CheckpointSaveError):
+      # The directory itself failed: another save would fail the same way.
+      _log.error('Saving step %s to %s failed; nothing more saved.',
+                 error.step, directory)
+      return
     try:
       saved = self.save(state, healthy=self.watch.healthy, force=True)
       self.checkpointer.wait_until_finished()
