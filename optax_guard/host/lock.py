@@ -1,4 +1,8 @@
-"""Who may write a checkpoint directory: one writer, checked before each write.
+"""Who may write a checkpoint directory, and whether it takes writes.
+
+One writer, checked before each write; and a probe before each save
+(:func:`check_writable`), so that an unwritable directory raises
+:class:`CheckpointSaveError` before Orbax starts its background threads.
 
 :class:`WriterLock` takes an exclusive lock on ``<directory>/.writer.lock``
 (``filelock``; the kernel drops it when the process dies, even by SIGKILL)
@@ -36,6 +40,47 @@ HOLDER_FILE = '.writer.json'
 
 class CheckpointLockedError(RuntimeError):
   """Another writer holds the checkpoint directory; the message names it."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Saving a step failed (unwritable directory, full disk, ...).
+
+  Attributes:
+    step: the step whose save failed (``None`` if unknown).
+    directory: the checkpoint directory.
+  """
+
+  def __init__(self, step: Optional[int], directory: Any, error: Any):
+    which = 'a checkpoint' if step is None else f'step {step}'
+    super().__init__(
+        f'Saving {which} to {directory} failed: {error}. Nothing of that'
+        ' step was committed; the steps saved before are intact.')
+    self.step = step
+    self.directory = directory
+
+
+def check_writable(directory: epath.Path, step: int) -> None:
+  """Raises :class:`CheckpointSaveError` unless ``directory`` takes a new
+  entry, alike on every process.
+
+  Orbax creates the step directory in a background thread; when that fails,
+  its other threads wait 300 s for the directory and the process cannot exit
+  meanwhile. A directory made and removed here fails first.
+  """
+  error: Any = None
+  if '://' not in str(directory):
+    probe = directory / f'.og-write-probe-{jax.process_index()}-{os.getpid()}'
+    try:
+      probe.mkdir()
+      probe.rmdir()
+    except OSError as e:
+      error = e
+  failed = error is not None
+  if jax.process_count() > 1:
+    failed = bool(np.any(multihost_utils.process_allgather(np.int32(failed))))
+  if failed:
+    raise CheckpointSaveError(
+        step, directory, error or 'not writable on another process')
 
 
 def _holder_record(directory: epath.Path) -> Optional[dict[str, Any]]:
