@@ -3,6 +3,7 @@ each reproduced with real Orbax files, real directories and real processes."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -240,3 +241,52 @@ def test_a_replaced_lock_file_held_by_another_writer_stops_the_saves(
       worker.kill()
       worker.wait()
     assert first.all_steps() == [1]
+
+
+def _read_only_mount_works(directory):
+  """Whether this process may make a read-only bind mount (root, Linux)."""
+  return subprocess.run(
+      ['unshare', '-m', 'sh', '-c',
+       f'mount --bind {directory} {directory} && mount -o remount,ro,bind'
+       f' {directory} {directory}'],
+      capture_output=True, check=False).returncode == 0
+
+
+def test_a_save_failing_on_one_of_two_processes_raises_on_both(tmp_path):
+  # Item 4 of issue 21: a failing host makes every host raise, none is left
+  # in an Orbax barrier. Process 1 sees the directory read-only (a bind
+  # mount in its own mount namespace); process 0 can write it.
+  directory = tmp_path / 'ckpt'
+  directory.mkdir()
+  if not _read_only_mount_works(directory):
+    pytest.skip('needs root and mount namespaces (unshare -m)')
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    coordinator = f'127.0.0.1:{sock.getsockname()[1]}'
+  worker = os.path.join(os.path.dirname(__file__),
+                        'multihost_save_worker.py')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  commands = [
+      [sys.executable, worker, coordinator, '0', str(directory)],
+      ['unshare', '-m', 'sh', '-c',
+       f'mount --bind {directory} {directory} && mount -o remount,ro,bind'
+       f' {directory} && exec {sys.executable} {worker} {coordinator} 1'
+       f' {directory}'],
+  ]
+  processes = [subprocess.Popen(command, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+               for command in commands]
+  try:
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  for rank, (process, output) in enumerate(zip(processes, outputs)):
+    assert process.returncode == 0, output[-2000:]
+    (line,) = [x for x in output.splitlines() if x.startswith('raised')]
+    name, seconds, message = line.split(' ', 3)[1:]
+    print(f'process {rank}: raised after {seconds} s')
+    assert name == 'CheckpointSaveError'
+    assert message.startswith(f'Saving step 1 to {directory} failed')
+    assert output.splitlines()[-1] == 'exited'
