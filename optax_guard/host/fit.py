@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host import recovery as recovery_lib
@@ -95,6 +96,8 @@ class _Loop:
     # The newest completed state: the one fit saves when a step raises after
     # the train step ran (its input buffers were donated to that step).
     self.completed: Optional[TrainState] = None
+    # Saves handed to Orbax, announced once committed (announce_committed).
+    self.in_flight: list[Saved] = []
 
   def record(self, event: Event) -> None:
     """Passes ``event`` to the callback; logs and counts it unless a save."""
@@ -120,8 +123,25 @@ class _Loop:
         metrics=metrics,
     )
     if saved:
-      self.record(Saved(state.step, healthy))
+      self.in_flight.append(Saved(state.step, healthy))
+      self.announce_committed()
     return saved
+
+  def announce_committed(self) -> None:
+    """Records the :class:`Saved` events of the saves committed since.
+
+    An async save is announced once it is on disk (its step directory has
+    its final name), at the first step that finds it so: a kill after the
+    announcement resumes from that step or a newer one.
+    """
+    still = []
+    for event in self.in_flight:
+      path = self.checkpointer.directory / str(event.step)
+      if path.is_dir() and ocp.path.step.is_path_finalized(path):
+        self.record(event)
+      else:
+        still.append(event)
+    self.in_flight = still
 
   def save_after_error(self, state: TrainState, error: BaseException) -> None:
     """Saves the last completed step before ``error`` leaves :func:`fit`."""
@@ -422,6 +442,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
               force=rolled_back or stopping,
               metrics=None if rolled_back else evaluated)
   if callback is not None:
+    loop.announce_committed()
     callback(state, scalars, loop.take_events())
     # The callback may itself send the signal (a simulated preemption).
     if not stopping and preemption is not None and preemption.reached(

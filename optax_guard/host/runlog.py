@@ -220,7 +220,13 @@ class GaveUp(Event):
 
 @dataclasses.dataclass(frozen=True)
 class Saved(Event):
-  """A checkpoint of ``step`` was written (``healthy``: a rollback target)."""
+  """The checkpoint of ``step`` is committed to disk (``healthy``: a rollback
+  target).
+
+  An async save is announced at the first step whose callback finds it
+  committed (the same step for a synchronous one): a run killed after this
+  event resumes from ``step`` or a newer one.
+  """
 
   kind: ClassVar[str] = 'saved'
   healthy: bool
