@@ -290,3 +290,45 @@ def test_a_save_failing_on_one_of_two_processes_raises_on_both(tmp_path):
     assert name == 'CheckpointSaveError'
     assert message.startswith(f'Saving step 1 to {directory} failed')
     assert output.splitlines()[-1] == 'exited'
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')
+PROMISE = ('a truncated, missing, garbled or unfinished one is skipped with a'
+           ' warning naming the step and the reason, and moved to'
+           ' `dir/corrupted/`, never deleted')
+
+
+def test_the_readme_promise_about_damaged_and_unfinished_steps_holds(
+    tmp_path):
+  # Issue 21: the README promised this while an unfinished save was
+  # "ignored and removed" (by Orbax, as a writer opened the directory).
+  with open(README) as f:
+    assert PROMISE in ' '.join(f.read().split())
+  save_steps(tmp_path, [1, 2, 3, 4], max_to_keep=None)
+  os.rename(tmp_path / '4', tmp_path / '4.orbax-checkpoint-tmp-1234')  # kill
+  with open(tmp_path / '3' / 'metrics' / 'metrics', 'w') as f:
+    f.write('{"healthy": tr')  # garbled
+  os.remove(tmp_path / '2' / 'state' / 'manifest.ocdbt')  # missing
+  before = _files(tmp_path)
+  with pytest.warns(CorruptCheckpointWarning) as caught:
+    with og.Checkpointer(tmp_path) as ckpt:
+      restored, _ = ckpt.restore_or_init(make_state(0))
+  assert restored.step == 1
+  messages = [str(w.message) for w in caught]
+  for step in (4, 3, 2):
+    (message,) = [m for m in messages if f'step {step} ' in m]
+    assert f'moved to {tmp_path / "corrupted"}' in message
+  assert 'unfinished save (4.orbax-checkpoint-tmp-1234)' in ' '.join(messages)
+  # Nothing deleted: the three steps moved aside whole, step 1 untouched.
+  assert sorted(os.listdir(tmp_path / 'corrupted')) == ['2', '3', '4']
+  after = _files(tmp_path)
+  for old, new in [('2', '2'), ('3', '3'), ('4.orbax-checkpoint-tmp-1234', '4'),
+                   ('1', '1')]:
+    inside = {p.split('/', 1)[1] for p in before if p.split('/')[0] == old}
+    where = new if old == '1' else f'corrupted/{new}'
+    assert {f'{where}/{p}' for p in inside} <= after, old
+
+
+def _files(directory):
+  return {os.path.relpath(os.path.join(root, name), directory)
+          for root, _, names in os.walk(directory) for name in names}

@@ -221,7 +221,7 @@ class Checkpointer(restore_lib.Restoring):
     self._lock = None if read_only else lock_lib.WriterLock(
         self._directory, is_open_here=self._directory_open_here)
     try:
-      self._warn_unfinished_saves()
+      self._set_unfinished_saves_aside()
       self._manager = self._open_manager()
     except BaseException:
       self._release_lock()
@@ -230,14 +230,15 @@ class Checkpointer(restore_lib.Restoring):
 
   # -- Opening ----------------------------------------------------------------
 
-  def _warn_unfinished_saves(self) -> None:
-    """Names the saves a crash interrupted; Orbax removes them on opening."""
+  def _set_unfinished_saves_aside(self) -> None:
+    """Moves the saves a crash interrupted into ``corrupted/`` with a
+    warning, before Orbax (which would delete them) opens the directory."""
     if not self._directory.exists():
       return
     for name in ocp.path.step.tmp_checkpoints(self._directory):
       step = ocp.path.step.step_from_checkpoint_name(name)
-      fate = 'left in place (read-only)' if self._read_only else 'removed'
-      self._warn(step, f'unfinished save ({name}) ignored and {fate}')
+      integrity.move_aside(self._directory, step, f'unfinished save ({name})',
+                           read_only=self._read_only, name=name)
 
   def _open_manager(self) -> ocp.CheckpointManager:
     try:

@@ -95,7 +95,7 @@ def describe(directory: epath.PathLike) -> list[dict[str, Any]]:
   for name in ocp.path.step.tmp_checkpoints(path):
     records.append(_record(
         ocp.path.step.step_from_checkpoint_name(name), path / name,
-        problem='unfinished save: removed when a writer opens'))
+        problem='unfinished save: moved to corrupted/ when a writer opens'))
   quarantine = path / QUARANTINE_DIR
   for moved in sorted(quarantine.iterdir()) if quarantine.is_dir() else ():
     records.append(_record(

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -175,15 +175,16 @@ def warn(directory: epath.Path, step: int, reason: str,
 
 
 def move_aside(directory: epath.Path, step: int, reason: str, *,
-               read_only: bool) -> None:
+               read_only: bool, name: Optional[str] = None) -> None:
   """Warns and moves ``step`` into ``corrupted/``, deleting nothing.
 
-  Every process calls it with the same arguments; process 0 moves.
+  Every process calls it with the same arguments; process 0 moves. ``name``:
+  the step's directory name, when not ``str(step)`` (an unfinished save).
   """
   if read_only:
     warn(directory, step, f'{reason}; skipped (read-only: left in place)')
     return
-  path = directory / str(step)
+  path = directory / (name or str(step))
   destination = directory / QUARANTINE_DIR / str(step)
   suffix = 1
   while destination.exists():
