@@ -332,3 +332,31 @@ def test_the_readme_promise_about_damaged_and_unfinished_steps_holds(
 def _files(directory):
   return {os.path.relpath(os.path.join(root, name), directory)
           for root, _, names in os.walk(directory) for name in names}
+
+
+def test_a_full_disk_raises_naming_the_step_that_failed(tmp_path):
+  # Issue 21: the error of an async save that ran out of space named the
+  # step of a later save call (37 or 36 where 32 failed). A 1.2 MB tmpfs,
+  # mounted in the worker's own mount namespace, fills at the fourth save.
+  directory = tmp_path / 'disk'
+  directory.mkdir()
+  if not _read_only_mount_works(directory):
+    pytest.skip('needs root and mount namespaces (unshare -m)')
+  worker = os.path.join(os.path.dirname(__file__), 'disk_full_worker.py')
+  result = subprocess.run(
+      ['unshare', '-m', 'sh', '-c',
+       f'mount -t tmpfs -o size=1200k tmpfs {directory} && exec'
+       f' {sys.executable} {worker} {directory / "ckpt"}'],
+      capture_output=True, text=True, timeout=240, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  (raised,) = [x for x in lines if x.startswith('raised')]
+  name, call_step, seconds, message = raised.split(' ', 4)[1:]
+  print(f'full disk: raised after {seconds} s')
+  (on_disk,) = [x for x in lines if x.startswith('on disk')]
+  failed = max(int(step) for step in on_disk.split()[2:]) + 1
+  assert name == 'CheckpointSaveError'
+  assert message.startswith(f'Saving step {failed} to {directory / "ckpt"}'
+                            ' failed: RESOURCE_EXHAUSTED')
+  assert 'No space left on device' in message
+  assert int(call_step) in (failed, failed + 1)
