@@ -45,10 +45,10 @@ def test_missing_array_metadata_sends_the_step_aside(tmp_path):
   # data; the cast raised ValueError on every restart and nothing moved.
   save_steps(tmp_path, [1, 2])
   os.remove(tmp_path / '2' / 'state' / 'array_metadatas' / 'process_0')
-  with pytest.warns(CorruptCheckpointWarning,
-                    match=r'step 2 .*rng.*restored as uint32\[2\]'):
-    with og.Checkpointer(tmp_path) as ckpt:
-      restored, _ = ckpt.restore_or_init(make_state(0))
+  with (pytest.warns(CorruptCheckpointWarning,
+                     match=r'step 2 .*rng.*restored as uint32\[2\]'),
+        og.Checkpointer(tmp_path) as ckpt):
+    restored, _ = ckpt.restore_or_init(make_state(0))
   assert restored.step == 1
   np.testing.assert_array_equal(restored.params['w'], make_state(1, 1).params['w'])
   assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
@@ -73,10 +73,10 @@ def test_a_changed_metrics_file_is_damage(tmp_path):
   before = json.loads(metrics.read_text())
   _flip_a_digit(metrics)
   assert json.loads(metrics.read_text()) != before
-  with pytest.warns(CorruptCheckpointWarning,
-                    match=r'step 2 .*metrics differ from the integrity record'):
-    with og.Checkpointer(tmp_path) as ckpt:
-      restored, _ = ckpt.restore_or_init(make_state(0))
+  with (pytest.warns(CorruptCheckpointWarning,
+                     match=r'step 2 .*metrics differ from the integrity record'),
+        og.Checkpointer(tmp_path) as ckpt):
+    restored, _ = ckpt.restore_or_init(make_state(0))
   assert restored.step == 1
 
 
@@ -243,12 +243,16 @@ def test_a_replaced_lock_file_held_by_another_writer_stops_the_saves(
     assert first.all_steps() == [1]
 
 
+def _read_only_mount(directory):
+  """Shell: ``directory`` read-only in this mount namespace (a bind mount)."""
+  return (f'mount --bind {directory} {directory}'
+          f' && mount -o remount,ro,bind {directory}')
+
+
 def _read_only_mount_works(directory):
   """Whether this process may make a read-only bind mount (root, Linux)."""
   return subprocess.run(
-      ['unshare', '-m', 'sh', '-c',
-       f'mount --bind {directory} {directory} && mount -o remount,ro,bind'
-       f' {directory} {directory}'],
+      ['unshare', '-m', 'sh', '-c', _read_only_mount(directory)],
       capture_output=True, check=False).returncode == 0
 
 
@@ -269,9 +273,8 @@ def test_a_save_failing_on_one_of_two_processes_raises_on_both(tmp_path):
   commands = [
       [sys.executable, worker, coordinator, '0', str(directory)],
       ['unshare', '-m', 'sh', '-c',
-       f'mount --bind {directory} {directory} && mount -o remount,ro,bind'
-       f' {directory} && exec {sys.executable} {worker} {coordinator} 1'
-       f' {directory}'],
+       (f'{_read_only_mount(directory)} && exec {sys.executable} {worker}'
+        f' {coordinator} 1 {directory}')],
   ]
   processes = [subprocess.Popen(command, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
@@ -310,9 +313,9 @@ def test_the_readme_promise_about_damaged_and_unfinished_steps_holds(
     f.write('{"healthy": tr')  # garbled
   os.remove(tmp_path / '2' / 'state' / 'manifest.ocdbt')  # missing
   before = _files(tmp_path)
-  with pytest.warns(CorruptCheckpointWarning) as caught:
-    with og.Checkpointer(tmp_path) as ckpt:
-      restored, _ = ckpt.restore_or_init(make_state(0))
+  with (pytest.warns(CorruptCheckpointWarning) as caught,
+        og.Checkpointer(tmp_path) as ckpt):
+    restored, _ = ckpt.restore_or_init(make_state(0))
   assert restored.step == 1
   messages = [str(w.message) for w in caught]
   for step in (4, 3, 2):
@@ -345,8 +348,8 @@ def test_a_full_disk_raises_naming_the_step_that_failed(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), 'disk_full_worker.py')
   result = subprocess.run(
       ['unshare', '-m', 'sh', '-c',
-       f'mount -t tmpfs -o size=1200k tmpfs {directory} && exec'
-       f' {sys.executable} {worker} {directory / "ckpt"}'],
+       (f'mount -t tmpfs -o size=1200k tmpfs {directory} && exec'
+        f' {sys.executable} {worker} {directory / "ckpt"}')],
       capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()

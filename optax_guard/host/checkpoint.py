@@ -38,7 +38,7 @@ gets the same answer. Remote paths (``gs://``) are not locked.
 import atexit
 # Imported for its side effect: concurrent.futures registers its exit hook,
 # which _close_open_checkpointers must precede (see there).
-import concurrent.futures.thread  # noqa: F401  # pylint: disable=unused-import
+import concurrent.futures.thread  # pylint: disable=unused-import
 import functools
 import logging
 import threading
@@ -54,16 +54,22 @@ from optax_guard.host import lock as lock_lib
 from optax_guard.host import restore as restore_lib
 from optax_guard.host import retention
 from optax_guard.host import state as state_lib
-# Re-exported: the public names of the checkpoint layer stay importable here.
-from optax_guard.host.integrity import QUARANTINE_DIR as QUARANTINE_DIR
-from optax_guard.host.integrity import CorruptCheckpointError as CorruptCheckpointError
-from optax_guard.host.integrity import CorruptCheckpointWarning as CorruptCheckpointWarning
-from optax_guard.host.integrity import fingerprint as fingerprint
-from optax_guard.host.lock import HOLDER_FILE as HOLDER_FILE
-from optax_guard.host.lock import LOCK_FILE as LOCK_FILE
-from optax_guard.host.lock import CheckpointLockedError as CheckpointLockedError
-from optax_guard.host.lock import CheckpointSaveError as CheckpointSaveError
-from optax_guard.host.state import TrainState as TrainState
+from optax_guard.host.integrity import QUARANTINE_DIR
+from optax_guard.host.integrity import CorruptCheckpointError
+from optax_guard.host.integrity import CorruptCheckpointWarning
+from optax_guard.host.integrity import fingerprint
+from optax_guard.host.lock import HOLDER_FILE
+from optax_guard.host.lock import LOCK_FILE
+from optax_guard.host.lock import CheckpointLockedError
+from optax_guard.host.lock import CheckpointSaveError
+from optax_guard.host.state import TrainState
+
+# The public names of the checkpoint layer, importable from here as before.
+__all__ = [
+    'HOLDER_FILE', 'LOCK_FILE', 'QUARANTINE_DIR', 'CheckpointLockedError',
+    'CheckpointSaveError', 'Checkpointer', 'CorruptCheckpointError',
+    'CorruptCheckpointWarning', 'TrainState', 'fingerprint',
+]
 
 _log = logging.getLogger('optax_guard')
 

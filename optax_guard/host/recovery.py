@@ -36,10 +36,15 @@ from optax_guard.transforms import states as _states
 from optax_guard.host import checkpoint as checkpoint_lib
 # The policy, the back-off and the report live in host/policy.py; their
 # public names stay importable from here.
-from optax_guard.host.policy import DivergenceReport as DivergenceReport
-from optax_guard.host.policy import RecoveryPolicy as RecoveryPolicy
-from optax_guard.host.policy import TrainingDiverged as TrainingDiverged
-from optax_guard.host.policy import scale_hyperparam as scale_hyperparam
+from optax_guard.host.policy import DivergenceReport
+from optax_guard.host.policy import RecoveryPolicy
+from optax_guard.host.policy import TrainingDiverged
+from optax_guard.host.policy import scale_hyperparam
+
+__all__ = [
+    'DivergenceReport', 'Recovery', 'RecoveryPolicy', 'TrainingDiverged',
+    'scale_hyperparam',
+]
 
 _log = logging.getLogger('optax_guard')
 
