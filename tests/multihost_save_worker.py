@@ -12,10 +12,6 @@ import sys
 import time
 
 import jax
-
-jax.config.update('jax_platforms', 'cpu')
-jax.config.update('jax_num_cpu_devices', 1)
-
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -25,6 +21,9 @@ import optax_guard as og
 
 
 def main(coordinator, process_id, directory):
+  # Here, not at import: pytest's doctest collection imports this module.
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', 1)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=2,
                              process_id=process_id, initialization_timeout=60)
   try:
