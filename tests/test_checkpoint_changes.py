@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_guard as og
-from optax_guard.host import checkpoint as checkpoint_lib
+from optax_guard.host import state as state_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard.transforms.guard import GuardState
 
@@ -305,7 +305,7 @@ def test_tree_differences_name_exactly_the_changed_leaves(saved, target,
   as_metadata = {(k,): jax.ShapeDtypeStruct(tuple(s), d)
                  for k, (s, d) in saved.items()}
   as_target = {(k,): np.zeros(s, d) for k, (s, d) in target.items()}
-  differences, casts = checkpoint_lib._tree_differences(
+  differences, casts = state_lib.tree_differences(
       as_metadata, as_target, cast_dtypes)
   named = [line.split(':')[0] for line in differences]
   floating = lambda d: jnp.issubdtype(d, jnp.floating)

@@ -127,18 +127,37 @@ def test_tensorboard_prints_nothing_for_non_finite_values(
   assert 'NaN or Inf' not in captured.out + captured.err
 
 
-def test_callback_receives_the_steps_events(tmp_path, train_step):
-  seen = []
-  with og.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+@pytest.mark.parametrize('async_save', [False, True])
+def test_callback_receives_the_steps_events(tmp_path, train_step, async_save):
+  seen, committed = [], []
+
+  def callback(state, metrics, events):
+    for event in events:
+      seen.append((state.step, event))
+      if isinstance(event, Saved):  # Issue 21: announced once on disk.
+        committed.append((tmp_path / str(event.step)).is_dir())
+
+  with og.Checkpointer(tmp_path, save_interval_steps=5,
+                       async_save=async_save) as ckpt:
     og.fit(train_step, make_init(), make_data(), num_steps=12,
-           checkpointer=ckpt, progress=False,
-           callback=lambda state, m, events: seen.extend(events))
-  # The initial save (a rollback target) comes with the first step.
-  assert [(type(e), e.step) for e in seen] == [
-      (Saved, 0), (SkippedStep, 5), (Saved, 5), (Saved, 10),
-      (SkippedStep, 12)]
-  assert seen[1].reason == 'nonfinite' and seen[2].healthy is False
-  assert seen[3].healthy is True
+           checkpointer=ckpt, progress=False, callback=callback)
+  events = [event for _, event in seen]
+  assert [(type(e), e.step) for e in events if not isinstance(e, Saved)] == [
+      (SkippedStep, 5), (SkippedStep, 12)]
+  saved = [(step, e) for step, e in seen if isinstance(e, Saved)]
+  # The initial save (a rollback target) comes with the first step at the
+  # earliest; a synchronous save with its own step; an async one when a
+  # later step finds it committed (step 10's maybe after the last step).
+  assert all(committed) and all(step >= max(e.step, 1) for step, e in saved)
+  expected = [(0, True), (5, False), (10, True)]
+  if async_save:
+    assert 2 <= len(saved)
+    expected = expected[:len(saved)]
+  else:
+    assert [step for step, _ in saved] == [1, 5, 10]
+  assert [(e.step, e.healthy) for _, e in saved] == expected
+  skip = next(e for e in events if isinstance(e, SkippedStep))
+  assert skip.reason == 'nonfinite'
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(

@@ -8,397 +8,40 @@ files) and a progress bar. Every piece is usable on its own; this is the loop
 for users who don't want to write one.
 """
 
-import collections
-import dataclasses
-import inspect
-import json
-import math
 import logging
 import os
-import signal
-import sys
-import threading
-import time
-from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 
 from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host import recovery as recovery_lib
+from optax_guard.host import steps
+# The preemption handler and the run log live in their own modules; their
+# public names stay importable from here.
+from optax_guard.host.preemption import PreemptionHandler
+from optax_guard.host.runlog import Diverged
+from optax_guard.host.runlog import Event
+from optax_guard.host.runlog import EventLog
+from optax_guard.host.runlog import GaveUp
+from optax_guard.host.runlog import Preempted
+from optax_guard.host.runlog import Resumed
+from optax_guard.host.runlog import Rollback
+from optax_guard.host.runlog import RunLogger
+from optax_guard.host.runlog import Saved
+from optax_guard.host.runlog import SkippedStep
+from optax_guard.host.runlog import Progress
+
+__all__ = [
+    'Diverged', 'Event', 'EventLog', 'FitResult', 'GaveUp', 'Preempted',
+    'PreemptionHandler', 'Resumed', 'Rollback', 'RunLogger', 'Saved',
+    'SkippedStep', 'fit',
+]
 
 _log = logging.getLogger('optax_guard')
 
 TrainState = checkpoint_lib.TrainState
-
-
-class PreemptionHandler:
-  """Turns SIGTERM / SIGINT into a request to stop after the current step.
-
-  Inside the ``with`` block the first signal only sets :attr:`requested`
-  (the loop then saves and stops); a second SIGINT interrupts at once, as
-  usual. The previous handlers come back on exit. Outside the main thread,
-  where Python cannot install handlers, it does nothing.
-
-  Under ``jax.distributed`` a signal usually reaches one process, yet every
-  process must stop at the same step (the save is collective):
-  :meth:`reached` gives the same answer on every process. With JAX's
-  preemption service (``jax_enable_preemption_service``, on by default)
-  SIGTERM is left to JAX's own notifier, which tells every process, and
-  :meth:`reached` is ``multihost_utils.reached_preemption_sync_point``: a
-  local check each step, true on every process at the same step, about a
-  second after the signal (the step Orbax's
-  ``CheckpointManager.reached_preemption`` names too). A SIGINT is passed on
-  to that notifier as a SIGTERM. Without the service, :meth:`reached`
-  gathers every process's :attr:`requested` every ``sync_interval_steps``
-  steps: a collective of about 7 ms on two CPU processes (JAX's check costs
-  under a microsecond).
-
-  Examples:
-    >>> import os, signal
-    >>> from optax_guard.host.fit import PreemptionHandler
-    >>> with PreemptionHandler() as preemption:
-    ...   os.kill(os.getpid(), signal.SIGTERM)
-    ...   preemption.reached(step=1), preemption.signal_name
-    (True, 'SIGTERM')
-
-  Args:
-    signals: the signals to catch.
-    sync_interval_steps: without JAX's preemption service, gather the
-      processes' requests on steps that are multiples of this.
-  """
-
-  def __init__(
-      self,
-      signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
-      *,
-      sync_interval_steps: int = 1,
-  ):
-    if not isinstance(sync_interval_steps, int) or sync_interval_steps < 1:
-      raise ValueError('sync_interval_steps must be an int >= 1, got'
-                       f' {sync_interval_steps!r}.')
-    self.signals = tuple(signals)
-    self.sync_interval_steps = sync_interval_steps
-    self.requested = False
-    self.signal_name: Optional[str] = None
-    self._previous: dict[int, Any] = {}
-    self._jax_notifier = False
-    self._answer: tuple[int, bool] = (-1, False)  # (step, reached)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.requested = True
-    self.signal_name = signal.Signals(signum).name
-    _log.warning(
-        'Received %s: finishing the current step, saving, then stopping.',
-        self.signal_name,
-    )
-    if self._jax_notifier:  # JAX's notifier tells the other processes.
-      signal.raise_signal(signal.SIGTERM)
-
-  def reached(self, step: int) -> bool:
-    """Whether to stop after ``step``: the same answer on every process.
-
-    Call it on every process at every loop step, with increasing steps;
-    under ``jax.distributed`` a second call for the same step gives the
-    first answer (no second collective).
-
-    Args:
-      step: the loop step just finished.
-
-    Returns:
-      Whether a stop was requested (anywhere, under ``jax.distributed``) and
-      this is the step to save and stop at.
-    """
-    if jax.process_count() == 1:
-      return self.requested
-    if self._answer[0] == step:
-      return self._answer[1]
-    if self._jax_notifier:
-      reached = multihost_utils.reached_preemption_sync_point(step)
-    elif step % self.sync_interval_steps == 0:
-      reached = bool(np.any(
-          multihost_utils.process_allgather(np.int32(self.requested))))
-    else:
-      reached = False
-    if reached and self.signal_name is None:
-      self.signal_name = 'preemption notice'
-    self._answer = (step, reached)
-    return reached
-
-  def __enter__(self) -> 'PreemptionHandler':
-    self._jax_notifier = jax.process_count() > 1 and bool(
-        jax.config.values['jax_enable_preemption_service']
-    )
-    if threading.current_thread() is threading.main_thread():
-      for signum in self.signals:
-        # Replacing JAX's C++ SIGTERM handler would silence its notifier.
-        if not (self._jax_notifier and signum == signal.SIGTERM):
-          self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous.clear()
-
-
-def _json_safe(value: Any) -> Any:
-  """``value`` as strict JSON: non-finite floats become ``'nan'``/``'inf'``."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  if isinstance(value, Mapping):
-    return {key: _json_safe(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(item) for item in value]
-  return value
-
-
-def _json_line(record: Mapping[str, Any]) -> str:
-  return json.dumps(_json_safe(record), allow_nan=False) + '\n'
-
-
-def _truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the records with ``step <= last_step``; drops a torn line.
-
-  The file is replaced atomically, so a kill leaves the old or the new one.
-  """
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue  # A kill mid-write leaves a partial last line.
-    if record.get('step', 0) <= last_step:
-      kept.append(line if line.endswith('\n') else line + '\n')
-  if kept != lines:
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
-
-
-class RunLogger:
-  """Writes per-step metrics and events as JSON lines (and TensorBoard).
-
-  Files in ``log_dir``: ``metrics.jsonl`` (one object per step: ``step``,
-  ``time`` and the scalar metrics), ``events.jsonl`` (one object per
-  :class:`Event`) and, with ``tensorboard``, a tensorboardX event file.
-  Lines are strict JSON: a non-finite number is written as the string
-  ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads them back).
-  TensorBoard receives finite scalars only; a non-finite one is counted as
-  ``1`` under ``nonfinite/<name>`` at its step.
-
-  A run that starts (or resumes) at ``start_step`` first cuts both files
-  back to the records with ``step <= start_step`` and hides later
-  TensorBoard points, so a crash-resume leaves each step once.
-
-  Args:
-    log_dir: the directory, created if needed.
-    tensorboard: also write TensorBoard event files (needs tensorboardX).
-    start_step: the step training continues from.
-  """
-
-  def __init__(
-      self, log_dir: str | os.PathLike, *, tensorboard: bool = True,
-      start_step: int = 0,
-  ):
-    os.makedirs(log_dir, exist_ok=True)
-    self.log_dir = os.fspath(log_dir)
-    paths = [os.path.join(self.log_dir, name) for name in
-             ('metrics.jsonl', 'events.jsonl')]
-    for path in paths:
-      _truncate_jsonl(path, start_step)
-    self._metrics, self._events = (open(path, 'a') for path in paths)
-    self._writer = None
-    if tensorboard:
-      try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ImportError(
-            'TensorBoard logging needs tensorboardX (pip install tensorboardX)'
-            ' or pass tensorboard=False.'
-        ) from e
-      self._writer = tensorboardX.SummaryWriter(
-          self.log_dir, purge_step=start_step + 1 if start_step else None
-      )
-
-  def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Appends one step's scalar metrics."""
-    self._metrics.write(_json_line({'step': step, 'time': time.time(),
-                                    **metrics}))
-    # On disk before the next step: a killed run keeps what it logged.
-    self._metrics.flush()
-    if self._writer is not None:
-      for name, value in metrics.items():
-        if math.isfinite(value):
-          self._writer.add_scalar(f'train/{name}', float(value), step)
-        else:
-          self._writer.add_scalar(f'nonfinite/{name}', 1.0, step)
-
-  def log_event(self, event: 'Event') -> None:
-    """Appends one event."""
-    record = {'time': time.time(), **event.to_json()}
-    self._events.write(_json_line(record))
-    self._events.flush()
-    if self._writer is not None:
-      self._writer.add_text(f'events/{event.kind}', str(event), event.step)
-
-  def flush(self) -> None:
-    self._metrics.flush()
-    self._events.flush()
-    if self._writer is not None:
-      self._writer.flush()
-
-  def close(self) -> None:
-    self._metrics.close()
-    self._events.close()
-    if self._writer is not None:
-      self._writer.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-  """Something :func:`fit` did or saw at a loop step.
-
-  The subclasses are the kinds :func:`fit` emits; each is passed to the
-  ``callback`` of its step and, except :class:`Saved`, written to
-  ``events.jsonl`` and counted in the :class:`EventLog` under its ``kind``.
-
-  Attributes:
-    step: the loop step (batches drawn) it belongs to.
-  """
-
-  kind: ClassVar[str] = 'event'
-  step: int
-
-  def to_json(self) -> dict[str, Any]:
-    return {'kind': self.kind, **dataclasses.asdict(self)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedStep(Event):
-  """The guard rejected the step (``reason``: ``nonfinite`` or ``spike``)."""
-
-  kind: ClassVar[str] = 'skipped_step'
-  reason: str
-  loss: float
-  grad_norm: Optional[float]
-
-  def __str__(self) -> str:
-    return f'step {self.step}: skipped ({self.reason}, loss {self.loss:.4g})'
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollback(Event):
-  """Step ``step`` diverged; training went back to checkpoint ``to_step``.
-
-  The loop continues at ``resume_step``: the batches drawn at steps
-  ``to_step + 1`` to ``resume_step`` (batch indices ``to_step`` to
-  ``resume_step - 1``) never count; :attr:`dropped_steps` is that window.
-  """
-
-  kind: ClassVar[str] = 'rollback'
-  to_step: int
-  resume_step: int
-  reason: str
-  skipped_batches: int = 0
-  worst_leaves: tuple[tuple[str, float], ...] = ()
-  nonfinite_params: tuple[str, ...] = ()
-
-  @property
-  def dropped_steps(self) -> range:
-    return range(self.to_step + 1, self.resume_step + 1)
-
-  def __str__(self) -> str:
-    # Worded as the recovery's own warning: batch indices, then steps.
-    return (
-        f'step {self.step}: {self.reason} -> rolled back to step'
-        f' {self.to_step}, skipping batches {self.to_step}..'
-        f'{self.resume_step - 1} (steps {self.to_step + 1}-{self.resume_step})'
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Diverged(Event):
-  """The guard reported ``diverged`` and no recovery is configured."""
-
-  kind: ClassVar[str] = 'diverged'
-  reason: str
-
-  def __str__(self) -> str:
-    return f'step {self.step}: diverged ({self.reason})'
-
-
-@dataclasses.dataclass(frozen=True)
-class Saved(Event):
-  """A checkpoint of ``step`` was written (``healthy``: a rollback target)."""
-
-  kind: ClassVar[str] = 'saved'
-  healthy: bool
-
-  def __str__(self) -> str:
-    health = 'healthy' if self.healthy else 'not healthy'
-    return f'step {self.step}: saved ({health})'
-
-
-@dataclasses.dataclass(frozen=True)
-class Preempted(Event):
-  """A signal asked to stop; the state of ``step`` is saved."""
-
-  kind: ClassVar[str] = 'preempted'
-  signal: str
-
-  def __str__(self) -> str:
-    return f'step {self.step}: {self.signal}, saving and stopping'
-
-
-@dataclasses.dataclass(frozen=True)
-class Resumed(Event):
-  """The run continued from the checkpoint of ``step``.
-
-  Attributes:
-    counts: the event counts restored with it (``{kind: count}``).
-  """
-
-  kind: ClassVar[str] = 'resumed'
-  counts: dict[str, int]
-
-  def __str__(self) -> str:
-    return f'resumed from the checkpoint of step {self.step}'
-
-
-class EventLog:
-  """Counts of events and the most recent ones, small enough to checkpoint.
-
-  Args:
-    keep: how many recent events to keep.
-  """
-
-  def __init__(self, keep: int = 100):
-    self.counts: collections.Counter[str] = collections.Counter()
-    self.recent: collections.deque[dict[str, Any]] = collections.deque(
-        maxlen=keep
-    )
-
-  def add(self, event: Event) -> Event:
-    self.counts[event.kind] += 1
-    self.recent.append(event.to_json())
-    return event
-
-  def state_dict(self) -> dict[str, Any]:
-    return {'counts': dict(self.counts), 'recent': list(self.recent)}
-
-  def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-    self.counts = collections.Counter(saved['counts'])
-    self.recent.clear()
-    self.recent.extend(saved['recent'])
 
 
 class FitResult(NamedTuple):
@@ -417,120 +60,12 @@ class FitResult(NamedTuple):
   preempted: bool
 
 
-def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
-  """Scalar metrics as Python numbers (one device-to-host transfer)."""
-  fetched = jax.device_get(dict(metrics))
-  return {
-      name: np.asarray(value).item()
-      for name, value in fetched.items()
-      if np.ndim(value) == 0
-  }
-
-
-def _eval_scalars(result: Any) -> dict[str, Any]:
-  """``eval_fn``'s result as Python numbers, or a TypeError naming the fix."""
-  if not isinstance(result, Mapping):
-    raise TypeError(
-        'eval_fn must return a mapping of scalar metrics, e.g.'
-        f" {{'eval_loss': loss}}; it returned {type(result).__name__}"
-        f' {result!r:.80}.')
-  fetched = jax.device_get(dict(result))
-  shaped = {name: np.shape(value) for name, value in fetched.items()
-            if np.ndim(value) != 0}
-  if shaped:
-    raise TypeError(
-        'eval_fn must return scalar metrics (each is logged and can rank a'
-        f' checkpoint); these are not scalars: {shaped}. Reduce them, e.g.'
-        ' with jnp.mean.')
-  return _host_scalars(fetched)
-
-
-def _step_arity(train_step: Callable[..., Any]) -> Optional[int]:
-  """How many positional arguments ``train_step`` takes, if it says."""
-  try:
-    parameters = inspect.signature(train_step).parameters.values()
-  except (TypeError, ValueError):
-    return None
-  if any(p.kind == p.VAR_POSITIONAL for p in parameters):
-    return None
-  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-             and p.default is p.empty for p in parameters)
-
-
-def _check_step(train_step: Callable[..., Any], state: TrainState) -> None:
-  """Refuses a step that cannot take ``state``'s form, before anything is
-  restored, donated or saved."""
-  if type(train_step).__module__.startswith('flax.nnx'):
-    raise TypeError(
-        'train_step is compiled with flax.nnx (e.g. og.make_nnx_train_step):'
-        ' it takes NNX objects, but og.fit passes arrays. Use'
-        ' step, state = og.nnx_fit_step(loss_fn, model, optimizer), then'
-        ' og.fit(step, state, ...) and og.nnx_update(model, optimizer,'
-        ' result.state).')
-  with_model_state = state.model_state is not None
-  wanted = 4 if with_model_state else 3
-  arity = _step_arity(train_step)
-  if arity is None or arity == wanted:
-    return
-  if with_model_state:
-    fix = ('with model_state in the TrainState, og.fit calls'
-           ' train_step(params, opt_state, model_state, batch) ->'
-           ' (params, opt_state, model_state, metrics): build it with'
-           ' og.make_train_step(..., has_state=True)')
-  else:
-    fix = ('og.fit calls train_step(params, opt_state, batch) -> (params,'
-           ' opt_state, metrics); a step that also threads model state needs'
-           ' og.TrainState(..., model_state=...); an NNX step (model,'
-           ' optimizer, batch) goes through og.nnx_fit_step')
-  raise TypeError(
-      f'train_step takes {arity} positional arguments, not {wanted}: {fix}.')
-
-
 def _committed(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.device_put(x, x.sharding)
       if isinstance(x, jax.Array) and not x.committed else x,
       tree,
   )
-
-
-class _Progress:
-  """A tqdm bar on a terminal; elsewhere a plain line every ``every`` seconds.
-
-  Output to a file or a pipe gets no carriage-return redraws, only lines
-  such as ``step 120/600 (20%)  loss 2.31  skips 3  rollbacks 0  42 s``.
-  """
-
-  def __init__(self, total: int, initial: int, every: float):
-    self._total = total
-    self._every = every
-    self._started = self._shown = time.monotonic()
-    self._bar = None
-    if sys.stderr.isatty():
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total, initial=initial, unit='step',
-                       dynamic_ncols=True)
-
-  def update(self, step: int, loss: float, counts: Mapping[str, int]) -> None:
-    skips, rollbacks = counts['skipped_step'], counts['rollback']
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f'{loss:.4g}', skips=skips,
-                            rollbacks=rollbacks, refresh=False)
-      return
-    now = time.monotonic()
-    if now - self._shown >= self._every or step == self._total:
-      self._shown = now
-      print(
-          f'step {step}/{self._total} ({100 * step // max(self._total, 1)}%)'
-          f'  loss {loss:.4g}  skips {skips}  rollbacks {rollbacks}'
-          f'  {now - self._started:.0f} s',
-          file=sys.stderr, flush=True,
-      )
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
 
 
 class _Loop:
@@ -551,6 +86,8 @@ class _Loop:
     # The newest completed state: the one fit saves when a step raises after
     # the train step ran (its input buffers were donated to that step).
     self.completed: Optional[TrainState] = None
+    # Saves handed to Orbax, announced once committed (announce_committed).
+    self.in_flight: list[Saved] = []
 
   def record(self, event: Event) -> None:
     """Passes ``event`` to the callback; logs and counts it unless a save."""
@@ -576,8 +113,25 @@ class _Loop:
         metrics=metrics,
     )
     if saved:
-      self.record(Saved(state.step, healthy))
+      self.in_flight.append(Saved(state.step, healthy))
+      self.announce_committed()
     return saved
+
+  def announce_committed(self) -> None:
+    """Records the :class:`Saved` events of the saves committed since.
+
+    An async save is announced once it is on disk (its step directory has
+    its final name), at the first step that finds it so: a kill after the
+    announcement resumes from that step or a newer one.
+    """
+    still = []
+    for event in self.in_flight:
+      path = self.checkpointer.directory / str(event.step)
+      if path.is_dir() and ocp.path.step.is_path_finalized(path):
+        self.record(event)
+      else:
+        still.append(event)
+    self.in_flight = still
 
   def save_after_error(self, state: TrainState, error: BaseException) -> None:
     """Saves the last completed step before ``error`` leaves :func:`fit`."""
@@ -587,6 +141,11 @@ class _Loop:
                    state.step)
       return
     directory = self.checkpointer.directory
+    if isinstance(error, checkpoint_lib.CheckpointSaveError):
+      # The directory itself failed: another save would fail the same way.
+      _log.error('Saving step %s to %s failed; nothing more saved.',
+                 error.step, directory)
+      return
     try:
       saved = self.save(state, healthy=self.watch.healthy, force=True)
       self.checkpointer.wait_until_finished()
@@ -608,6 +167,7 @@ def _resume(checkpointer, state, data, loop) -> TrainState:
   if saved:
     loop.events.load_state_dict(saved['log'])
     loop.watch.load_state_dict(saved['recovery'])
+    loop.watch.raise_if_gave_up()
     loop.step_events.append(Resumed(state.step, dict(loop.events.counts)))
   elif checkpointer.latest_step() is None:
     loop.save(state, healthy=True, force=True)
@@ -619,6 +179,39 @@ def _skip_event(step: int, scalars: Mapping[str, Any]) -> SkippedStep:
       step, reason='nonfinite' if scalars.get('nonfinite') else 'spike',
       loss=scalars['loss'], grad_norm=scalars.get('grad_norm'),
   )
+
+
+def _check_arguments(train_step, state, *, num_steps, eval_every,
+                     checkpointer, recovery) -> None:
+  if not isinstance(num_steps, int) or num_steps < 0:
+    raise ValueError(f'num_steps must be an int >= 0, got {num_steps!r}.')
+  if not isinstance(eval_every, int) or eval_every < 1:
+    raise ValueError(f'eval_every must be an int >= 1, got {eval_every!r}.')
+  if recovery is not None and checkpointer is None:
+    raise ValueError('recovery needs a checkpointer to roll back to.')
+  steps.check(train_step, state)
+  if recovery is not None and recovery.lr_backoff is not None:
+    recovery_lib.scale_hyperparam(state.opt_state, 1.0, recovery.lr_hyperparam)
+
+
+def _start(state: TrainState, loop: '_Loop', *, log_dir,
+           tensorboard: bool) -> TrainState:
+  """Resumes (with a checkpointer), commits the arrays, opens the logs."""
+  if loop.checkpointer is not None:
+    state = _resume(loop.checkpointer, state, loop.data, loop)
+  # Restored arrays are committed to their devices; committing fresh ones too
+  # means the step compiles once, not again after a resume or rollback.
+  state = state._replace(
+      params=_committed(state.params), opt_state=_committed(state.opt_state),
+      rng=_committed(state.rng), model_state=_committed(state.model_state),
+  )
+  if log_dir:
+    loop.logger = RunLogger(log_dir, tensorboard=tensorboard,
+                            start_step=state.step)
+    for event in loop.step_events:
+      if isinstance(event, Resumed):
+        loop.logger.log_event(event)
+  return state
 
 
 def fit(
@@ -741,56 +334,28 @@ def fit(
       form (raised before anything is restored, donated or saved), or an
       ``eval_fn`` that returns anything but a mapping of scalars.
   """
-  if not isinstance(num_steps, int) or num_steps < 0:
-    raise ValueError(f'num_steps must be an int >= 0, got {num_steps!r}.')
-  if not isinstance(eval_every, int) or eval_every < 1:
-    raise ValueError(f'eval_every must be an int >= 1, got {eval_every!r}.')
-  if recovery is not None and checkpointer is None:
-    raise ValueError('recovery needs a checkpointer to roll back to.')
-  _check_step(train_step, state)
-  if recovery is not None and recovery.lr_backoff is not None:
-    recovery_lib.scale_hyperparam(state.opt_state, 1.0, recovery.lr_hyperparam)
+  _check_arguments(train_step, state, num_steps=num_steps,
+                   eval_every=eval_every, checkpointer=checkpointer,
+                   recovery=recovery)
   watch = recovery_lib.Recovery(
       recovery or recovery_lib.RecoveryPolicy(), checkpointer
   )
   loop = _Loop(checkpointer, watch, data, logger=None)
-  if checkpointer is not None:
-    state = _resume(checkpointer, state, data, loop)
-  # Restored arrays are committed to their devices; committing fresh ones too
-  # means the step compiles once, not again after a resume or rollback.
-  state = state._replace(
-      params=_committed(state.params), opt_state=_committed(state.opt_state),
-      rng=_committed(state.rng), model_state=_committed(state.model_state),
-  )
-  if log_dir:
-    loop.logger = RunLogger(log_dir, tensorboard=tensorboard,
-                            start_step=state.step)
-    for event in loop.step_events:
-      if isinstance(event, Resumed):
-        loop.logger.log_event(event)
+  state = _start(state, loop, log_dir=log_dir, tensorboard=tensorboard)
   preemption: Optional[PreemptionHandler]
   if isinstance(handle_preemption, PreemptionHandler):
     preemption = handle_preemption
   else:
     preemption = PreemptionHandler() if handle_preemption else None
-  bar = _Progress(num_steps, state.step, progress_every) if progress else None
-  preempted = False
+  bar = Progress(num_steps, state.step, progress_every) if progress else None
   try:
     if preemption is not None:
       preemption.__enter__()
-    try:
-      while state.step < num_steps:
-        state, stop = _run_step(
-            train_step, state, loop, num_steps=num_steps, recovery=recovery,
-            preemption=preemption, eval_fn=eval_fn, eval_every=eval_every,
-            callback=callback, bar=bar,
-        )
-        preempted = stop == 'preempted'
-        if stop is not None:
-          break
-    except BaseException as error:
-      loop.save_after_error(loop.completed or state, error)
-      raise
+    state, preempted = _run_steps(
+        train_step, state, loop, num_steps=num_steps, recovery=recovery,
+        preemption=preemption, eval_fn=eval_fn, eval_every=eval_every,
+        callback=callback, bar=bar,
+    )
     if not preempted:
       loop.save(state, healthy=watch.healthy, force=True)
     if checkpointer is not None:
@@ -809,6 +374,25 @@ def fit(
   return FitResult(state, loop.events, watch, preempted)
 
 
+def _run_steps(train_step, state, loop, **options):
+  """Runs steps to ``num_steps``; ``(state, preempted)``.
+
+  On any exception the last completed step is saved before it propagates;
+  recovery giving up is recorded as a :class:`GaveUp` event first.
+  """
+  try:
+    while state.step < options['num_steps']:
+      state, stop = _run_step(train_step, state, loop, **options)
+      if stop is not None:
+        return state, stop == 'preempted'
+  except BaseException as error:
+    if isinstance(error, recovery_lib.TrainingDiverged):
+      loop.record(GaveUp(error.report.step, error.report.reason))
+    loop.save_after_error(loop.completed or state, error)
+    raise
+  return state, False
+
+
 def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
               eval_fn, eval_every, callback, bar):
   """One loop step: train, log, watch, maybe roll back, maybe save.
@@ -823,23 +407,14 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   except StopIteration:
     _log.warning('The data ran out at step %d of %d.', state.step, num_steps)
     return state, 'data ran out'
-  if state.model_state is None:
-    params, opt_state, metrics = train_step(state.params, state.opt_state,
-                                            batch)
-    state = state._replace(step=state.step + 1, params=params,
-                           opt_state=opt_state)
-  else:
-    params, opt_state, model_state, metrics = train_step(
-        state.params, state.opt_state, state.model_state, batch)
-    state = state._replace(step=state.step + 1, params=params,
-                           opt_state=opt_state, model_state=model_state)
+  state, metrics = steps.run(train_step, state, batch)
   loop.completed = state
-  scalars = _host_scalars(metrics)
+  scalars = steps.scalars(metrics)
   evaluated = {}
   if eval_fn is not None and (
       state.step % eval_every == 0 or state.step == num_steps
   ):
-    evaluated = _eval_scalars(eval_fn(state))
+    evaluated = steps.eval_scalars(eval_fn(state))
     scalars.update(evaluated)
   if loop.logger is not None:
     loop.logger.log_metrics(state.step, scalars)
@@ -849,17 +424,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   reason = watch.observe(state.step, scalars)
   rolled_back = reason is not None and recovery is not None
   if rolled_back:
-    diverged_step = state.step
-    state = watch.rollback(state, reason, data_iter=loop.data,
-                           metrics=scalars)
-    loop.completed = state
-    done = watch.rollbacks[-1]
-    loop.record(Rollback(
-        diverged_step, to_step=done['to_step'], resume_step=state.step,
-        reason=reason, skipped_batches=state.step - done['to_step'],
-        worst_leaves=tuple(map(tuple, done.get('worst_leaves', ()))),
-        nonfinite_params=tuple(done.get('nonfinite_params', ())),
-    ))
+    state = _roll_back(state, loop, reason, scalars)
   elif reason is not None:
     loop.record(Diverged(state.step, reason))
   stopping = preemption is not None and preemption.reached(state.step)
@@ -874,6 +439,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
               force=rolled_back or stopping,
               metrics=None if rolled_back else evaluated)
   if callback is not None:
+    loop.announce_committed()
     callback(state, scalars, loop.take_events())
     # The callback may itself send the signal (a simulated preemption).
     if not stopping and preemption is not None and preemption.reached(
@@ -885,3 +451,20 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   if bar is not None:
     bar.update(state.step, scalars['loss'], loop.events.counts)
   return state, 'preempted' if stopping else None
+
+
+def _roll_back(state: TrainState, loop: _Loop, reason: str,
+               scalars: Mapping[str, Any]) -> TrainState:
+  """Rolls back through the recovery watch and records the event."""
+  diverged_step = state.step
+  state = loop.watch.rollback(state, reason, data_iter=loop.data,
+                              metrics=scalars)
+  loop.completed = state
+  done = loop.watch.rollbacks[-1]
+  loop.record(Rollback(
+      diverged_step, to_step=done['to_step'], resume_step=state.step,
+      reason=reason, skipped_batches=state.step - done['to_step'],
+      worst_leaves=tuple(map(tuple, done.get('worst_leaves', ()))),
+      nonfinite_params=tuple(done.get('nonfinite_params', ())),
+  ))
+  return state
