@@ -79,16 +79,13 @@ def token_losses(model: TinyTransformer, tokens: jax.Array) -> jax.Array:
   )
 
 
+def loss_fn(model: TinyTransformer, batch: dict[str, jax.Array]) -> jax.Array:
+  """The mean over targets of ``weights * cross_entropy`` (clean data has
+  unit weights; the demo's faults scale or poison them)."""
+  return jnp.mean(batch['weights'] * token_losses(model, batch['tokens']))
+
+
 def make_loss_fn(graphdef: nnx.GraphDef):
-  """``loss_fn(params, batch)`` for :func:`optax_guard.make_train_step`.
-
-  The loss is the mean over targets of ``weights * cross_entropy``: clean
-  data has unit weights; the demo's faults scale or poison them.
-  """
-
-  def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    losses = token_losses(model, batch['tokens'])
-    return jnp.mean(batch['weights'] * losses)
-
-  return loss_fn
+  """:func:`loss_fn` on the parameters (an ``nnx.State``), for a
+  params-only optax step such as the plain run's."""
+  return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)

@@ -35,79 +35,60 @@ ZCLIP_Z = 2.5
 FAULT_ROW_POINTS = 11  # The height of a row of fault names (8-point text).
 
 
-class NotADemoDirectory(ValueError):
-  """The directory holds no optax-guard demo logs."""
-
-
-# Strict JSON has no NaN or Infinity: og.fit's logs and the demo's
-# summary.json write a non-finite number as one of these strings. Read back,
-# they are math's constants, one object each, so that two reads of one file
-# compare equal (nan != nan, but a container compares its items by identity
-# first).
+# Strict JSON has no NaN or Infinity: og.fit's logs and summary.json write
+# them as strings, read back as math's constants (one object each, so that
+# two reads of one file compare equal: a container compares items by
+# identity first).
 _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 
 
-def _number(value: Any) -> Any:
-  """A logged value: og.fit writes non-finite numbers as "nan" / "inf"."""
+def _from_json(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {key: _from_json(item) for key, item in value.items()}
   return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
-def _json_number(value: Any) -> Any:
-  """A summary value as strict JSON: a non-finite float as og.fit writes it."""
+def _to_json(value: Any) -> Any:
   if isinstance(value, dict):
-    return {key: _json_number(item) for key, item in value.items()}
-  if isinstance(value, float) and not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  return value
+    return {key: _to_json(item) for key, item in value.items()}
+  finite = not isinstance(value, float) or math.isfinite(value)
+  return value if finite else str(value)  # 'nan', 'inf' or '-inf'.
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a JSON-lines file written by :func:`optax_guard.fit`."""
-  if not path.exists():
-    return []
-  with open(path) as f:
-    return [{k: _number(v) for k, v in json.loads(line).items()}
-            for line in f]
+  """The records of a JSON-lines log of :func:`optax_guard.fit`."""
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [_from_json(json.loads(line)) for line in lines]
 
 
 def read_summary(path: pathlib.Path) -> dict[str, Any]:
-  """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet.
-
-  Also reads the ``NaN`` of summaries written before they were strict JSON.
-  """
-  if not path.exists():
-    return {}
-  summary = json.loads(path.read_text())
-  return {run: {k: _number(v) for k, v in row.items()}
-          for run, row in summary.items()}
+  """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet."""
+  return _from_json(json.loads(path.read_text())) if path.exists() else {}
 
 
 def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
-  """Writes ``value`` as strict JSON (non-finite floats as strings) at once:
-  a kill leaves the old file or the new one."""
+  """Writes ``value`` as strict JSON at once: a kill leaves the old file or
+  the new one."""
   temporary = path.with_suffix('.tmp')
   temporary.write_text(
-      json.dumps(_json_number(value), indent=1, allow_nan=False) + '\n')
+      json.dumps(_to_json(value), indent=1, allow_nan=False) + '\n')
   os.replace(temporary, path)
 
 
 def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
   """The logs of a demo directory; a clear error for anything else."""
   run_dir = pathlib.Path(run_dir)
-  if not run_dir.is_dir():
-    raise NotADemoDirectory(f'{run_dir} does not exist or is not a directory.')
-  config_path = run_dir / 'config.json'
-  if not config_path.exists():
-    raise NotADemoDirectory(
+  if not (run_dir / 'config.json').exists():
+    raise ValueError(
         f'{run_dir} is not an optax-guard demo directory (no config.json);'
-        ' create one with `optax-guard demo --out DIR`.'
-    )
+        ' create one with `optax-guard demo --out DIR`.')
   runs = {run: read_jsonl(run_dir / run / 'metrics.jsonl') for run in COLORS}
   if not any(runs.values()):
-    raise NotADemoDirectory(f'{run_dir} holds no logged steps yet.')
+    raise ValueError(f'{run_dir} holds no logged steps yet.')
   events = {run: read_jsonl(run_dir / run / 'events.jsonl') for run in COLORS}
-  return {'config': json.loads(config_path.read_text()), 'runs': runs,
-          'events': events, 'summary': read_summary(run_dir / 'summary.json')}
+  return {'config': json.loads((run_dir / 'config.json').read_text()),
+          'runs': runs, 'events': events,
+          'summary': read_summary(run_dir / 'summary.json')}
 
 
 def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
