@@ -28,8 +28,7 @@ class Block(nnx.Module):
     self.attention_norm = nnx.LayerNorm(width, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
         num_heads=config.heads, in_features=width, decode=False,
-        keep_rngs=False, rngs=rngs,
-    )
+        keep_rngs=False, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
     self.mlp_in = nnx.Linear(width, config.mlp_ratio * width, rngs=rngs)
     self.mlp_out = nnx.Linear(config.mlp_ratio * width, width, rngs=rngs)
@@ -61,10 +60,8 @@ class TinyTransformer(nnx.Module):
     self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    length = tokens.shape[-1]
-    x = self.token_embedding(tokens) + self.position_embedding(
-        jnp.arange(length)
-    )
+    positions = jnp.arange(tokens.shape[-1])
+    x = self.token_embedding(tokens) + self.position_embedding(positions)
     mask = nnx.make_causal_mask(tokens)
     for block in self.blocks:
       x = block(x, mask)
@@ -75,8 +72,7 @@ def token_losses(model: TinyTransformer, tokens: jax.Array) -> jax.Array:
   """Next-character cross-entropy of every position, ``[batch, seq_len]``."""
   logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), tokens[:, 1:]
-  )
+      logits.astype(jnp.float32), tokens[:, 1:])
 
 
 def loss_fn(model: TinyTransformer, batch: dict[str, jax.Array]) -> jax.Array:

@@ -132,31 +132,22 @@ def _plot_run(axes, run, records, events, clip_norm):
   for piece, kept in _segments(records, events):
     style = {'color': color, 'alpha': 1.0 if kept else 0.25, 'linewidth': 1.0}
     steps = [r['step'] for r in piece]
-    train_ax.plot(
-        steps, [r['loss'] if _finite(r['loss']) else math.nan for r in piece],
-        **style,
-    )
+    train_ax.plot(steps, [r['loss'] if _finite(r['loss']) else math.nan
+                          for r in piece], **style)
     norm_ax.plot(steps, [r['grad_norm'] for r in piece], **style)
-    norm_ax.plot(
-        steps, [_clip_bound(run, r, clip_norm) for r in piece], color=color,
-        alpha=style['alpha'], linewidth=1.2, linestyle='--',
-    )
+    norm_ax.plot(steps, [_clip_bound(run, r, clip_norm) for r in piece],
+                 color=color, alpha=style['alpha'], linewidth=1.2,
+                 linestyle='--')
     if not kept:
       undone_evals = [r for r in piece if 'eval_loss' in r]
-      loss_ax.plot(
-          [r['step'] for r in undone_evals],
-          [r['eval_loss'] for r in undone_evals], linestyle='none',
-          marker='o', markersize=3, **style,
-      )
+      loss_ax.plot([r['step'] for r in undone_evals],
+                   [r['eval_loss'] for r in undone_evals], linestyle='none',
+                   marker='o', markersize=3, **style)
   # One line through the evaluations of the model that carried on.
-  evals = [
-      r for piece, kept in _segments(records, events) if kept
-      for r in piece if 'eval_loss' in r
-  ]
-  loss_ax.plot(
-      [r['step'] for r in evals], [r['eval_loss'] for r in evals],
-      marker='o', markersize=3, color=color, linewidth=1.0,
-  )
+  evals = [r for piece, kept in _segments(records, events) if kept
+           for r in piece if 'eval_loss' in r]
+  loss_ax.plot([r['step'] for r in evals], [r['eval_loss'] for r in evals],
+               marker='o', markersize=3, color=color, linewidth=1.0)
   top = transforms.blended_transform_factory
   # Where the run turned NaN for good.
   dead = next((r for r in records if not _finite(r['loss'])
@@ -164,39 +155,34 @@ def _plot_run(axes, run, records, events, clip_norm):
   if dead is not None:
     for ax in axes:
       ax.axvline(dead['step'], color=color, linestyle=':', linewidth=1.2)
-    loss_ax.text(
-        dead['step'], 0.5, '  plain run is NaN from here', color=color,
-        transform=top(loss_ax.transData, loss_ax.transAxes), fontsize=8,
-    )
+    loss_ax.text(dead['step'], 0.5, '  plain run is NaN from here',
+                 color=color, fontsize=8,
+                 transform=top(loss_ax.transData, loss_ax.transAxes))
   skipped = [r for r in records if r.get('skipped')]
   if skipped:
     train_ax.plot(
         [r['step'] for r in skipped], [0.96] * len(skipped), linestyle='none',
         marker='v', color=color, markersize=5,
         transform=top(train_ax.transData, train_ax.transAxes),
-        label=f'{run}: skipped step',
-    )
+        label=f'{run}: skipped step')
   for event in events:
     if event['kind'] == 'rollback':
       train_ax.annotate(
           '', xy=(event['to_step'], 0.85), xytext=(event['step'], 0.85),
           xycoords=top(train_ax.transData, train_ax.transAxes),
-          arrowprops={'arrowstyle': '->', 'color': color, 'linewidth': 1.5},
-      )
+          arrowprops={'arrowstyle': '->', 'color': color, 'linewidth': 1.5})
       train_ax.text(
           event['to_step'], 0.72,
           f'rollback to step {event["to_step"]},\nskipping steps'
           f' {event["to_step"] + 1}-{event["resume_step"]}',
           color=color, fontsize=8,
-          transform=top(train_ax.transData, train_ax.transAxes),
-      )
+          transform=top(train_ax.transData, train_ax.transAxes))
     elif event['kind'] == 'resumed':
       for ax in axes:
         ax.axvline(event['step'], color=color, linestyle='-.', linewidth=1)
-      train_ax.text(
-          event['step'], 0.65, ' resumed from disk', color=color, fontsize=8,
-          transform=top(train_ax.transData, train_ax.transAxes),
-      )
+      train_ax.text(event['step'], 0.65, ' resumed from disk', color=color,
+                    fontsize=8,
+                    transform=top(train_ax.transData, train_ax.transAxes))
 
 
 def _name_faults(figure, ax, windows) -> int:
@@ -236,8 +222,7 @@ def draw(run_dir: os.PathLike) -> Figure:
   logs = load_run_dir(run_dir)
   figure, axes = plt.subplots(
       3, 1, figsize=(11, 10.5), sharex=True, layout='constrained',
-      gridspec_kw={'height_ratios': [1.2, 1, 1]},
-  )
+      gridspec_kw={'height_ratios': [1.2, 1, 1]})
   loss_ax, train_ax, norm_ax = axes
   config = logs['config']
   windows = faults_lib.schedule(config['faults'], config['steps'])
@@ -274,6 +259,5 @@ def draw(run_dir: os.PathLike) -> Figure:
   rows = _name_faults(figure, loss_ax, windows)
   loss_ax.set_title(
       'optax-guard demo: the same model and batches, with faults injected',
-      pad=4 + FAULT_ROW_POINTS * rows,
-  )
+      pad=4 + FAULT_ROW_POINTS * rows)
   return figure
