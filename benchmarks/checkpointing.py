@@ -86,14 +86,16 @@ class _Chunk:
     self.setup = setup
     self.batch = batch
     self.checkpointer = checkpointer
-    self.state = og.TrainState(0, *setup.init_state(setup.txs['guarded']))
+    self.state = og.TrainState(
+        0, *train_step.params_state(setup, setup.txs['guarded']))
+    self.step = train_step.guarded_step(setup)
 
   def __call__(self):
     if self.checkpointer is not None:
       self.checkpointer.save(self.state)
     params, opt_state = self.state.params, self.state.opt_state
     for _ in range(SAVE_EVERY):
-      params, opt_state, metrics = self.setup.steps['guarded'](
+      params, opt_state, metrics = self.step(
           params, opt_state, self.batch
       )
     self.state = og.TrainState(self.state.step + SAVE_EVERY, params, opt_state)

@@ -34,11 +34,12 @@ class _Run:
   """One candidate's own state, data iterator and checkpoint directory."""
 
   def __init__(self, setup, directory: pathlib.Path, exits):
-    self.step = setup.steps['guarded']
+    self.step = train_step.guarded_step(setup)
     self.data = setup.batches()
     self.checkpointer = exits.enter_context(og.Checkpointer(
         directory, save_interval_steps=SAVE_EVERY, max_to_keep=2))
-    self.state = og.TrainState(0, *setup.init_state(setup.txs['guarded']))
+    self.state = og.TrainState(
+        0, *train_step.params_state(setup, setup.txs['guarded']))
     self.blocking: list[float] = []
 
   def hand_loop(self):

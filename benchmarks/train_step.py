@@ -18,7 +18,6 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -61,39 +60,41 @@ def demo_setup(lm: str) -> tuple[demo_run.Setup, dict[str, jax.Array]]:
 
 
 def _graphdef(setup: demo_run.Setup) -> nnx.GraphDef:
-  """The demo model's structure, built as :func:`demo_run.make_setup` does."""
-  config = setup.config
-  model_config = model_lib.ModelConfig(
-      vocab_size=setup.corpus.vocab_size, seq_len=config.seq_len,
-      width=config.width, depth=config.depth, heads=config.heads,
-  )
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(0))
-  ))
-  return graphdef
+  """The demo model's structure."""
+  return nnx.graphdef(nnx.eval_shape(setup.new_model))
+
+
+def params_state(setup: demo_run.Setup, tx: optax.GradientTransformation):
+  """A fresh ``(params, opt_state)`` of the demo model for a params-only
+  step."""
+  params = nnx.state(setup.new_model())
+  return params, tx.init(params)
+
+
+@functools.lru_cache(maxsize=2)
+def guarded_step(setup: demo_run.Setup):
+  """The guarded demo step in params-only form (``og.make_train_step``),
+  compiled once per setup; the demo itself trains through
+  ``og.nnx_fit_step``."""
+  return og.make_train_step(model_lib.make_loss_fn(_graphdef(setup)),
+                            setup.txs['guarded'])
 
 
 def describe(setup: demo_run.Setup, lm: str) -> dict[str, Any]:
   config = setup.config
   return {
       'lm': lm,
-      'params': sum(x.size for x in jax.tree.leaves(setup.init_params())),
+      'params': sum(x.size for x in jax.tree.leaves(
+          nnx.state(setup.new_model()))),
       'batch_size': config.batch_size, 'seq_len': config.seq_len,
       'width': config.width, 'depth': config.depth, 'heads': config.heads,
   }
 
 
-def _nnx_loss(model, batch) -> jax.Array:
-  """The demo's loss (``model.make_loss_fn``) on the model itself."""
-  return jnp.mean(
-      batch['weights'] * model_lib.token_losses(model, batch['tokens'])
-  )
-
-
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
 def _nnx_optimizer_step(model, optimizer, batch) -> jax.Array:
   """The textbook NNX step: ``nnx.Optimizer.update`` with the loss."""
-  loss, grads = nnx.value_and_grad(_nnx_loss)(model, batch)
+  loss, grads = nnx.value_and_grad(model_lib.loss_fn)(model, batch)
   optimizer.update(model, grads, value=loss)
   return loss
 
@@ -102,7 +103,7 @@ class _NnxStepper:
   """Runs an NNX step on its own model and ``nnx.Optimizer``."""
 
   def __init__(self, setup: demo_run.Setup, batch, step):
-    self.model = nnx.merge(_graphdef(setup), setup.init_params())
+    self.model = setup.new_model()
     self.optimizer = nnx.Optimizer(self.model, setup.txs['guarded'],
                                    wrt=nnx.Param)
     self.step = step
@@ -118,16 +119,16 @@ def _candidates(setup: demo_run.Setup, batch) -> list[timing.Candidate]:
   bare_tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
   steps = [
       (PLAIN, setup.steps['plain'], setup.txs['plain'], None),
-      (GUARDED, setup.steps['guarded'], setup.txs['guarded'], PLAIN),
+      (GUARDED, guarded_step(setup), setup.txs['guarded'], PLAIN),
       (BARE, w.make_bare_train_step(loss_fn, bare_tx), bare_tx, PLAIN),
   ]
   candidates = []
   for name, step, tx, baseline in steps:
-    params, opt_state = setup.init_state(tx)
+    params, opt_state = params_state(setup, tx)
     candidates.append(timing.Candidate(
         name, w.Stepper(step, params, opt_state, batch), baseline
     ))
-  for name, step in ((GUARDED_NNX, og.make_nnx_train_step(_nnx_loss)),
+  for name, step in ((GUARDED_NNX, og.make_nnx_train_step(model_lib.loss_fn)),
                      (GUARDED_NNX_OPTIMIZER, _nnx_optimizer_step)):
     candidates.append(
         timing.Candidate(name, _NnxStepper(setup, batch, step), PLAIN)

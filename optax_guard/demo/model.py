@@ -28,8 +28,7 @@ class Block(nnx.Module):
     self.attention_norm = nnx.LayerNorm(width, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
         num_heads=config.heads, in_features=width, decode=False,
-        keep_rngs=False, rngs=rngs,
-    )
+        keep_rngs=False, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
     self.mlp_in = nnx.Linear(width, config.mlp_ratio * width, rngs=rngs)
     self.mlp_out = nnx.Linear(config.mlp_ratio * width, width, rngs=rngs)
@@ -61,10 +60,8 @@ class TinyTransformer(nnx.Module):
     self.head = nnx.Linear(config.width, config.vocab_size, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    length = tokens.shape[-1]
-    x = self.token_embedding(tokens) + self.position_embedding(
-        jnp.arange(length)
-    )
+    positions = jnp.arange(tokens.shape[-1])
+    x = self.token_embedding(tokens) + self.position_embedding(positions)
     mask = nnx.make_causal_mask(tokens)
     for block in self.blocks:
       x = block(x, mask)
@@ -75,20 +72,16 @@ def token_losses(model: TinyTransformer, tokens: jax.Array) -> jax.Array:
   """Next-character cross-entropy of every position, ``[batch, seq_len]``."""
   logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), tokens[:, 1:]
-  )
+      logits.astype(jnp.float32), tokens[:, 1:])
+
+
+def loss_fn(model: TinyTransformer, batch: dict[str, jax.Array]) -> jax.Array:
+  """The mean over targets of ``weights * cross_entropy`` (clean data has
+  unit weights; the demo's faults scale or poison them)."""
+  return jnp.mean(batch['weights'] * token_losses(model, batch['tokens']))
 
 
 def make_loss_fn(graphdef: nnx.GraphDef):
-  """``loss_fn(params, batch)`` for :func:`optax_guard.make_train_step`.
-
-  The loss is the mean over targets of ``weights * cross_entropy``: clean
-  data has unit weights; the demo's faults scale or poison them.
-  """
-
-  def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    losses = token_losses(model, batch['tokens'])
-    return jnp.mean(batch['weights'] * losses)
-
-  return loss_fn
+  """:func:`loss_fn` on the parameters (an ``nnx.State``), for a
+  params-only optax step such as the plain run's."""
+  return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)

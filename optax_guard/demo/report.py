@@ -35,79 +35,60 @@ ZCLIP_Z = 2.5
 FAULT_ROW_POINTS = 11  # The height of a row of fault names (8-point text).
 
 
-class NotADemoDirectory(ValueError):
-  """The directory holds no optax-guard demo logs."""
-
-
-# Strict JSON has no NaN or Infinity: og.fit's logs and the demo's
-# summary.json write a non-finite number as one of these strings. Read back,
-# they are math's constants, one object each, so that two reads of one file
-# compare equal (nan != nan, but a container compares its items by identity
-# first).
+# Strict JSON has no NaN or Infinity: og.fit's logs and summary.json write
+# them as strings, read back as math's constants (one object each, so that
+# two reads of one file compare equal: a container compares items by
+# identity first).
 _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 
 
-def _number(value: Any) -> Any:
-  """A logged value: og.fit writes non-finite numbers as "nan" / "inf"."""
+def _from_json(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {key: _from_json(item) for key, item in value.items()}
   return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
-def _json_number(value: Any) -> Any:
-  """A summary value as strict JSON: a non-finite float as og.fit writes it."""
+def _to_json(value: Any) -> Any:
   if isinstance(value, dict):
-    return {key: _json_number(item) for key, item in value.items()}
-  if isinstance(value, float) and not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  return value
+    return {key: _to_json(item) for key, item in value.items()}
+  finite = not isinstance(value, float) or math.isfinite(value)
+  return value if finite else str(value)  # 'nan', 'inf' or '-inf'.
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a JSON-lines file written by :func:`optax_guard.fit`."""
-  if not path.exists():
-    return []
-  with open(path) as f:
-    return [{k: _number(v) for k, v in json.loads(line).items()}
-            for line in f]
+  """The records of a JSON-lines log of :func:`optax_guard.fit`."""
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [_from_json(json.loads(line)) for line in lines]
 
 
 def read_summary(path: pathlib.Path) -> dict[str, Any]:
-  """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet.
-
-  Also reads the ``NaN`` of summaries written before they were strict JSON.
-  """
-  if not path.exists():
-    return {}
-  summary = json.loads(path.read_text())
-  return {run: {k: _number(v) for k, v in row.items()}
-          for run, row in summary.items()}
+  """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet."""
+  return _from_json(json.loads(path.read_text())) if path.exists() else {}
 
 
 def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
-  """Writes ``value`` as strict JSON (non-finite floats as strings) at once:
-  a kill leaves the old file or the new one."""
+  """Writes ``value`` as strict JSON at once: a kill leaves the old file or
+  the new one."""
   temporary = path.with_suffix('.tmp')
   temporary.write_text(
-      json.dumps(_json_number(value), indent=1, allow_nan=False) + '\n')
+      json.dumps(_to_json(value), indent=1, allow_nan=False) + '\n')
   os.replace(temporary, path)
 
 
 def load_run_dir(run_dir: os.PathLike) -> dict[str, Any]:
   """The logs of a demo directory; a clear error for anything else."""
   run_dir = pathlib.Path(run_dir)
-  if not run_dir.is_dir():
-    raise NotADemoDirectory(f'{run_dir} does not exist or is not a directory.')
-  config_path = run_dir / 'config.json'
-  if not config_path.exists():
-    raise NotADemoDirectory(
+  if not (run_dir / 'config.json').exists():
+    raise ValueError(
         f'{run_dir} is not an optax-guard demo directory (no config.json);'
-        ' create one with `optax-guard demo --out DIR`.'
-    )
+        ' create one with `optax-guard demo --out DIR`.')
   runs = {run: read_jsonl(run_dir / run / 'metrics.jsonl') for run in COLORS}
   if not any(runs.values()):
-    raise NotADemoDirectory(f'{run_dir} holds no logged steps yet.')
+    raise ValueError(f'{run_dir} holds no logged steps yet.')
   events = {run: read_jsonl(run_dir / run / 'events.jsonl') for run in COLORS}
-  return {'config': json.loads(config_path.read_text()), 'runs': runs,
-          'events': events, 'summary': read_summary(run_dir / 'summary.json')}
+  return {'config': json.loads((run_dir / 'config.json').read_text()),
+          'runs': runs, 'events': events,
+          'summary': read_summary(run_dir / 'summary.json')}
 
 
 def _segments(records: list[dict[str, Any]], events: list[dict[str, Any]]):
@@ -151,31 +132,22 @@ def _plot_run(axes, run, records, events, clip_norm):
   for piece, kept in _segments(records, events):
     style = {'color': color, 'alpha': 1.0 if kept else 0.25, 'linewidth': 1.0}
     steps = [r['step'] for r in piece]
-    train_ax.plot(
-        steps, [r['loss'] if _finite(r['loss']) else math.nan for r in piece],
-        **style,
-    )
+    train_ax.plot(steps, [r['loss'] if _finite(r['loss']) else math.nan
+                          for r in piece], **style)
     norm_ax.plot(steps, [r['grad_norm'] for r in piece], **style)
-    norm_ax.plot(
-        steps, [_clip_bound(run, r, clip_norm) for r in piece], color=color,
-        alpha=style['alpha'], linewidth=1.2, linestyle='--',
-    )
+    norm_ax.plot(steps, [_clip_bound(run, r, clip_norm) for r in piece],
+                 color=color, alpha=style['alpha'], linewidth=1.2,
+                 linestyle='--')
     if not kept:
       undone_evals = [r for r in piece if 'eval_loss' in r]
-      loss_ax.plot(
-          [r['step'] for r in undone_evals],
-          [r['eval_loss'] for r in undone_evals], linestyle='none',
-          marker='o', markersize=3, **style,
-      )
+      loss_ax.plot([r['step'] for r in undone_evals],
+                   [r['eval_loss'] for r in undone_evals], linestyle='none',
+                   marker='o', markersize=3, **style)
   # One line through the evaluations of the model that carried on.
-  evals = [
-      r for piece, kept in _segments(records, events) if kept
-      for r in piece if 'eval_loss' in r
-  ]
-  loss_ax.plot(
-      [r['step'] for r in evals], [r['eval_loss'] for r in evals],
-      marker='o', markersize=3, color=color, linewidth=1.0,
-  )
+  evals = [r for piece, kept in _segments(records, events) if kept
+           for r in piece if 'eval_loss' in r]
+  loss_ax.plot([r['step'] for r in evals], [r['eval_loss'] for r in evals],
+               marker='o', markersize=3, color=color, linewidth=1.0)
   top = transforms.blended_transform_factory
   # Where the run turned NaN for good.
   dead = next((r for r in records if not _finite(r['loss'])
@@ -183,39 +155,34 @@ def _plot_run(axes, run, records, events, clip_norm):
   if dead is not None:
     for ax in axes:
       ax.axvline(dead['step'], color=color, linestyle=':', linewidth=1.2)
-    loss_ax.text(
-        dead['step'], 0.5, '  plain run is NaN from here', color=color,
-        transform=top(loss_ax.transData, loss_ax.transAxes), fontsize=8,
-    )
+    loss_ax.text(dead['step'], 0.5, '  plain run is NaN from here',
+                 color=color, fontsize=8,
+                 transform=top(loss_ax.transData, loss_ax.transAxes))
   skipped = [r for r in records if r.get('skipped')]
   if skipped:
     train_ax.plot(
         [r['step'] for r in skipped], [0.96] * len(skipped), linestyle='none',
         marker='v', color=color, markersize=5,
         transform=top(train_ax.transData, train_ax.transAxes),
-        label=f'{run}: skipped step',
-    )
+        label=f'{run}: skipped step')
   for event in events:
     if event['kind'] == 'rollback':
       train_ax.annotate(
           '', xy=(event['to_step'], 0.85), xytext=(event['step'], 0.85),
           xycoords=top(train_ax.transData, train_ax.transAxes),
-          arrowprops={'arrowstyle': '->', 'color': color, 'linewidth': 1.5},
-      )
+          arrowprops={'arrowstyle': '->', 'color': color, 'linewidth': 1.5})
       train_ax.text(
           event['to_step'], 0.72,
           f'rollback to step {event["to_step"]},\nskipping steps'
           f' {event["to_step"] + 1}-{event["resume_step"]}',
           color=color, fontsize=8,
-          transform=top(train_ax.transData, train_ax.transAxes),
-      )
+          transform=top(train_ax.transData, train_ax.transAxes))
     elif event['kind'] == 'resumed':
       for ax in axes:
         ax.axvline(event['step'], color=color, linestyle='-.', linewidth=1)
-      train_ax.text(
-          event['step'], 0.65, ' resumed from disk', color=color, fontsize=8,
-          transform=top(train_ax.transData, train_ax.transAxes),
-      )
+      train_ax.text(event['step'], 0.65, ' resumed from disk', color=color,
+                    fontsize=8,
+                    transform=top(train_ax.transData, train_ax.transAxes))
 
 
 def _name_faults(figure, ax, windows) -> int:
@@ -255,8 +222,7 @@ def draw(run_dir: os.PathLike) -> Figure:
   logs = load_run_dir(run_dir)
   figure, axes = plt.subplots(
       3, 1, figsize=(11, 10.5), sharex=True, layout='constrained',
-      gridspec_kw={'height_ratios': [1.2, 1, 1]},
-  )
+      gridspec_kw={'height_ratios': [1.2, 1, 1]})
   loss_ax, train_ax, norm_ax = axes
   config = logs['config']
   windows = faults_lib.schedule(config['faults'], config['steps'])
@@ -293,6 +259,5 @@ def draw(run_dir: os.PathLike) -> Figure:
   rows = _name_faults(figure, loss_ax, windows)
   loss_ax.set_title(
       'optax-guard demo: the same model and batches, with faults injected',
-      pad=4 + FAULT_ROW_POINTS * rows,
-  )
+      pad=4 + FAULT_ROW_POINTS * rows)
   return figure

@@ -2,12 +2,11 @@
 
 ``plain``: optax's ``adamw`` after ``optax.clip_by_global_norm``, as most
 training loops do. ``guarded``: the same ``adamw`` inside :func:`og.guard`
-with ZClip and spike skipping, Orbax checkpoints, rollback to the last good
-checkpoint when the guard reports ``diverged`` and resume from the newest
-valid checkpoint after a preemption or a crash. Both runs are
-:func:`optax_guard.fit` calls over the same batches and faults
-(:class:`optax_guard.testing.FaultInjector`); this module adds only the model, the data, the
-fault schedule and what to show.
+with ZClip and spike skipping, trained through the library's NNX path
+(:func:`og.nnx_fit_step`, :func:`og.fit`, :func:`og.nnx_update`) with Orbax
+checkpoints, rollback to the last good checkpoint when the guard reports
+``diverged`` and resume from disk after a preemption. Both runs read the
+same batches and faults (:class:`optax_guard.testing.FaultInjector`).
 """
 
 import dataclasses
@@ -18,7 +17,7 @@ import math
 import os
 import pathlib
 import signal
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +41,8 @@ ZCLIP_Z = 2.5
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-  """Everything that decides the demo's numbers.
-
-  The defaults train the ~250k-parameter model for 600 steps of 32 x 64
-  characters. ``faults=None`` takes :func:`faults.default_specs`.
-  """
+  """Everything that decides the demo's numbers (``faults=None``: one of
+  each kind, :func:`faults.default_specs`)."""
 
   steps: int = 600
   seed: int = 0
@@ -76,45 +72,73 @@ class DemoConfig:
     return faults_lib.schedule(self.faults, self.steps)
 
   @property
-  def checkpoint_every(self) -> int:
-    return max(5, min(25, self.steps // 12))
-
-  @property
   def statistics_window(self) -> int:
-    """Steps of history for ZClip's warm-up (see :attr:`spike_window`)."""
+    """Steps of history for ZClip's warm-up."""
     return max(8, min(50, self.steps // 6))
 
   @property
   def spike_window(self) -> int:
-    """The spike check's window: at least ``4 * max_consecutive_skips``.
-
-    The rule's default ``shift_after`` is ``window // 4``: from there on a
-    burst counts as a level shift and is let in. The corrupt shard must
-    raise ``diverged`` first, for a rollback, in the short runs too.
-    """
+    """At least ``4 * max_consecutive_skips``: from ``window // 4`` on, the
+    spike rule lets a burst in as a level shift, and the corrupt shard must
+    raise ``diverged`` first, for a rollback, in the short runs too."""
     return max(4 * self.max_consecutive_skips, self.statistics_window)
 
-  @property
-  def skip_batches(self) -> int:
-    """Batches a rollback skips past the step that diverged (PaLM: 200-500)."""
-    return max(8, self.steps // 15)
 
-
-@dataclasses.dataclass
 class Setup:
-  """What both runs share: data, model, optimizers, steps, evaluation."""
+  """What both runs share: data, model, optimizers and compiled steps."""
 
-  config: DemoConfig
-  corpus: data_lib.Corpus
-  init_params: Callable[[], nnx.State]
-  txs: dict[str, optax.GradientTransformation]
-  steps: dict[str, Callable[..., Any]]
-  heldout_loss: Callable[[nnx.State], jax.Array]
+  def __init__(self, config: DemoConfig):
+    self.config = config
+    self.corpus = corpus = data_lib.load_corpus()
+    model_config = model_lib.ModelConfig(
+        vocab_size=corpus.vocab_size, seq_len=config.seq_len,
+        width=config.width, depth=config.depth, heads=config.heads)
+    # One compiled initialization instead of one per layer.
+    self.new_model = nnx.jit(lambda: model_lib.TinyTransformer(
+        model_config, rngs=nnx.Rngs(config.seed)))
+    graphdef = nnx.graphdef(nnx.eval_shape(self.new_model))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, max(2, min(30, config.steps // 10)),
+        config.steps, end_value=config.learning_rate / 10)
+    adamw = lambda: optax.adamw(schedule, weight_decay=config.weight_decay)
+    self.txs = {
+        'plain': optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                             adamw()),
+        'guarded': og.guard(
+            adamw(),
+            clip=og.zclip(z_thresh=ZCLIP_Z, max_norm=config.clip_norm,
+                          warmup_steps=config.statistics_window),
+            spikes={'window': config.spike_window, 'sigma': 6.0},
+            max_consecutive_skips=config.max_consecutive_skips),
+    }
+    heldout = data_lib.windows(corpus.heldout, config.seq_len)['tokens']
+    heldout = jnp.asarray(heldout[:config.eval_batches * config.batch_size])
+    self.heldout_loss = jax.jit(lambda params: jnp.mean(
+        model_lib.token_losses(nnx.merge(graphdef, params), heldout)))
+    # The steps compile once and serve every fresh state of their run.
+    self.steps = {'plain': _plain_step(graphdef, self.txs['plain'])}
+    self.steps['guarded'] = self.start('guarded')[0]
 
-  def init_state(self, tx: optax.GradientTransformation):
-    """Fresh ``(params, opt_state)`` for ``tx``."""
-    params = self.init_params()
-    return params, tx.init(params)
+  def start(self, run: str):
+    """``(step, state, finish)``: ``og.fit``'s step and step-0 state of a
+    fresh model, and ``finish(state) -> params`` for the state it returns.
+
+    The guarded run is the library's NNX path; the plain one a params-only
+    optax step, as most loops are.
+    """
+    model = self.new_model()
+    if run == 'plain':
+      params = nnx.state(model)
+      state = og.TrainState(0, params, self.txs[run].init(params))
+      return self.steps.get(run), state, lambda state: state.params
+    optimizer = nnx.Optimizer(model, self.txs[run], wrt=nnx.Param)
+    step, state = og.nnx_fit_step(model_lib.loss_fn, model, optimizer)
+
+    def finish(state):  # The trained model, as a user would take it.
+      og.nnx_update(model, optimizer, state)
+      return nnx.state(model, nnx.Param)
+
+    return self.steps.get(run, step), state, finish
 
   def batches(self) -> testing.FaultInjector:
     """The training batches with the configured faults, from the start."""
@@ -122,15 +146,15 @@ class Setup:
     return testing.FaultInjector(
         data_lib.train_batches(self.corpus, batch_size=config.batch_size,
                                seq_len=config.seq_len, seed=config.seed),
-        faults_lib.plan(config.windows, config.steps),
-    )
+        faults_lib.plan(config.windows, config.steps))
 
   def evaluate(self, state: og.TrainState) -> dict[str, jax.Array]:
     return {'eval_loss': self.heldout_loss(state.params)}
 
 
-def _plain_step(loss_fn, tx):
+def _plain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   """A standard optax step; it also reports the global gradient norm."""
+  loss_fn = model_lib.make_loss_fn(graphdef)
 
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -141,55 +165,7 @@ def _plain_step(loss_fn, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-@functools.lru_cache(maxsize=2)
-def make_setup(config: DemoConfig) -> Setup:
-  """Builds (once per config in a process: the steps stay compiled) the
-  data, model and steps."""
-  corpus = data_lib.load_corpus()
-  model_config = model_lib.ModelConfig(
-      vocab_size=corpus.vocab_size, seq_len=config.seq_len,
-      width=config.width, depth=config.depth, heads=config.heads,
-  )
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(0))))
-
-  @jax.jit  # One compiled initialization instead of one per layer.
-  def init_params() -> nnx.State:
-    return nnx.state(
-        model_lib.TinyTransformer(model_config, rngs=nnx.Rngs(config.seed)))
-
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, max(2, min(30, config.steps // 10)),
-      config.steps, end_value=config.learning_rate / 10,
-  )
-  adamw = lambda: optax.adamw(schedule, weight_decay=config.weight_decay)
-  window = config.statistics_window
-  txs = {
-      'plain': optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                           adamw()),
-      'guarded': og.guard(
-          adamw(),
-          clip=og.zclip(z_thresh=ZCLIP_Z, max_norm=config.clip_norm,
-                        warmup_steps=window),
-          spikes={'window': config.spike_window, 'sigma': 6.0},
-          max_consecutive_skips=config.max_consecutive_skips,
-      ),
-  }
-  loss_fn = model_lib.make_loss_fn(graphdef)
-  heldout = data_lib.windows(corpus.heldout, config.seq_len)['tokens']
-  heldout = jnp.asarray(heldout[:config.eval_batches * config.batch_size])
-
-  @jax.jit
-  def heldout_loss(params):
-    model = nnx.merge(graphdef, params)
-    return jnp.mean(model_lib.token_losses(model, heldout))
-
-  return Setup(
-      config=config, corpus=corpus, init_params=init_params, txs=txs,
-      steps={'plain': _plain_step(loss_fn, txs['plain']),
-             'guarded': og.make_train_step(loss_fn, txs['guarded'])},
-      heldout_loss=heldout_loss,
-  )
+make_setup = functools.lru_cache(maxsize=2)(Setup)  # The steps stay compiled.
 
 
 def params_sha256(params: nnx.State) -> str:
@@ -215,8 +191,8 @@ class Listener:
 
 
 def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
-  """What ``run`` did with ``fault`` at this step (``None``: not yet told;
-  a fault over several steps is told once, when the guard first acts)."""
+  """What ``run`` did with ``fault`` (``None``: not yet; a fault over
+  several steps is told once, when the guard first acts)."""
   if run == 'plain':
     if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
       return 'NaN reached the parameters'
@@ -229,7 +205,10 @@ def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
 
 
 class _Watcher:
-  """``fit``'s callback for one run: counts, fault notes, the preemption."""
+  """``og.fit``'s callback for one run: counts, fault notes, the preemption.
+
+  Rollbacks are not noted here: ``og.fit``'s recovery warns of them.
+  """
 
   def __init__(self, run: str, config: DemoConfig, listener: Listener):
     self.run, self.config, self.listener = run, config, listener
@@ -246,26 +225,22 @@ class _Watcher:
       if event.kind == 'resumed':
         self.counts.update(event.counts)
         self.listener.note(self.run, str(event))
-      elif event.kind == 'rollback':
-        step = event.step
-      if event.kind in self.counts and event.kind != 'resumed':
+      elif event.kind in self.counts:
         self.counts[event.kind] += 1
+      step = event.step if event.kind == 'rollback' else step
+    note = lambda text: self.listener.note(self.run, f'step {step}: {text}')
     fault = faults_lib.fault_at(self.config.windows, step)
-    if fault is not None and fault not in self.noted:
-      outcome = _outcome(self.run, fault, metrics)
-      if outcome is not None:
-        self.noted.add(fault)
-        self.listener.note(self.run, f'step {step}: {fault} -> {outcome}')
+    outcome = fault and _outcome(self.run, fault, metrics)
+    if outcome and fault not in self.noted:
+      self.noted.add(fault)
+      note(f'{fault} -> {outcome}')
     rolled_back = any(event.kind == 'rollback' for event in events)
     if self.run == 'guarded' and fault in self.slow and not rolled_back:
       counts = self.slow[fault]
       counts[bool(metrics['skipped'])] += 1
       if step == self.config.windows[fault][1]:
-        self.listener.note(
-            self.run, f'step {step}: {fault} over -> {counts[0]} of its steps'
-            f' trained on, {counts[1]} skipped')
-    # A rollback is not noted here: og.fit's recovery logs it, and the CLI
-    # prints optax_guard's warnings.
+        note(f'{fault} over -> {counts[0]} of its steps trained on,'
+             f' {counts[1]} skipped')
     self.listener.step(self.run, state.step, metrics, dict(self.counts))
     preempt = self.config.windows.get('preempt', (None,))[0]
     # A rollback may jump past the planned step: then it comes right after.
@@ -281,66 +256,57 @@ class Interrupted(Exception):
   """A signal stopped the guarded run; its state is saved."""
 
 
-def _fit(setup: Setup, run: str, out_dir: pathlib.Path, watcher: _Watcher,
-         checkpointer: Optional[og.Checkpointer] = None) -> Any:
-  config = setup.config
-  return og.fit(
-      setup.steps[run], og.TrainState(0, *setup.init_state(setup.txs[run])),
-      setup.batches(),
-      num_steps=config.steps, checkpointer=checkpointer,
-      recovery=checkpointer and og.RecoveryPolicy(
-          max_rollbacks=config.max_rollbacks,
-          skip_extra_batches=config.skip_batches),
-      log_dir=out_dir / run, progress=False, exit_on_preemption=False,
-      handle_preemption=checkpointer is not None, eval_fn=setup.evaluate,
-      eval_every=config.eval_every, callback=watcher,
-  )
-
-
 def _last_logged_step(path: pathlib.Path) -> int:
-  """The last step in a metrics log (0 if none); a kill may tear its last
-  line, which og.fit drops on the next start."""
+  """The last step in a metrics log (0 if none; a kill may tear the last
+  line, which og.fit drops on the next start)."""
   step = 0
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        step = json.loads(line)['step']
-      except (ValueError, KeyError):
-        break
+  for line in path.read_text().splitlines() if path.exists() else ():
+    try:
+      step = json.loads(line)['step']
+    except (ValueError, KeyError):
+      break
   return step
 
 
 def train(setup: Setup, run: str, out_dir: pathlib.Path,
           listener: Listener) -> dict[str, Any]:
   """One run to the end; the guarded one resumes from disk after a signal."""
-  listener.start(run, setup.config.steps)
-  watcher = _Watcher(run, setup.config, listener)
+  config = setup.config
+  listener.start(run, config.steps)
+  watcher = _Watcher(run, config, listener)
+  fit = functools.partial(
+      og.fit, num_steps=config.steps,
+      log_dir=out_dir / run, progress=False, exit_on_preemption=False,
+      eval_fn=setup.evaluate, eval_every=config.eval_every, callback=watcher)
+  if run == 'plain' and (  # No checkpoints: a rerun starts from scratch.
+      lost := _last_logged_step(out_dir / run / 'metrics.jsonl')):
+    listener.note(run, 'starts again from step 0: plain optax keeps no'
+                  f' checkpoint here, so the {lost} steps it trained before'
+                  ' it was stopped are lost')
   best: dict[str, Any] = {}  # The best held-out loss saved, and its step.
   while True:
-    if run == 'plain':  # No checkpoints: a rerun starts from scratch.
-      lost = _last_logged_step(out_dir / run / 'metrics.jsonl')
-      if lost:
-        listener.note(run, f'starts again from step 0: plain optax keeps no'
-                      f' checkpoint here, so the {lost} steps it trained'
-                      ' before it was stopped are lost')
-      result = _fit(setup, run, out_dir, watcher)
+    step, state, finish = setup.start(run)
+    if run == 'plain':
+      result = fit(step, state, setup.batches(), handle_preemption=False)
       break
     with og.Checkpointer(out_dir / CHECKPOINT_DIR, max_to_keep=3,
-                         save_interval_steps=setup.config.checkpoint_every,
-                         best_metric='eval_loss', best_mode='min'
-                         ) as checkpointer:
+                         save_interval_steps=max(5, min(25, config.steps // 12)),
+                         best_metric='eval_loss', best_mode='min') as ckpt:
       watcher.preempted = False
-      result = _fit(setup, run, out_dir, watcher, checkpointer)
-      best_step = checkpointer.best_step()
-      best = {} if best_step is None else {
-          'best_step': best_step,
-          'best_loss': checkpointer.metrics(best_step).get('eval_loss')}
+      # A rollback skips past the step that diverged (PaLM: 200-500 batches).
+      result = fit(step, state, setup.batches(), checkpointer=ckpt,
+                   recovery=og.RecoveryPolicy(
+                       max_rollbacks=config.max_rollbacks,
+                       skip_extra_batches=max(8, config.steps // 15)))
+      if (best_step := ckpt.best_step()) is not None:
+        best = {'best_step': best_step,
+                'best_loss': ckpt.metrics(best_step).get('eval_loss')}
     if not result.preempted:
       break
     if not watcher.preempted:
       raise Interrupted(f'stopped at step {result.state.step}; its'
                         ' checkpoint is saved')
-  params = result.state.params
+  params = finish(result.state)
   final_loss = float(setup.heldout_loss(params))
   return {
       'final_loss': final_loss,
@@ -363,13 +329,10 @@ def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
       changed = sorted(k for k in saved if saved[k] != wanted.get(k))
       raise ValueError(
           f'{out_dir} holds a demo run with other settings ({", ".join(changed)}'
-          ' differ); pass the same options to resume it, or another --out.'
-      )
+          ' differ); pass the same options to resume it, or another --out.')
   elif out_dir.exists() and any(out_dir.iterdir()):
-    raise ValueError(
-        f'{out_dir} is not empty and holds no optax-guard demo run; choose'
-        ' another --out.'
-    )
+    raise ValueError(f'{out_dir} is not empty and holds no optax-guard demo'
+                     ' run; choose another --out.')
 
 
 def run_demo(config: DemoConfig, out_dir: os.PathLike,
