@@ -53,6 +53,9 @@ class _Run:
                                              next(self.data))
       step += 1
       if self.checkpointer.should_save(step):
+        # The steps dispatched so far must finish first: the save copies
+        # their result. What is timed is the save's own blocking part.
+        jax.block_until_ready((params, opt_state))
         start = time.perf_counter()
         self.checkpointer.save(og.TrainState(step, params, opt_state),
                                data_iter=self.data)
