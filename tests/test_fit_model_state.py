@@ -34,7 +34,7 @@ def _data():
                                plan, keys='step')
 
 
-def _linen():
+def _linen(tx=None):
   module = _LinenBN()
   variables = module.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
 
@@ -44,7 +44,7 @@ def _linen():
         mutable=['batch_stats'])
     return jnp.mean((out - batch['y']) ** 2), new_state
 
-  tx = og.guard(optax.adam(1e-2))
+  tx = tx or og.guard(optax.adam(1e-2))
   step = og.make_train_step(loss_fn, tx, has_state=True)
   state = og.TrainState(0, variables['params'], tx.init(variables['params']),
                         model_state={'batch_stats': variables['batch_stats']})
@@ -199,20 +199,9 @@ def test_restore_best_without_a_recorded_metric_names_eval_fn(tmp_path):
 
 
 def test_a_rollback_restores_the_statistics_of_the_same_checkpoint(tmp_path):
-  module = _LinenBN()
-  variables = module.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
-
-  def loss_fn(params, model_state, batch):
-    out, new_state = module.apply(
-        {'params': params, **model_state}, batch['x'], train=True,
-        mutable=['batch_stats'])
-    return jnp.mean((out - batch['y']) ** 2), new_state
-
-  tx = og.guard(optax.adam(1e-2), max_consecutive_skips=2)
-  state = og.TrainState(0, variables['params'], tx.init(variables['params']),
-                        model_state={'batch_stats': variables['batch_stats']})
+  step, state = _linen(og.guard(optax.adam(1e-2), max_consecutive_skips=2))
   x = np.random.default_rng(0).normal(size=(256, 3)).astype(np.float32)
-  plan = {step: testing.Fault('nan_batch', 1.0) for step in (15, 16, 17)}
+  plan = {at: testing.Fault('nan_batch', 1.0) for at in (15, 16, 17)}
   data = testing.FaultInjector(
       og.batches({'x': x, 'y': x.sum(axis=1, keepdims=True)}, 16, seed=0),
       plan, keys='step')
@@ -225,8 +214,7 @@ def test_a_rollback_restores_the_statistics_of_the_same_checkpoint(tmp_path):
 
   with og.Checkpointer(tmp_path / 'ckpt', save_interval_steps=4,
                        max_to_keep=5) as checkpointer:
-    og.fit(og.make_train_step(loss_fn, tx, has_state=True), state, data,
-           num_steps=24, checkpointer=checkpointer,
+    og.fit(step, state, data, num_steps=24, checkpointer=checkpointer,
            recovery=og.RecoveryPolicy(confirm_steps=1), progress=False,
            callback=callback)
     (rolled, event), = after_rollback
