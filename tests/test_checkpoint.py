@@ -275,6 +275,20 @@ def test_interval_force_and_existing_step(tmp_path):
     assert c.all_steps() == [7, 10]
 
 
+def test_kept_steps_outlive_max_to_keep_until_replaced(tmp_path):
+  state = make_init()
+  with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1,
+                       keep_last_good=False, async_save=False) as c:
+    c.keep_steps([1, 2])
+    for step in range(1, 5):
+      c.save(state._replace(step=step))
+    assert c.all_steps() == [1, 2, 4]
+    # Each call replaces the set: step 1 goes at the next clean-up.
+    c.keep_steps([2])
+    c.save(state._replace(step=5))
+    assert c.all_steps() == [2, 5]
+
+
 def test_last_good_checkpoint_outlives_max_to_keep(tmp_path):
   state = make_init()
   with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2) as c:

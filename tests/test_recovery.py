@@ -190,9 +190,9 @@ def test_rollback_passes_over_an_unconfirmed_save(tmp_path, train_step):
 
 
 def test_retention_keeps_the_newest_confirmed_checkpoint(tmp_path):
-  # max_to_keep=1 and no "last good" policy: only Recovery's registered
-  # is_confirmed keeps step 4 (confirmed by steps 4..7) once the loss leaves
-  # the healthy band from step 8 on and steps 8..12 are saved after it.
+  # max_to_keep=1 and no "last good" policy: only the targets Recovery names
+  # (Checkpointer.keep_steps) keep step 4 (confirmed by steps 4..7) once the
+  # loss leaves the healthy band from step 8 on and steps 8..12 are saved.
   state = make_init()
   with og.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1,
                        keep_last_good=False, async_save=False) as ckpt:

@@ -42,7 +42,7 @@ import concurrent.futures.thread  # pylint: disable=unused-import
 import functools
 import logging
 import threading
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import orbax.checkpoint as ocp
 from etils import epath
@@ -219,10 +219,10 @@ class Checkpointer(restore_lib.Restoring):
     self._best_rank = None if best_metric is None else functools.partial(
         retention.metric_rank, name=best_metric, sign=1.0 if best_mode == 'max' else -1.0
     )
-    self._newest_where = retention.NewestWhere()
+    self._kept_steps = retention.KeptSteps()
     self._options = retention.manager_options(
         save_interval_steps, max_to_keep, async_save, keep_last_good,
-        self._best_rank, read_only, self._newest_where,
+        self._best_rank, read_only, self._kept_steps,
     )
     self._registry = layout.handler_registry()
     self._pending_step: Optional[int] = None  # the async save in flight
@@ -287,19 +287,20 @@ class Checkpointer(restore_lib.Restoring):
     """The underlying Orbax ``CheckpointManager``."""
     return self._manager
 
-  def preserve_newest(self, predicate: Callable[[int], bool]) -> None:
-    """Keeps the two newest steps where ``predicate(step)`` holds, however old.
+  def keep_steps(self, steps: Iterable[int]) -> None:
+    """Keeps ``steps`` at every clean-up after a save, whatever ``max_to_keep``.
 
-    :class:`optax_guard.Recovery` registers its ``is_confirmed`` here, so that
-    retention never deletes the checkpoint a rollback would restore, nor
-    the one before it (the target may be damaged: a save during a rollback
-    that fails leaves the previous target). The predicate is asked at every
-    clean-up after a save.
+    Each call replaces the set. :class:`optax_guard.Recovery` names its two
+    newest rollback targets here whenever they change, so that retention
+    never deletes the checkpoint a rollback would restore, nor the one
+    before it (the target may be damaged: a save during a rollback that
+    fails leaves the previous target). The checkpointer only reads the set;
+    it calls nothing back.
 
     Args:
-      predicate: takes a step, says whether it is to be kept.
+      steps: the steps to keep.
     """
-    self._newest_where.predicate = predicate
+    self._kept_steps.steps = frozenset(int(step) for step in steps)
 
   def should_save(self, step: int) -> bool:
     """Whether :meth:`save` would write at ``step`` without ``force``."""

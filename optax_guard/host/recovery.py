@@ -142,9 +142,7 @@ class Recovery:
     # The report of the divergence that ended the run (DivergenceReport as
     # a dict), or None while recovery has not given up.
     self.gave_up: Optional[dict[str, Any]] = None
-    if checkpointer is not None and policy.confirm_steps > 0:
-      # Retention must not delete the checkpoint a rollback would restore.
-      checkpointer.preserve_newest(self.is_confirmed)
+    self._keep_targets()
 
   @property
   def healthy(self) -> bool:
@@ -221,8 +219,22 @@ class Recovery:
     return any(start <= first and end >= step + self.policy.confirm_steps
                for start, end in self._runs)
 
+  def _keep_targets(self) -> None:
+    """Tells the checkpointer which steps retention must keep: the two
+    newest rollback targets (the save right after a rollback is a copy of
+    the previous target; when it is damaged, the one before is restored)."""
+    if self.checkpointer is None or self.policy.confirm_steps == 0:
+      return
+    confirmed = [step for step in reversed(self.checkpointer.all_steps())
+                 if self.is_confirmed(step)]
+    self.checkpointer.keep_steps(confirmed[:2])
+
   def observe(self, step: int, metrics: Mapping[str, Any]) -> Optional[str]:
     """Takes one step's metrics; returns why to roll back, or ``None``.
+
+    Each call also names the current rollback targets to the checkpointer
+    (:meth:`optax_guard.Checkpointer.keep_steps`), so that retention keeps
+    them.
 
     Args:
       step: the loop step the metrics belong to.
@@ -233,6 +245,12 @@ class Recovery:
     Returns:
       The reason for a rollback, or ``None``.
     """
+    reason = self._watch(step, metrics)
+    self._keep_targets()
+    return reason
+
+  def _watch(self, step: int, metrics: Mapping[str, Any]) -> Optional[str]:
+    """The health bookkeeping of :meth:`observe`."""
     loss = float(_scalar(metrics['loss']))
     skipped = bool(_scalar(metrics.get('skipped', False)))
     self._skip_streak = int(_scalar(metrics.get('consecutive_skips', 0)))
@@ -374,6 +392,7 @@ class Recovery:
         len(self.rollbacks), self.policy.max_rollbacks, state.step, good.step,
         reason, good.step, step - 1,
     )
+    self._keep_targets()
     # Model state (BatchNorm statistics) comes from the same checkpoint.
     return good._replace(step=step, opt_state=opt_state)
 
@@ -406,6 +425,7 @@ class Recovery:
     self._runs = [list(run) for run in saved.get('runs', [])]
     self._restored_steps = list(saved.get('restored_steps', []))
     self.gave_up = saved.get('gave_up')
+    self._keep_targets()
 
   def raise_if_gave_up(self) -> None:
     """Raises :class:`TrainingDiverged` again if the saved run gave up.

@@ -1,15 +1,16 @@
 """Which steps retention may delete: composed Orbax preservation policies.
 
 A step is kept while any policy keeps it (Orbax ``AnyPreservationPolicy``):
-the ``max_to_keep`` newest (``LatestN``), the two newest confirmed rollback
-targets (:class:`NewestWhere`, the predicate set by
-:class:`optax_guard.Recovery`), the newest saved as healthy (``BestN`` on
-the ``healthy`` metric) and the best by ``best_metric`` (``BestN``).
+the ``max_to_keep`` newest (``LatestN``), the steps the loop's recovery
+named as its rollback targets (:class:`KeptSteps`, set through
+:meth:`optax_guard.Checkpointer.keep_steps`), the newest saved as healthy
+(``BestN`` on the ``healthy`` metric) and the best by ``best_metric``
+(``BestN``). Retention only reads what it was told: it calls nothing back.
 """
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 import orbax.checkpoint as ocp
 
@@ -29,30 +30,22 @@ def metric_rank(metrics: Optional[Mapping[str, Any]], *, name: str,
 
 
 @dataclasses.dataclass
-class NewestWhere:
-  """Orbax preservation: keep the ``n`` newest steps where ``predicate`` holds.
+class KeptSteps:
+  """Orbax preservation: keep the steps in ``steps``, however old.
 
-  ``predicate`` is set after construction (:meth:`Checkpointer.preserve_newest`)
-  and read at each clean-up, so that it can follow training (a checkpoint
-  confirmed by the steps after it). Two by default: the rollback target and
-  the one before it, so that a damaged target (the save right after a
-  rollback is a copy of the previous target) still leaves one to restore.
+  ``steps`` is replaced as training goes on
+  (:meth:`Checkpointer.keep_steps`; :class:`optax_guard.Recovery` names its
+  two newest rollback targets there) and read at each clean-up after a
+  save. The assignment of a new set is atomic, so a clean-up in Orbax's
+  background thread sees the old set or the new one.
   """
 
-  predicate: Optional[Callable[[int], bool]] = None
-  n: int = 2
+  steps: AbstractSet[int] = frozenset()
 
   def should_preserve(self, checkpoints, *, context):
     del context  # Unused; part of Orbax's PreservationPolicy protocol.
-    keep = [False] * len(checkpoints)
-    if self.predicate is None:
-      return keep
-    newest_first = sorted(range(len(checkpoints)),
-                          key=lambda i: checkpoints[i].step, reverse=True)
-    kept = [i for i in newest_first if self.predicate(checkpoints[i].step)]
-    for i in kept[:self.n]:
-      keep[i] = True
-    return keep
+    kept = self.steps
+    return [checkpoint.step in kept for checkpoint in checkpoints]
 
 
 def manager_options(
@@ -62,11 +55,11 @@ def manager_options(
     keep_last_good: bool,
     best_rank: Optional[Callable[[Any], Any]],
     read_only: bool,
-    newest_where: NewestWhere,
+    kept_steps: KeptSteps,
 ) -> ocp.CheckpointManagerOptions:
   """Orbax options: the interval, and the preservation of kept steps."""
   preservation = ocp.checkpoint_managers.preservation_policy
-  policies = [preservation.LatestN(max_to_keep), newest_where]
+  policies = [preservation.LatestN(max_to_keep), kept_steps]
   # BestN sorts stably by step and keeps the last: the newest of equals.
   if keep_last_good:
     policies.append(preservation.BestN(
