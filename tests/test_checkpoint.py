@@ -22,10 +22,11 @@ from optax_guard.host.checkpoint import CorruptCheckpointError
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard.transforms.guard import GuardState
 
-# A deliberately damaged checkpoint makes Orbax abandon its other pending
-# reads; Python reports those never-awaited coroutines as unraisable.
+# A damaged checkpoint makes Orbax abandon its other pending reads; og
+# keeps them off the console (integrity.quiet_abandoned_reads): nothing
+# unraisable may leak.
 pytestmark = pytest.mark.filterwarnings(
-    'ignore::pytest.PytestUnraisableExceptionWarning'
+    'error::pytest.PytestUnraisableExceptionWarning'
 )
 
 TX = og.guard(

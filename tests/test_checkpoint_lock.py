@@ -16,8 +16,9 @@ import optax_guard as og
 from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host.checkpoint import CheckpointLockedError, CorruptCheckpointWarning
 
+# Nothing unraisable may leak from abandoned Orbax reads.
 pytestmark = pytest.mark.filterwarnings(
-    'ignore::pytest.PytestUnraisableExceptionWarning'
+    'error::pytest.PytestUnraisableExceptionWarning'
 )
 
 WORKER = os.path.join(os.path.dirname(__file__), 'lock_worker.py')

@@ -22,8 +22,9 @@ import pytest
 import optax_guard as og
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 
+# Nothing unraisable may leak from abandoned Orbax reads.
 pytestmark = pytest.mark.filterwarnings(
-    'ignore::pytest.PytestUnraisableExceptionWarning'
+    'error::pytest.PytestUnraisableExceptionWarning'
 )
 
 TX = og.guard(optax.adam(1e-2))

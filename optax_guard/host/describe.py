@@ -18,6 +18,7 @@ from optax_guard.host.integrity import all_finite
 from optax_guard.host.integrity import fingerprint
 from optax_guard.host.integrity import first_line
 from optax_guard.host.integrity import map_leaves
+from optax_guard.host.integrity import quiet_abandoned_reads
 from optax_guard.host.layout import DATA
 from optax_guard.host.layout import EVENTS
 from optax_guard.host.layout import INTEGRITY
@@ -52,6 +53,7 @@ def _check(manager: ocp.CheckpointManager, path: epath.Path,
     arrays = manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore()}))[STATE]
   except Exception as e:  # pylint: disable=broad-except
+    quiet_abandoned_reads()
     return {**found, 'problem': f'unreadable ({first_line(e)})'}
   expected = (saved[INTEGRITY] or {}).get('fingerprints')
   # Without the training code the leaf paths are unknown: a multiset.

@@ -14,6 +14,8 @@ import functools
 import hashlib
 import json
 import logging
+import re
+import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -46,10 +48,57 @@ class Damage(Exception):
   def __init__(self, reason: str):
     super().__init__(reason)
     self.reason = reason
+    # Finding damage may have cut Orbax's reads of the step short.
+    quiet_abandoned_reads()
+
+
+def _is_closed_loop_error(unraisable: Any) -> bool:
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == (
+      'Event loop is closed')
+
+
+def quiet_abandoned_reads() -> None:
+  """Keeps the reads Orbax abandons on a damaged step off the console.
+
+  Orbax reads a step's arrays concurrently in an event loop of its own and
+  closes that loop as soon as one read fails. The TensorStore reads still in
+  flight then finish into the closed loop, and their coroutines are closed
+  unawaited; Python reports each as ``Exception ignored ... RuntimeError:
+  Event loop is closed`` (a dozen tracebacks for one damaged step, after
+  the warning that already said what happened). Nothing can receive those
+  results, so this drops exactly that error from ``sys.unraisablehook``
+  (installed once, on the first damage found; every other unraisable
+  exception goes to the hook that was there before).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_errors', False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_error(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
+# TensorStore appends its whole JSON spec (hundreds of characters) and
+# source locations to each error; the reason a reader needs comes before.
+_TENSORSTORE_DETAIL = re.compile(
+    r"\s*\[(?:tensorstore_spec|source locations)='.*?'\]")
 
 
 def first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
+  """``'Type: first line'`` of ``error``, without TensorStore's spec dump.
+
+  Examples:
+    >>> from optax_guard.host.integrity import first_line
+    >>> first_line(ValueError(
+    ...     "DATA_LOSS: bad manifest [tensorstore_spec='{...}']\\nmore"))
+    'ValueError: DATA_LOSS: bad manifest'
+  """
+  text = _TENSORSTORE_DETAIL.sub('', str(error)).strip().splitlines()
   return f'{type(error).__name__}: {text[0] if text else ""}'.strip()
 
 
