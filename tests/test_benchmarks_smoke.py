@@ -111,6 +111,10 @@ def test_other_sections_hold_their_measurements(run):
   faults = sections['faults']
   assert faults['survived'] and faults['params_always_finite']
   assert faults['injected_total'] >= 2
+  fit_blocking = sections['fit']['orbax_save_blocking_ms']
+  assert set(fit_blocking) == {'nnx_state', 'nested_dicts'}
+  assert all(_positive(b['median']) and b['saves'] >= 1
+             for b in fit_blocking.values())
   growth = sections['growth']
   assert growth['sizes'] == [20_000]
   assert [r['change'] for r in growth['rows']] == [None] * 7
