@@ -61,8 +61,11 @@ def _copy(tree: Any) -> Any:
   """``tree`` with fresh buffers for its arrays (the step donates the old)."""
   leaves, treedef = jax.tree.flatten(tree)
   arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
-  # One device_put for all of them; may_alias=False forces a copy.
-  copies = jax.device_put([leaves[i] for i in arrays], may_alias=False)
+  # One device_put for all of them, each to its own sharding (a global
+  # array's too); may_alias=False forces a copy.
+  copies = jax.device_put([leaves[i] for i in arrays],
+                          [leaves[i].sharding for i in arrays],
+                          may_alias=False)
   for i, copy in zip(arrays, copies):
     leaves[i] = copy
   return jax.tree.unflatten(treedef, leaves)
