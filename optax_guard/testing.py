@@ -442,9 +442,10 @@ class FlakyDevice:
   batch (as ``og.fit`` does with ``RecoveryPolicy(rerun=True)``) is the
   next call, clean unless the plan says otherwise. A host callback in the
   backward pass counts the gradient computations (:attr:`calls`, from 1)
-  and returns the planned fault of each; with an empty plan :meth:`wrap`
-  returns the loss function itself, so a disabled fault leaves no callback
-  in the compiled step.
+  and returns the planned fault of each. Disabled (``plan=None``),
+  :meth:`wrap` returns the loss function itself: no callback in the
+  compiled step. :meth:`arm` plans a call while training runs (e.g. the
+  next one, ``calls + 1``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -459,30 +460,47 @@ class FlakyDevice:
   Args:
     plan: ``{call number (from 1): Fault}`` with a kind of
       :data:`GRADIENT_KINDS` (``grad_spike`` multiplies the gradient by
-      ``scale``). Two planned calls in a row corrupt a step and its re-run.
+      ``scale``); two planned calls in a row corrupt a step and its re-run.
+      ``None`` disables the device.
   """
 
-  def __init__(self, plan: Mapping[int, Fault]):
-    for call, fault in plan.items():
-      if isinstance(call, bool) or not isinstance(call, int) or call < 1:
-        raise ValueError(f'plan keys are call numbers counted from 1, got'
-                         f' {call!r}.')
-      if fault.kind not in GRADIENT_KINDS:
-        raise ValueError(f'FlakyDevice corrupts gradients: the kind must be'
-                         f' one of {GRADIENT_KINDS}, got {fault.kind!r} at'
-                         f' call {call} (data faults go through'
-                         ' FaultInjector).')
-    self._plan = dict(plan)
+  def __init__(self, plan: Mapping[int, Fault] | None):
+    self.enabled = plan is not None
+    self._plan: dict[int, Fault] = {}
     self.calls = 0
+    for call, fault in (plan or {}).items():
+      self.arm(fault, call)
+
+  def arm(self, fault: Fault, call: int) -> None:
+    """Plans ``fault`` for gradient computation number ``call``.
+
+    Raises:
+      ValueError: for a call already made or numbered below 1, a kind not
+        in :data:`GRADIENT_KINDS`, or a disabled device.
+    """
+    if not self.enabled:
+      raise ValueError('this FlakyDevice is disabled (plan=None); build it'
+                       ' with a plan, {} for none yet, to arm it.')
+    if (isinstance(call, bool) or not isinstance(call, int)
+        or call <= self.calls):
+      raise ValueError(f'call must be a call number counted from 1 and after'
+                       f' the {self.calls} made, got {call!r}.')
+    if fault.kind not in GRADIENT_KINDS:
+      raise ValueError(f'FlakyDevice corrupts gradients: the kind must be'
+                       f' one of {GRADIENT_KINDS}, got {fault.kind!r} at'
+                       f' call {call} (data faults go through'
+                       ' FaultInjector).')
+    self._plan[call] = fault
 
   def _next_fault(self) -> tuple[np.int32, np.float32]:
     self.calls += 1
-    fault = self._plan.get(self.calls, Fault('none'))
+    fault = self._plan.pop(self.calls, Fault('none'))
     return np.int32(_CODES[fault.kind]), np.float32(fault.scale)
 
   def wrap(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``loss_fn(params, ...)`` whose gradients follow the plan."""
-    if not self._plan:
+    """``loss_fn(params, ...)`` whose gradients follow the plan (itself
+    when the device is disabled)."""
+    if not self.enabled:
       return loss_fn
 
     def flaky_loss(params, *args, **kwargs):

@@ -231,9 +231,11 @@ def test_flaky_device_leaves_no_callback_in_the_step_when_disabled():
     step = og.make_train_step(testing.FlakyDevice(plan).wrap(testing.mse), tx)
     return step.lower(state.params, state.opt_state, batch).as_text()
 
-  assert 'callback' not in hlo({})
-  assert 'callback' in hlo({1: testing.Fault('nan_grad')})
+  assert 'callback' not in hlo(None)
+  assert 'callback' in hlo({})
   with pytest.raises(ValueError, match='data faults go through'):
     testing.FlakyDevice({1: testing.Fault('nan_batch')})
   with pytest.raises(ValueError, match='counted from 1'):
     testing.FlakyDevice({0: testing.Fault('nan_grad')})
+  with pytest.raises(ValueError, match='disabled'):
+    testing.FlakyDevice(None).arm(testing.Fault('nan_grad'), 1)
