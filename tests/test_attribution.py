@@ -239,3 +239,18 @@ def test_flaky_device_leaves_no_callback_in_the_step_when_disabled():
     testing.FlakyDevice({0: testing.Fault('nan_grad')})
   with pytest.raises(ValueError, match='disabled'):
     testing.FlakyDevice(None).arm(testing.Fault('nan_grad'), 1)
+
+
+def test_inspect_shows_the_verdicts_and_the_bad_batches(tmp_path, capsys):
+  from optax_guard import cli  # pylint: disable=g-import-not-at-top
+
+  flaky = testing.FlakyDevice({4: testing.Fault('nan_grad')})
+  _, events, _ = _fit(tmp_path, 'run', flaky=flaky, num_steps=12,
+                      plan={9: testing.Fault('nan_batch')})
+  (bad,) = _of(events, BadBatch)
+  capsys.readouterr()
+  assert cli.main(['inspect', str(tmp_path / 'run')]) == 0
+  out = capsys.readouterr().out
+  assert ('Re-run verdicts up to step 12: transient 1, bad batch 1,'
+          ' nondeterministic 0') in out
+  assert f'batch 8 (step 9, nonfinite) sha256 {bad.digest[:16]}' in out
