@@ -254,3 +254,19 @@ def test_inspect_shows_the_verdicts_and_the_bad_batches(tmp_path, capsys):
   assert ('Re-run verdicts up to step 12: transient 1, bad batch 1,'
           ' nondeterministic 0') in out
   assert f'batch 8 (step 9, nonfinite) sha256 {bad.digest[:16]}' in out
+
+
+def test_the_campaign_classifies_every_fault_on_the_demo_model():
+  from benchmarks import attribution as campaign  # pylint: disable=g-import-not-at-top
+
+  counts = {kind: 2 for kind in campaign.KINDS}
+  results = campaign.campaign(steps=50, batch_size=8, seq_len=16, width=32,
+                              seed=0, counts=counts, first_step=26,
+                              say=lambda line: None)
+  assert results['misclassified_steps'] == []
+  assert results['verdicts_on_clean_steps'] == []
+  assert results['clean_batches_lost_to_transient_faults'] == 0
+  assert results['fault_free_step_calls'] == results['fault_free_steps'] == 50
+  assert results['faulty_step_calls'] == 50 + 10  # one re-run per fault
+  assert {kind: dict(row) for kind, row in results['table'].items()} == {
+      kind: {campaign.EXPECTED[kind]: 2} for kind in campaign.KINDS}
