@@ -426,7 +426,10 @@ def _flaky_backward(next_fault, residuals, grads):
   kind, scale = io_callback(
       next_fault, (jax.ShapeDtypeStruct((), jnp.int32),
                    jax.ShapeDtypeStruct((), jnp.float32)))
-  return (jax.tree.map(functools.partial(_corrupt, kind, scale), grads),)
+  # Integer leaves (an NNX model's RNG counters) have float0 cotangents.
+  return (jax.tree.map(
+      lambda g: _corrupt(kind, scale, g)
+      if jnp.issubdtype(g.dtype, jnp.inexact) else g, grads),)
 
 
 _flaky.defvjp(_flaky_forward, _flaky_backward)

@@ -88,7 +88,9 @@ def test_no_extra_step_when_nothing_is_skipped(tmp_path):
 
 
 def test_transient_fault_is_rerun_applied_and_leaves_the_clean_bits(tmp_path):
-  clean, _, _ = _fit(tmp_path, 'clean', rerun=False)
+  # The reference compiles the same step: an unarmed device.
+  clean, _, _ = _fit(tmp_path, 'clean', flaky=testing.FlakyDevice({}),
+                     rerun=False)
   flaky = testing.FlakyDevice({7: testing.Fault('nan_grad')})
   result, events, calls = _fit(tmp_path, 'flaky', flaky=flaky)
   assert calls == 21 and flaky.calls == 21  # one re-run, at step 7
@@ -106,7 +108,8 @@ def test_transient_fault_is_rerun_applied_and_leaves_the_clean_bits(tmp_path):
 
 
 def test_transient_spike_is_rerun_too(tmp_path):
-  clean, _, _ = _fit(tmp_path, 'clean', rerun=False, num_steps=30)
+  clean, _, _ = _fit(tmp_path, 'clean', flaky=testing.FlakyDevice({}),
+                     rerun=False, num_steps=30)
   flaky = testing.FlakyDevice({25: testing.Fault('grad_spike', 1e4)})
   result, events, calls = _fit(tmp_path, 'spike', flaky=flaky, num_steps=30)
   (transient,) = _of(events, TransientFault)
@@ -118,11 +121,10 @@ def test_transient_spike_is_rerun_too(tmp_path):
 
 def test_rerun_of_a_skipped_step_sees_the_first_runs_inputs():
   # Step level, donated buffers: snapshot, a skipped first run, the re-run
-  # from rerun_inputs; against the clean step on a copy of the same state.
+  # from rerun_inputs; against the same step, clean, on a copy of the state.
   tx = _tx()
   flaky = testing.FlakyDevice({2: testing.Fault('inf_grad')})
   step = og.make_train_step(flaky.wrap(testing.mse), tx)
-  clean_step = og.make_train_step(testing.mse, tx)
   batches = [{k: v[i * 32:(i + 1) * 32] for k, v in DATA.items()}
              for i in range(2)]
   state = _init(tx)
@@ -136,8 +138,9 @@ def test_rerun_of_a_skipped_step_sees_the_first_runs_inputs():
   inputs = attribution.rerun_inputs(saved, skipped)
   assert inputs.step == 1
   _assert_same_bits(inputs, copy)
-  again = step(inputs.params, inputs.opt_state, batches[1])
-  reference = clean_step(copy.params, copy.opt_state, batches[1])
+  again = step(inputs.params, inputs.opt_state, batches[1])  # call 3: clean
+  reference = step(copy.params, copy.opt_state, batches[1])  # call 4: clean
+  assert not bool(again[2]['skipped'])
   _assert_same_bits(again, reference)
 
 
@@ -270,3 +273,44 @@ def test_the_campaign_classifies_every_fault_on_the_demo_model():
   assert results['faulty_step_calls'] == 50 + 10  # one re-run per fault
   assert {kind: dict(row) for kind, row in results['table'].items()} == {
       kind: {campaign.EXPECTED[kind]: 2} for kind in campaign.KINDS}
+
+
+def _key_data(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(x)
+  return x
+
+
+def test_an_nnx_models_rerun_draws_the_same_dropout_masks(tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(8, 16, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
+      self.out = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.dropout(jnp.tanh(self.hidden(x))))
+
+  def run(name, plan):
+    model = Model(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, og.guard(optax.adam(1e-2)),
+                              wrt=nnx.Param)
+    loss = testing.FlakyDevice(plan).wrap(
+        lambda m, b: jnp.mean((m(b['x']) - b['y']) ** 2))
+    step, state = og.nnx_fit_step(loss, model, optimizer)
+    with og.Checkpointer(tmp_path / name) as ckpt:
+      return og.fit(step, state, og.batches(DATA, 32), num_steps=10,
+                    checkpointer=ckpt, recovery=og.RecoveryPolicy(rerun=True),
+                    progress=False)
+
+  # The same compiled step (an unarmed device) is the reference.
+  clean = run('clean', {})
+  flaky = run('flaky', {4: testing.Fault('nan_grad')})
+  assert dict(flaky.events.counts) == {'transient_fault': 1}
+  # The dropout RNG stream lives in the model state: the re-run drew the
+  # masks of the first run, and the run ends as the fault-free one.
+  _assert_same_bits(jax.tree.map(_key_data, flaky.state[1:]),
+                    jax.tree.map(_key_data, clean.state[1:]))
