@@ -8,6 +8,7 @@ from benchmarks import update_cost as uc
 from benchmarks import workloads as w
 
 STABILITY_FILE = pathlib.Path(__file__).resolve().parent / 'stability.json'
+ATTRIBUTION_FILE = STABILITY_FILE.with_name('attribution.json')
 NOTES_FILE = pathlib.Path(__file__).with_name('NOTES.md')
 SECTION_TITLES = {
     'update': '1. Update cost',
@@ -438,6 +439,65 @@ def _stability_md() -> str:
                         *[f'lr {lr:g}' for lr in rates]], rows))
 
 
+# The verdicts of benchmarks/attribution.py, in the table's column order.
+_VERDICT_COLUMNS = ('transient_fault', 'bad_batch', 'nondeterministic_fault',
+                    'not skipped')
+
+
+def attribution_table(results: dict[str, Any]) -> str:
+  """The campaign's confusion table and summary lines, as markdown."""
+  lines = ['| true kind | faults | ' + ' | '.join(_VERDICT_COLUMNS) + ' |',
+           '|---|---:|' + '---:|' * len(_VERDICT_COLUMNS)]
+  for kind, row in results['table'].items():
+    lines.append(f'| {kind} | {sum(row.values())} | '
+                 + ' | '.join(str(row.get(c, 0)) for c in _VERDICT_COLUMNS)
+                 + ' |')
+  loss = results['heldout_loss']
+  faults = sum(results['settings']['faults'].values())
+  extra = results['fault_free_step_calls'] - results['fault_free_steps']
+  lines += [
+      '',
+      (f'{faults} faults in {results["settings"]["steps"]} steps;'
+       f' misclassified: {len(results["misclassified_steps"])}; verdicts on'
+       f' clean steps: {len(results["verdicts_on_clean_steps"])}; clean'
+       ' batches lost to transient faults:'
+       f' {results["clean_batches_lost_to_transient_faults"]}; rollbacks:'
+       f' {results["rollbacks"]}.'),
+      '',
+      (f'Train-step calls: {results["fault_free_step_calls"]} for the'
+       f' {results["fault_free_steps"]} steps of the fault-free run ({extra}'
+       f' extra), {results["faulty_step_calls"]} in the faulty run.'),
+      '',
+      (f'Held-out loss: {loss["faulty"]:.4f} with the faults,'
+       f' {loss["fault_free"]:.4f} without'
+       f' ({100 * loss["relative_gap"]:+.2f} %; goal within 0.5 %:'
+       f' {"met" if results["within_half_a_percent"] else "missed"}).'),
+  ]
+  return '\n'.join(lines)
+
+
+def _attribution_md() -> str:
+  """The re-run campaign of ``benchmarks/attribution.json``, if run."""
+  if not ATTRIBUTION_FILE.exists():
+    return ('*Not run: `python -m benchmarks.attribution` writes'
+            ' `benchmarks/attribution.json`.*')
+  results = json.loads(ATTRIBUTION_FILE.read_text())
+  settings, machine = results['settings'], results['machine']
+  load = machine['load_average_at_start']
+  return (
+      f"`{results['command'].strip()}` on {machine['cpu']}"
+      f" ({machine['usable_cores']} cores, load average"
+      f" {f'{load[0]:.1f}' if load else 'unknown'} at the start),"
+      f" in {results['seconds'] / 60:.1f} minutes: the demo's transformer"
+      f" (width {settings['width']}, depth {settings['depth']}, context"
+      f" {settings['seq_len']}, batch {settings['batch_size']}) trained"
+      f" {settings['steps']} steps under `og.fit` with"
+      ' `RecoveryPolicy(rerun=True)`, faults of known kind on seeded steps,'
+      ' against the same run without faults. Rows: the true kind; columns:'
+      ' the event `og.fit` recorded at that step (definitions in'
+      ' `benchmarks/attribution.py`).\n\n' + attribution_table(results))
+
+
 def _machine_md(machine) -> str:
   versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items())
   load = machine['load_average_at_start']
@@ -491,6 +551,8 @@ def markdown(results: dict[str, Any], json_name: str = 'results.json') -> str:
     else:
       parts.append(_RENDERERS[name](section))
   parts += ['## 7. Stability across learning rates', _stability_md()]
+  parts += ['## 8. Attribution by re-run: machine or batch?',
+            _attribution_md()]
   parts += ['## How these numbers are taken',
             _METHOD.format(layers=results['settings']['layers'])]
   if NOTES_FILE.exists():

@@ -203,7 +203,37 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
       ' healthy, the target of a rollback. skips and rollbacks count the'
       ' guard events up to each checkpoint.'
   )
+  _print_attribution(args.checkpoint_dir, records, console)
   return 0
+
+
+def _print_attribution(directory: str, records: list[dict[str, Any]],
+                       console: Console) -> None:
+  """The re-run verdicts (``RecoveryPolicy(rerun=True)``): their counts up
+  to the newest checkpoint, and the batches in ``bad_batches.jsonl``."""
+  from optax_guard.host import attribution  # pylint: disable=g-import-not-at-top
+
+  newest = next((r for r in reversed(records) if r['events']), None)
+  counts = {} if newest is None else newest['events'].get('log', {}).get(
+      'counts', {})
+  kinds = {'transient_fault': 'transient', 'bad_batch': 'bad batch',
+           'nondeterministic_fault': 'nondeterministic'}
+  bad = attribution.read(pathlib.Path(directory) / attribution.BAD_BATCHES)
+  if not bad and not any(counts.get(kind) for kind in kinds):
+    return
+  if newest is not None:
+    console.print(
+        f'Re-run verdicts up to step {newest["step"]}: '
+        + ', '.join(f'{label} {counts.get(kind, 0)}'
+                    for kind, label in kinds.items()), highlight=False)
+  if bad:
+    console.print(f'Bad batches ({attribution.BAD_BATCHES}, dropped when a'
+                  ' restart draws them):', highlight=False)
+  for record in bad:
+    console.print(
+        f'  batch {record["index"]} (step {record["step"]},'
+        f' {record["reason"]}) sha256 {record["digest"][:16]}',
+        highlight=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,10 @@ and faulty steps alike:
 * :func:`with_faults` wraps a loss function so that, inside the jitted
   step, ``nan_grad`` / ``inf_grad`` replace the gradients with NaN / Inf,
   ``grad_spike`` multiplies them by ``fault_scale`` and ``nan_loss`` makes
-  the loss NaN (gradients untouched).
+  the loss NaN (gradients untouched);
+* :class:`FlakyDevice` corrupts the gradient of chosen *calls* of a step
+  (a host callback counts them), not of a batch: a transient fault, which
+  the same step run again on the same batch does not repeat.
 
 :func:`regression_data`, :func:`mlp_init`, :func:`mlp_apply` and :func:`mse`
 make a small teacher-network problem to train on; the fault campaign of
@@ -18,12 +21,14 @@ make a small teacher-network problem to train on; the fault campaign of
 """
 
 import collections
+import functools
 import math
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 
 KINDS = ('nan_grad', 'inf_grad', 'grad_spike', 'nan_loss', 'poisoned_batch',
@@ -346,16 +351,18 @@ def _corrupt_forward(params, kind, scale):
   return params, (kind, scale)
 
 
+def _corrupt(kind, scale, g):
+  """``g`` as the gradient fault ``kind`` (a code) with ``scale`` makes it."""
+  g = jnp.where(kind == _CODES['grad_spike'], g * scale.astype(g.dtype), g)
+  g = jnp.where(kind == _CODES['nan_grad'], jnp.nan, g)
+  return jnp.where(kind == _CODES['inf_grad'], jnp.inf, g).astype(g.dtype)
+
+
 def _corrupt_backward(residuals, grads):
   kind, scale = residuals
-
-  def corrupt(g):
-    g = jnp.where(kind == _CODES['grad_spike'], g * scale.astype(g.dtype), g)
-    g = jnp.where(kind == _CODES['nan_grad'], jnp.nan, g)
-    return jnp.where(kind == _CODES['inf_grad'], jnp.inf, g).astype(g.dtype)
-
   no_grad = np.zeros(np.shape(kind), jax.dtypes.float0)
-  return jax.tree.map(corrupt, grads), no_grad, jnp.zeros_like(scale)
+  return (jax.tree.map(functools.partial(_corrupt, kind, scale), grads),
+          no_grad, jnp.zeros_like(scale))
 
 
 _corrupt_gradients.defvjp(_corrupt_forward, _corrupt_backward)
@@ -399,6 +406,110 @@ def with_faults(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     return out + nan_if_asked.astype(out.dtype)
 
   return faulty_loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flaky(next_fault, params):
+  del next_fault
+  return params
+
+
+def _flaky_forward(next_fault, params):
+  del next_fault
+  return params, None
+
+
+def _flaky_backward(next_fault, residuals, grads):
+  del residuals
+  # The host decides, at run time, whether this gradient is corrupted: the
+  # compiled step is the same for every call.
+  kind, scale = io_callback(
+      next_fault, (jax.ShapeDtypeStruct((), jnp.int32),
+                   jax.ShapeDtypeStruct((), jnp.float32)))
+  # Integer leaves (an NNX model's RNG counters) have float0 cotangents.
+  return (jax.tree.map(
+      lambda g: _corrupt(kind, scale, g)
+      if jnp.issubdtype(g.dtype, jnp.inexact) else g, grads),)
+
+
+_flaky.defvjp(_flaky_forward, _flaky_backward)
+
+GRADIENT_KINDS = ('nan_grad', 'inf_grad', 'grad_spike')
+
+
+class FlakyDevice:
+  """A flaky machine: corrupts the gradient of chosen calls of a step.
+
+  Unlike the faults that ride in the batch (:class:`FaultInjector`), these
+  belong to a *call*, not to the data: the same step run again on the same
+  batch (as ``og.fit`` does with ``RecoveryPolicy(rerun=True)``) is the
+  next call, clean unless the plan says otherwise. A host callback in the
+  backward pass counts the gradient computations (:attr:`calls`, from 1)
+  and returns the planned fault of each. Disabled (``plan=None``),
+  :meth:`wrap` returns the loss function itself: no callback in the
+  compiled step. :meth:`arm` plans a call while training runs (e.g. the
+  next one, ``calls + 1``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_guard import testing
+    >>> flaky = testing.FlakyDevice({2: testing.Fault('nan_grad')})
+    >>> grad = jax.jit(jax.grad(flaky.wrap(lambda p, b: jnp.sum(p * b))))
+    >>> [grad(jnp.zeros(2), jnp.ones(2)).tolist() for _ in range(3)]
+    [[1.0, 1.0], [nan, nan], [1.0, 1.0]]
+    >>> flaky.calls
+    3
+
+  Args:
+    plan: ``{call number (from 1): Fault}`` with a kind of
+      :data:`GRADIENT_KINDS` (``grad_spike`` multiplies the gradient by
+      ``scale``); two planned calls in a row corrupt a step and its re-run.
+      ``None`` disables the device.
+  """
+
+  def __init__(self, plan: Mapping[int, Fault] | None):
+    self.enabled = plan is not None
+    self._plan: dict[int, Fault] = {}
+    self.calls = 0
+    for call, fault in (plan or {}).items():
+      self.arm(fault, call)
+
+  def arm(self, fault: Fault, call: int) -> None:
+    """Plans ``fault`` for gradient computation number ``call``.
+
+    Raises:
+      ValueError: for a call already made or numbered below 1, a kind not
+        in :data:`GRADIENT_KINDS`, or a disabled device.
+    """
+    if not self.enabled:
+      raise ValueError('this FlakyDevice is disabled (plan=None); build it'
+                       ' with a plan, {} for none yet, to arm it.')
+    if (isinstance(call, bool) or not isinstance(call, int)
+        or call <= self.calls):
+      raise ValueError(f'call must be a call number counted from 1 and after'
+                       f' the {self.calls} made, got {call!r}.')
+    if fault.kind not in GRADIENT_KINDS:
+      raise ValueError(f'FlakyDevice corrupts gradients: the kind must be'
+                       f' one of {GRADIENT_KINDS}, got {fault.kind!r} at'
+                       f' call {call} (data faults go through'
+                       ' FaultInjector).')
+    self._plan[call] = fault
+
+  def _next_fault(self) -> tuple[np.int32, np.float32]:
+    self.calls += 1
+    fault = self._plan.pop(self.calls, Fault('none'))
+    return np.int32(_CODES[fault.kind]), np.float32(fault.scale)
+
+  def wrap(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss_fn(params, ...)`` whose gradients follow the plan (itself
+    when the device is disabled)."""
+    if not self.enabled:
+      return loss_fn
+
+    def flaky_loss(params, *args, **kwargs):
+      return loss_fn(_flaky(self._next_fault, params), *args, **kwargs)
+
+    return flaky_loss
 
 
 def mlp_init(key: jax.Array, sizes: Sequence[int]) -> dict[str, Any]:

@@ -121,6 +121,7 @@ _ROWS = [
     ('RecoveryPolicy', 'lr_hyperparam', '', TypeError, r'non-empty str'),
     ('RecoveryPolicy', 'skip_extra_batches', -1, ValueError, r'an int >= 0'),
     ('RecoveryPolicy', 'confirm_steps', None, TypeError, r'an int >= 0'),
+    ('RecoveryPolicy', 'rerun', 1, TypeError, r'True or False'),
     ('RecoveryPolicy', 'healthy_loss_sigma', NAN, ValueError,
      r'finite float > 0'),
 ]

@@ -77,6 +77,19 @@ class RecoveryPolicy:
       average (once ``loss_warmup_steps`` losses are in; mean and variance
       are exponential moving averages with ``loss_ema_decay``; the band is
       at least 1% of the mean wide).
+    rerun: attribute each step the guard skips (non-finite or spike) by
+      running it again on the same inputs (params, optimizer and model
+      state, batch): a clean re-run is a transient fault and its result is
+      applied (:class:`~optax_guard.host.runlog.TransientFault`); a re-run
+      that repeats every metric bit for bit blames the batch
+      (:class:`~optax_guard.host.runlog.BadBatch`, recorded in
+      ``bad_batches.jsonl`` beside the checkpoints and dropped when a
+      restart draws it again); another failure is a
+      :class:`~optax_guard.host.runlog.NondeterministicFault`. A step that
+      is not skipped runs once; each step copies the small part of the
+      state the guard does not hold (its own counters and statistics, the
+      model state) so that the re-run starts from the first run's inputs
+      (see ``docs/guides/attribution.md``).
   """
 
   max_rollbacks: int = 3
@@ -89,6 +102,7 @@ class RecoveryPolicy:
   skip_extra_batches: int = 0
   confirm_steps: int = 10
   healthy_loss_sigma: float = 3.0
+  rerun: bool = False
 
   def __post_init__(self):
     # TypeError for a wrong type (bool is no count), ValueError out of range.
@@ -97,6 +111,7 @@ class RecoveryPolicy:
                           ('confirm_steps', 0)):
       _arguments.count(name, getattr(self, name), minimum)
     _arguments.real('healthy_loss_sigma', self.healthy_loss_sigma, low=0)
+    _arguments.flag('rerun', self.rerun)
     _arguments.real('loss_factor', self.loss_factor, low=1, allow_none=True)
     _arguments.real('loss_ema_decay', self.loss_ema_decay, low=0, high=1)
     _arguments.real('lr_backoff', self.lr_backoff, low=0, high=1,

@@ -166,6 +166,103 @@ class SkippedStep(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class TransientFault(Event):
+  """The guard skipped the step, and its re-run on the same inputs was clean.
+
+  With ``RecoveryPolicy(rerun=True)`` the re-run's result is applied: the
+  batch is not lost. The fault came from the machine (a flipped bit, a
+  flaky accelerator, a nondeterministic kernel), not from the data.
+
+  Attributes:
+    reason: why the first run was skipped (``nonfinite`` or ``spike``).
+    first: the first run's ``loss`` and ``grad_norm``.
+    second: the re-run's.
+  """
+
+  kind: ClassVar[str] = 'transient_fault'
+  reason: str
+  first: dict[str, float | None]
+  second: dict[str, float | None]
+
+  def __str__(self) -> str:
+    return (f'step {self.step}: transient fault ({self.reason}, loss'
+            f' {self.first["loss"]:.4g}); the re-run was clean and applied')
+
+
+@dataclasses.dataclass(frozen=True)
+class BadBatch(Event):
+  """The re-run of a skipped step repeated its metrics bit for bit: the batch
+  is at fault. It is appended to ``bad_batches.jsonl`` beside the checkpoints
+  and dropped whenever a restart draws it again.
+
+  Attributes:
+    reason: why the step was skipped (``nonfinite`` or ``spike``).
+    index: the batch's position in the data stream (batches drawn before
+      it: step ``s`` draws index ``s - 1``).
+    digest: SHA-256 of the batch's content (every process's part, agreed).
+    data_state: the data iterator's ``get_state()`` right after drawing it
+      (``None`` for an iterator without one).
+    loss: the step's loss.
+    grad_norm: the step's gradient norm (``None`` without a guard metric).
+  """
+
+  kind: ClassVar[str] = 'bad_batch'
+  reason: str
+  index: int
+  digest: str
+  data_state: Any
+  loss: float
+  grad_norm: float | None
+
+  def __str__(self) -> str:
+    return (f'step {self.step}: bad batch {self.index} ({self.reason}, loss'
+            f' {self.loss:.4g}, repeated bit for bit on re-run; recorded)')
+
+
+@dataclasses.dataclass(frozen=True)
+class NondeterministicFault(Event):
+  """The guard skipped the step and so did its re-run, with other values.
+
+  Neither the data alone (it would repeat bit for bit) nor a one-off fault
+  (the re-run would be clean): a step that does not reproduce, e.g. a
+  nondeterministic kernel near overflow or a machine that keeps corrupting.
+  The re-run's (skipped) result is kept.
+
+  Attributes:
+    reason: why the re-run was skipped (``nonfinite`` or ``spike``).
+    first: the first run's ``loss`` and ``grad_norm``.
+    second: the re-run's.
+  """
+
+  kind: ClassVar[str] = 'nondeterministic_fault'
+  reason: str
+  first: dict[str, float | None]
+  second: dict[str, float | None]
+
+  def __str__(self) -> str:
+    return (f'step {self.step}: nondeterministic fault ({self.reason}); the'
+            ' re-run failed differently')
+
+
+@dataclasses.dataclass(frozen=True)
+class DroppedBadBatch(Event):
+  """A batch recorded in ``bad_batches.jsonl`` was drawn again (after a
+  restart) and dropped without a train step; ``step`` counts it as drawn.
+
+  Attributes:
+    index: the batch's position in the data stream.
+    digest: its content hash, the recorded one.
+  """
+
+  kind: ClassVar[str] = 'dropped_bad_batch'
+  index: int
+  digest: str
+
+  def __str__(self) -> str:
+    return f'step {self.step}: dropped recorded bad batch {self.index}'
+
+
+@dataclasses.dataclass(frozen=True)
 class Rollback(Event):
   """Step ``step`` diverged; training went back to checkpoint ``to_step``.
 

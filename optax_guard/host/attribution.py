@@ -1,0 +1,265 @@
+"""Why did a step fail? Attribution of a skipped step by running it again.
+
+With ``RecoveryPolicy(rerun=True)``, :func:`optax_guard.fit` runs every step
+the guard skips a second time on the same inputs and compares (the idea of
+Megatron-LM's rerun state machine, for a JAX loop):
+
+* the re-run is clean: a **transient** fault (the machine, not the data);
+  the re-run's result is applied, so the batch is not lost;
+* the re-run repeats every metric bit for bit: a **bad batch**; its position
+  and content hash go to ``bad_batches.jsonl`` beside the checkpoints, and a
+  restart that draws it again drops it without a train step;
+* the re-run fails differently: **nondeterministic**.
+
+The one question this module answers besides the verdict: what does the
+re-run start from? The step donates its inputs, so they are gone once it
+returned. On a skipped step the guard holds the params and its inner
+optimizer state bit for bit (its promise, tested in ``tests/test_guard.py``),
+but not its own counters and statistics (skip counts, the spike window, the
+last step's telemetry), nor an optimizer state outside the guard (a chain's
+other members), nor a model state a custom step does not hold. So before
+every step :func:`snapshot` copies exactly those (small) parts, and
+:func:`rerun_inputs` puts them back around the held params and inner state.
+A step that is not skipped runs once; the copy is its only cost.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from optax_guard.host.runlog import BadBatch, _json_line
+from optax_guard.host.state import TrainState
+from optax_guard.transforms import guard as _guard
+
+_log = logging.getLogger('optax_guard')
+
+BAD_BATCHES = 'bad_batches.jsonl'
+
+TRANSIENT = 'transient'
+BAD_BATCH = 'bad_batch'
+NONDETERMINISTIC = 'nondeterministic'
+
+
+def _is_guard(node: Any) -> bool:
+  return isinstance(node, _guard.GuardState)
+
+
+def has_guard(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds a guard state (anything to re-run on)."""
+  return any(map(_is_guard, jax.tree.leaves(opt_state, is_leaf=_is_guard)))
+
+
+def _copy(tree: Any) -> Any:
+  """``tree`` with fresh buffers for its arrays (the step donates the old)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+  # One device_put for all of them, each to its own sharding (a global
+  # array's too); may_alias=False forces a copy.
+  copies = jax.device_put([leaves[i] for i in arrays],
+                          [leaves[i].sharding for i in arrays],
+                          may_alias=False)
+  for i, copy in zip(arrays, copies):
+    leaves[i] = copy
+  return jax.tree.unflatten(treedef, leaves)
+
+
+class Snapshot(NamedTuple):
+  """What a skipped step does not hold, copied before the step runs.
+
+  Attributes:
+    opt_state: the optimizer state with each guard's ``inner_state`` left
+      out (``None``): the guard's counters, statistics and telemetry, and
+      every state outside a guard.
+    model_state: the model state (``None`` without one).
+  """
+
+  opt_state: Any
+  model_state: Any
+
+
+def snapshot(state: TrainState) -> Snapshot:
+  """Copies the parts of ``state`` a skipped step may change.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_guard as og
+    >>> from optax_guard.host import attribution
+    >>> tx = og.guard(optax.adam(0.1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> saved = attribution.snapshot(og.TrainState(0, params, tx.init(params)))
+    >>> saved.opt_state.inner_state is None  # held by the guard, not copied
+    True
+
+  Args:
+    state: the state about to be passed to the train step.
+
+  Returns:
+    A :class:`Snapshot` in fresh buffers.
+  """
+  outer = jax.tree.map(
+      lambda node: node._replace(inner_state=None) if _is_guard(node)
+      else node, state.opt_state, is_leaf=_is_guard)
+  return Snapshot(_copy(outer), _copy(state.model_state))
+
+
+def rerun_inputs(saved: Snapshot, skipped: TrainState) -> TrainState:
+  """The inputs of the step that returned ``skipped``, rebuilt.
+
+  Params and each guard's inner state come from ``skipped`` (held bit for
+  bit by the guard), the rest from ``saved``; the step goes back by one.
+
+  Args:
+    saved: the :func:`snapshot` taken before the step.
+    skipped: the state the skipped step returned.
+
+  Returns:
+    The state to run the same step on again.
+  """
+
+  def merge(before: Any, after: Any) -> Any:
+    if _is_guard(before):
+      return before._replace(inner_state=after.inner_state)
+    return before
+
+  opt_state = jax.tree.map(merge, saved.opt_state, skipped.opt_state,
+                           is_leaf=_is_guard)
+  return skipped._replace(step=skipped.step - 1, opt_state=opt_state,
+                          model_state=saved.model_state)
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.dtype == b.dtype and a.shape == b.shape and (
+      a.tobytes() == b.tobytes())
+
+
+def classify(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
+  """The verdict on a skipped step from its two runs' metrics.
+
+  Examples:
+    >>> import numpy as np
+    >>> from optax_guard.host import attribution
+    >>> nan = {'loss': np.float32('nan'), 'skipped': np.bool_(True)}
+    >>> clean = {'loss': np.float32(0.5), 'skipped': np.bool_(False)}
+    >>> [attribution.classify(nan, m) for m in (clean, nan)]
+    ['transient', 'bad_batch']
+
+  Args:
+    first: every metric of the first (skipped) run, fetched to the host.
+    second: every metric of the re-run.
+
+  Returns:
+    :data:`TRANSIENT` when the re-run was not skipped; :data:`BAD_BATCH`
+    when it repeats every metric bit for bit (NaN payloads included);
+    :data:`NONDETERMINISTIC` otherwise.
+  """
+  if not bool(np.asarray(second.get('skipped', False))):
+    return TRANSIENT
+  if first.keys() == second.keys() and all(
+      _same_bits(first[name], second[name]) for name in first):
+    return BAD_BATCH
+  return NONDETERMINISTIC
+
+
+def _local_parts(leaf: Any) -> list[tuple[str, np.ndarray]]:
+  """The parts of ``leaf`` this process holds, in a fixed order."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    shards = sorted(leaf.addressable_shards,
+                    key=lambda s: (str(s.index), s.device.id))
+    return [(str(s.index), np.asarray(s.data)) for s in shards]
+  return [('', np.asarray(leaf))]
+
+
+def batch_digest(batch: Any) -> str:
+  """SHA-256 of a batch's content, the same on every process.
+
+  Each process hashes the parts it holds (a global array's addressable
+  shards, or its own numpy arrays); under ``jax.distributed`` the digests
+  are gathered and hashed again in process order, so every process returns
+  the same identity, however the rows are spread. Every process must call
+  it at the same point.
+
+  Examples:
+    >>> import numpy as np
+    >>> from optax_guard.host.attribution import batch_digest
+    >>> a = {'x': np.arange(4.0)}
+    >>> batch_digest(a) == batch_digest({'x': np.arange(4.0)})
+    True
+    >>> batch_digest(a) == batch_digest({'x': np.arange(1.0, 5.0)})
+    False
+
+  Args:
+    batch: a pytree of arrays.
+
+  Returns:
+    The hex digest.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    digest.update(jax.tree_util.keystr(path).encode())
+    for index, data in _local_parts(leaf):
+      digest.update(f'{index}|{data.dtype}|{data.shape}|'.encode())
+      digest.update(np.ascontiguousarray(data).tobytes())
+  if jax.process_count() == 1:
+    return digest.hexdigest()
+  local = np.frombuffer(digest.digest(), np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(local))
+  return hashlib.sha256(gathered.tobytes()).hexdigest()
+
+
+class BadBatches:
+  """The record of bad batches, ``bad_batches.jsonl`` in ``directory``.
+
+  One strict JSON line per :class:`~optax_guard.host.runlog.BadBatch`
+  event, appended (and flushed to disk) by process 0; every process reads
+  the file when it opens and keeps the same records as it classifies. A
+  torn last line (a kill mid-write) is ignored.
+
+  Args:
+    directory: the checkpoint directory (``None``: kept in memory only).
+  """
+
+  def __init__(self, directory: str | os.PathLike | None):
+    self.path = (None if directory is None
+                 else pathlib.Path(directory) / BAD_BATCHES)
+    self.by_index: dict[int, dict[str, Any]] = {}
+    for record in read(self.path) if self.path is not None else ():
+      self.by_index[int(record['index'])] = record
+
+  def add(self, event: BadBatch) -> None:
+    """Records ``event``'s batch (written to the file by process 0)."""
+    record = event.to_json()
+    self.by_index[event.index] = record
+    if self.path is None or jax.process_index() != 0:
+      return
+    with open(self.path, 'a') as f:
+      f.write(_json_line(record))
+      f.flush()
+      os.fsync(f.fileno())
+
+  def get(self, index: int) -> dict[str, Any] | None:
+    """The record of the batch at position ``index``, if it is bad."""
+    return self.by_index.get(index)
+
+
+def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a ``bad_batches.jsonl`` (none if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        _log.warning('%s: ignoring a torn line %r.', path, line[:80])
+  return records
