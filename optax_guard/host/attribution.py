@@ -35,7 +35,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from optax_guard.host.runlog import BadBatch, _json_line
+from optax_guard.host import steps
+from optax_guard.host.runlog import BadBatch
+from optax_guard.host.runlog import DroppedBadBatch
+from optax_guard.host.runlog import NondeterministicFault
+from optax_guard.host.runlog import TransientFault
+from optax_guard.host.runlog import _json_line
 from optax_guard.host.state import TrainState
 from optax_guard.transforms import guard as _guard
 
@@ -263,3 +268,84 @@ def read(path: str | os.PathLike) -> list[dict[str, Any]]:
       except json.JSONDecodeError:
         _log.warning('%s: ignoring a torn line %r.', path, line[:80])
   return records
+
+
+# The two loop steps of og.fit's with rerun=True. ``loop`` is fit's loop
+# state: its ``data``, ``bad_batches``, ``completed`` and ``record``.
+
+
+def draw(state: TrainState, loop: Any,
+         num_steps: int) -> tuple[TrainState, Any]:
+  """The next batch to train on; recorded bad batches are dropped.
+
+  A batch recorded in ``bad_batches.jsonl`` at this position, with the same
+  content hash, is drawn and dropped without a train step (its step counts
+  it as drawn, as always); another content there is trained on, with a
+  warning.
+
+  Returns:
+    ``(state, batch)``: ``state`` with its step moved past dropped batches;
+    ``batch`` is ``None`` when dropping reached ``num_steps``.
+  """
+  while state.step < num_steps:
+    batch = next(loop.data)
+    record = None if loop.bad_batches is None else loop.bad_batches.get(
+        state.step)
+    if record is None:
+      return state, batch
+    digest = batch_digest(batch)
+    if digest != record['digest']:
+      _log.warning(
+          'Batch %d was recorded as bad (step %d) but its content differs'
+          ' now (hash %s, recorded %s): training on it.', state.step,
+          record['step'], digest[:12], record['digest'][:12])
+      return state, batch
+    state = state._replace(step=state.step + 1)
+    loop.completed = state
+    loop.record(DroppedBadBatch(state.step, index=state.step - 1,
+                                digest=digest))
+  return state, None
+
+
+def _first_and_second(first: Mapping[str, Any],
+                      second: Mapping[str, Any]) -> dict[str, Any]:
+  return {
+      'first': {'loss': first['loss'], 'grad_norm': first.get('grad_norm')},
+      'second': {'loss': second['loss'],
+                 'grad_norm': second.get('grad_norm')},
+  }
+
+
+def attribute(train_step, state: TrainState, batch: Any, saved: Snapshot,
+              metrics: Mapping[str, Any], scalars: dict[str, Any], loop: Any):
+  """Runs a skipped step again on its inputs and records the verdict.
+
+  Every process takes the same decision: the metrics compared are the
+  guard's global ones, and the batch's hash is agreed.
+
+  Returns:
+    ``(state, scalars)`` to continue with: the re-run's.
+  """
+  first = jax.device_get(dict(metrics))
+  state, metrics = steps.run(train_step,
+                             rerun_inputs(saved, state), batch)
+  second = steps.scalars(metrics)
+  verdict = classify(first, jax.device_get(dict(metrics)))
+  reason = 'nonfinite' if scalars.get('nonfinite') else 'spike'
+  values = _first_and_second(scalars, second)
+  if verdict == TRANSIENT:
+    loop.record(TransientFault(state.step, reason=reason, **values))
+  elif verdict == NONDETERMINISTIC:
+    reason = 'nonfinite' if second.get('nonfinite') else 'spike'
+    loop.record(NondeterministicFault(state.step, reason=reason, **values))
+  else:
+    assert loop.bad_batches is not None  # Only set up with rerun=True.
+    get_state = getattr(loop.data, 'get_state', None)
+    event = BadBatch(
+        state.step, reason=reason, index=state.step - 1,
+        digest=batch_digest(batch),
+        data_state=None if get_state is None else get_state(),
+        loss=second['loss'], grad_norm=second.get('grad_norm'))
+    loop.bad_batches.add(event)
+    loop.record(event)
+  return state, second

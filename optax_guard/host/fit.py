@@ -82,10 +82,12 @@ class _Loop:
   one call.
   """
 
-  def __init__(self, checkpointer, watch, data, logger, bad_batches=None):
+  def __init__(self, checkpointer, watch, data, logger, rerun=False):
     self.checkpointer = checkpointer
-    # With RecoveryPolicy(rerun=True): the record of bad batches (else None).
-    self.bad_batches: attribution.BadBatches | None = bad_batches
+    # With RecoveryPolicy(rerun=True): the record of bad batches.
+    self.bad_batches = attribution.BadBatches(
+        None if checkpointer is None else checkpointer.directory
+    ) if rerun else None
     self.watch = watch
     self.data = data
     self.logger = logger
@@ -275,12 +277,9 @@ def fit(
 
   With ``recovery``: a divergence rolls back to the last good checkpoint,
   skipping the batches drawn since (see :class:`optax_guard.Recovery`).
-  With ``RecoveryPolicy(rerun=True)`` a step the guard skips runs again on
-  the same inputs, and the outcome says whether the machine or the batch
-  was at fault (:mod:`optax_guard.host.attribution`): a transient fault's
-  clean re-run is applied; a bad batch is recorded in
-  ``bad_batches.jsonl`` in the checkpoint directory and dropped when a
-  restart draws it again.
+  With ``RecoveryPolicy(rerun=True)`` a skipped step runs again on the same
+  inputs to tell a flaky machine from a bad batch (see
+  :mod:`optax_guard.host.attribution`).
 
   On SIGTERM or SIGINT (``handle_preemption``) the current step finishes,
   the state is saved, and the process exits with status 0
@@ -338,10 +337,8 @@ def fit(
     callback: called as ``callback(state, metrics, events)`` after every
       step, with the scalar metrics as Python numbers and the step's
       :class:`Event` records (:class:`SkippedStep`, :class:`Rollback`,
-      :class:`Saved`, :class:`Preempted`, a first :class:`Resumed`, with
-      ``RecoveryPolicy(rerun=True)`` :class:`TransientFault`,
-      :class:`BadBatch`, :class:`NondeterministicFault`,
-      :class:`DroppedBadBatch`, ...).
+      :class:`Saved`, :class:`Preempted`, a first :class:`Resumed`, the
+      re-run verdicts such as :class:`TransientFault`, ...).
       ``state`` is the state the loop continues from (after a rollback, the
       restored one). Its arrays are donated to the next step: read them,
       don't keep them.
@@ -363,12 +360,8 @@ def fit(
   watch = recovery_lib.Recovery(
       recovery or recovery_lib.RecoveryPolicy(), checkpointer
   )
-  bad_batches = None
-  if recovery is not None and recovery.rerun:
-    bad_batches = attribution.BadBatches(
-        None if checkpointer is None else checkpointer.directory)
   loop = _Loop(checkpointer, watch, data, logger=None,
-               bad_batches=bad_batches)
+               rerun=recovery is not None and recovery.rerun)
   state = _start(state, loop, log_dir=log_dir, tensorboard=tensorboard)
   preemption: Optional[PreemptionHandler]
   if isinstance(handle_preemption, PreemptionHandler):
@@ -431,7 +424,7 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   """
   loop.completed = None
   try:
-    state, batch = _draw(state, loop, num_steps)
+    state, batch = attribution.draw(state, loop, num_steps)
   except StopIteration:
     _log.warning('The data ran out at step %d of %d.', state.step, num_steps)
     return state, 'data ran out'
@@ -444,8 +437,8 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   loop.completed = state
   scalars = steps.scalars(metrics)
   if saved is not None and scalars.get('skipped'):
-    state, scalars = _attribute(train_step, state, batch, saved, metrics,
-                                scalars, loop)
+    state, scalars = attribution.attribute(
+        train_step, state, batch, saved, metrics, scalars, loop)
     loop.completed = state
   evaluated = {}
   if eval_fn is not None and (
@@ -488,84 +481,6 @@ def _run_step(train_step, state, loop, *, num_steps, recovery, preemption,
   if bar is not None:
     bar.update(state.step, scalars['loss'], loop.events.counts)
   return state, 'preempted' if stopping else None
-
-
-def _draw(state: TrainState, loop: _Loop,
-          num_steps: int) -> tuple[TrainState, Any]:
-  """The next batch to train on; recorded bad batches are dropped.
-
-  A batch recorded in ``bad_batches.jsonl`` at this position, with the same
-  content hash, is drawn and dropped without a train step (its step counts
-  it as drawn, as always); another content there is trained on, with a
-  warning.
-
-  Returns:
-    ``(state, batch)``: ``state`` with its step moved past dropped batches;
-    ``batch`` is ``None`` when dropping reached ``num_steps``.
-  """
-  while state.step < num_steps:
-    batch = next(loop.data)
-    record = None if loop.bad_batches is None else loop.bad_batches.get(
-        state.step)
-    if record is None:
-      return state, batch
-    digest = attribution.batch_digest(batch)
-    if digest != record['digest']:
-      _log.warning(
-          'Batch %d was recorded as bad (step %d) but its content differs'
-          ' now (hash %s, recorded %s): training on it.', state.step,
-          record['step'], digest[:12], record['digest'][:12])
-      return state, batch
-    state = state._replace(step=state.step + 1)
-    loop.completed = state
-    loop.record(DroppedBadBatch(state.step, index=state.step - 1,
-                                digest=digest))
-  return state, None
-
-
-def _first_and_second(first: Mapping[str, Any],
-                      second: Mapping[str, Any]) -> dict[str, Any]:
-  return {
-      'first': {'loss': first['loss'], 'grad_norm': first.get('grad_norm')},
-      'second': {'loss': second['loss'],
-                 'grad_norm': second.get('grad_norm')},
-  }
-
-
-def _attribute(train_step, state: TrainState, batch: Any,
-               saved: attribution.Snapshot, metrics: Mapping[str, Any],
-               scalars: dict[str, Any], loop: _Loop):
-  """Runs a skipped step again on its inputs and records the verdict.
-
-  Every process takes the same decision: the metrics compared are the
-  guard's global ones, and the batch's hash is agreed.
-
-  Returns:
-    ``(state, scalars)`` to continue with: the re-run's.
-  """
-  first = jax.device_get(dict(metrics))
-  state, metrics = steps.run(train_step,
-                             attribution.rerun_inputs(saved, state), batch)
-  second = steps.scalars(metrics)
-  verdict = attribution.classify(first, jax.device_get(dict(metrics)))
-  reason = 'nonfinite' if scalars.get('nonfinite') else 'spike'
-  values = _first_and_second(scalars, second)
-  if verdict == attribution.TRANSIENT:
-    loop.record(TransientFault(state.step, reason=reason, **values))
-  elif verdict == attribution.NONDETERMINISTIC:
-    reason = 'nonfinite' if second.get('nonfinite') else 'spike'
-    loop.record(NondeterministicFault(state.step, reason=reason, **values))
-  else:
-    assert loop.bad_batches is not None  # Only set up with rerun=True.
-    get_state = getattr(loop.data, 'get_state', None)
-    event = BadBatch(
-        state.step, reason=reason, index=state.step - 1,
-        digest=attribution.batch_digest(batch),
-        data_state=None if get_state is None else get_state(),
-        loss=second['loss'], grad_norm=second.get('grad_norm'))
-    loop.bad_batches.add(event)
-    loop.record(event)
-  return state, second
 
 
 def _roll_back(state: TrainState, loop: _Loop, reason: str,
