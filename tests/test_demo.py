@@ -217,8 +217,6 @@ def test_report_png_is_rendered_and_rerendered(demo, capsys, tmp_path):
 
 
 def test_report_names_the_faults_apart_and_its_legend_covers_no_panel(demo):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   figure = report_lib.draw(demo)
   figure.draw_without_rendering()
   renderer = figure.canvas.get_renderer()
@@ -236,7 +234,6 @@ def test_report_names_the_faults_apart_and_its_legend_covers_no_panel(demo):
   assert not any(legend.overlaps(ax.get_window_extent(renderer))
                  for ax in figure.axes)
   assert not any(ax.get_legend() for ax in figure.axes)
-  plt.close(figure)
 
 
 def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
@@ -433,18 +430,20 @@ def test_the_schedule_breaks_exactly_its_batches():
                                  'preempt@9', 'ramp@11-15', 'shift@18'],
                                 steps=20)
   assert windows['shift'] == (18, 20)
-  plan = faults_lib.plan(windows, steps=20)
-  # Batch s - 1 for step s; nothing at the preemption, 9, or at 16-17.
-  assert sorted(plan) == [1, 2, 4, 5, 6, 7, 10, 11, 12, 13, 14, 17, 18, 19]
-  assert {plan[i].kind for i in (1, 2, 4, 5, 6, 7)} == {'poisoned_batch'}
-  assert plan[1].scale == faults_lib.SPIKE_SCALE and math.isnan(plan[2].scale)
-  assert all(plan[i].scale == faults_lib.POISON_SCALE for i in range(4, 8))
+  plan = faults_lib.plan(windows)
+  # Keyed by step (FaultInjector(keys='step')); nothing at the preemption,
+  # 9, or at 16-17.
+  assert sorted(plan) == [2, 3, 5, 6, 7, 8, 11, 12, 13, 14, 15, 18, 19, 20]
+  assert {plan[s].kind for s in (2, 5, 6, 7, 8)} == {'poisoned_batch'}
+  assert plan[2].scale == faults_lib.SPIKE_SCALE
+  assert plan[3] == og.testing.Fault('nan_batch')
+  assert all(plan[s].scale == faults_lib.POISON_SCALE for s in range(5, 9))
   # The ramp: a third, two thirds, all and back of the rows; the shift:
   # SHIFT_FRACTION of the rows of every batch to the end.
-  assert [plan[i] for i in range(10, 15)] == [
+  assert [plan[s] for s in range(11, 16)] == [
       og.testing.Fault('poisoned_rows', f) for f in (1 / 3, 2 / 3, 1, 2 / 3,
                                                      1 / 3)]
-  assert [plan[i] for i in (17, 18, 19)] == 3 * [
+  assert [plan[s] for s in (18, 19, 20)] == 3 * [
       og.testing.Fault('poisoned_rows', faults_lib.SHIFT_FRACTION)]
   assert faults_lib.describe('poison', windows['poison']).startswith(
       'steps 5-8: ')
@@ -462,7 +461,7 @@ def test_the_slow_faults_replace_token_rows_with_random_characters():
   windows = faults_lib.schedule(['ramp@1-3', 'shift@5'], steps=6)
   faulty = og.testing.FaultInjector(
       data_lib.train_batches(corpus, batch_size=10, seq_len=16, seed=0),
-      faults_lib.plan(windows, steps=6))
+      faults_lib.plan(windows), keys='step')
   # Rows replaced per step, of 10: 5, 10, 5 (the ramp), 0, then the shift's.
   shift = round(10 * faults_lib.SHIFT_FRACTION)
   for replaced in (5, 10, 5, 0, shift, shift):

@@ -2,12 +2,12 @@
 
 A schedule is a list of ``NAME@STEP`` specs (``poison@START-END`` and
 ``ramp@START-END`` for a window; ``shift@STEP`` lasts to the end). Step
-``s`` reads batch ``s - 1`` in both runs (after a rollback ``og.fit`` keeps
-counting batches drawn), so a fault hits the same batch in both. The faults
-are :mod:`optax_guard.testing`'s: the sudden ones scale the batch's loss
-weights, the slow ones replace whole rows of its tokens with random
-characters (a ramp 0% -> 100% -> 0%, then a noisier data mix). The
-preemption is a real SIGTERM after its step.
+``s`` reads the ``s``-th batch in both runs (after a rollback ``og.fit``
+keeps counting batches drawn), so a fault hits the same batch in both. The
+faults are :mod:`optax_guard.testing`'s: the sudden ones scale the batch's
+loss weights or make them NaN, the slow ones replace whole rows of its
+tokens with random characters (a ramp 0% -> 100% -> 0%, then a noisier data
+mix). The preemption is a real SIGTERM after its step.
 """
 
 import re
@@ -29,7 +29,7 @@ DESCRIPTIONS = {
     'shift': (f'level shift: {SHIFT_FRACTION:.0%} of the rows random'
               ' characters from here on'),
 }
-_SCALES = {'spike': SPIKE_SCALE, 'poison': POISON_SCALE, 'nan': float('nan')}
+_SCALES = {'spike': SPIKE_SCALE, 'poison': POISON_SCALE}
 _SPEC = re.compile(r'^(?P<name>[a-z]+)(@(?P<start>\d+)(-(?P<end>\d+))?)?$')
 
 
@@ -106,16 +106,20 @@ def fault_at(windows: dict[str, tuple[int, int]], step: int):
   return found
 
 
-def plan(windows: dict[str, tuple[int, int]], steps: int):
-  """``{batch index: optax_guard.testing.Fault}`` for a FaultInjector."""
+def plan(windows: dict[str, tuple[int, int]]) -> dict[int, testing.Fault]:
+  """``{step: optax_guard.testing.Fault}`` for a ``FaultInjector`` with
+  ``keys='step'``; a later window overrides an earlier one, as in
+  :func:`fault_at`."""
   faults = {}
-  for step in range(1, steps + 1):
-    name = fault_at(windows, step)
+  for name, (start, end) in windows.items():
     if name == 'ramp':  # Up to all the rows at the middle, and back.
-      start, end = windows[name]
-      faults[step - 1] = testing.ramp(start, (end - start) // 2 + 1)[step]
+      faults.update(testing.ramp(start, (end - start) // 2 + 1))
     elif name == 'shift':
-      faults[step - 1] = testing.Fault('poisoned_rows', SHIFT_FRACTION)
-    elif name is not None:
-      faults[step - 1] = testing.Fault('poisoned_batch', _SCALES[name])
+      faults.update(testing.level_shift(start, end + 1, SHIFT_FRACTION,
+                                        kind='poisoned_rows'))
+    elif name == 'nan':
+      faults[start] = testing.Fault('nan_batch')
+    elif name != 'preempt':
+      faults.update({step: testing.Fault('poisoned_batch', _SCALES[name])
+                     for step in range(start, end + 1)})
   return faults

@@ -116,16 +116,15 @@ class Setup:
     self.heldout_loss = jax.jit(lambda params: jnp.mean(
         model_lib.token_losses(nnx.merge(graphdef, params), heldout)))
     # The steps compile once and serve every fresh state of their run.
-    self.steps = {'plain': _plain_step(graphdef, self.txs['plain'])}
+    self.steps = {'plain': _plain_step(graphdef, self.txs['plain'],
+                                       config.clip_norm)}
     self.steps['guarded'] = self.start('guarded')[0]
 
   def start(self, run: str):
     """``(step, state, finish)``: ``og.fit``'s step and step-0 state of a
     fresh model, and ``finish(state) -> params`` for the state it returns.
-
     The guarded run is the library's NNX path; the plain one a params-only
-    optax step, as most loops are.
-    """
+    optax step, as most loops are."""
     model = self.new_model()
     if run == 'plain':
       params = nnx.state(model)
@@ -146,21 +145,25 @@ class Setup:
     return testing.FaultInjector(
         data_lib.train_batches(self.corpus, batch_size=config.batch_size,
                                seq_len=config.seq_len, seed=config.seed),
-        faults_lib.plan(config.windows, config.steps))
+        faults_lib.plan(config.windows), keys='step')
 
   def evaluate(self, state: og.TrainState) -> dict[str, jax.Array]:
     return {'eval_loss': self.heldout_loss(state.params)}
 
 
-def _plain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  """A standard optax step; it also reports the global gradient norm."""
+def _plain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                clip_norm: float):
+  """A standard optax step; it also reports the global gradient norm and,
+  as ``og.metrics`` names it, the norm it was clipped to (``inf``: none)."""
   loss_fn = model_lib.make_loss_fn(graphdef)
 
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {'loss': loss, 'grad_norm': og.global_norm(grads)}
+    norm = og.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, {
+        'loss': loss, 'grad_norm': norm,
+        'clip_threshold': jnp.where(norm > clip_norm, clip_norm, jnp.inf)}
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -180,14 +183,14 @@ class Listener:
   """Hooks the CLI implements to show a run live; the default is silent."""
 
   def start(self, run: str, total: int) -> None:
-    pass
+    """``run`` starts, for ``total`` steps."""
 
   def step(self, run: str, step: int, metrics: dict[str, Any],
            counts: dict[str, int]) -> None:
-    pass
+    """``step`` is done; ``counts``: skips and rollbacks so far."""
 
   def note(self, run: str, message: str) -> None:
-    pass
+    """Something worth a line."""
 
 
 def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
@@ -205,17 +208,15 @@ def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
 
 
 class _Watcher:
-  """``og.fit``'s callback for one run: counts, fault notes, the preemption.
-
-  Rollbacks are not noted here: ``og.fit``'s recovery warns of them.
-  """
+  """``og.fit``'s callback for one run: counts, fault notes, the preemption
+  (rollbacks are not noted here: ``og.fit``'s recovery warns of them)."""
 
   def __init__(self, run: str, config: DemoConfig, listener: Listener):
-    self.run, self.config, self.listener = run, config, listener
+    self.run, self.windows, self.listener = run, config.windows, listener
     self.counts = {'skipped_step': 0, 'rollback': 0}
     self.noted: set[str] = set()
     # Steps of each slow fault trained on and skipped (rolled back: neither).
-    self.slow: dict[str, list[int]] = {'ramp': [0, 0], 'shift': [0, 0]}
+    self.slow = {'ramp': [0, 0], 'shift': [0, 0]}
     self.preempted = False
 
   def __call__(self, state: og.TrainState, metrics: dict[str, Any],
@@ -229,23 +230,22 @@ class _Watcher:
         self.counts[event.kind] += 1
       step = event.step if event.kind == 'rollback' else step
     note = lambda text: self.listener.note(self.run, f'step {step}: {text}')
-    fault = faults_lib.fault_at(self.config.windows, step)
+    fault = faults_lib.fault_at(self.windows, step)
     outcome = fault and _outcome(self.run, fault, metrics)
     if outcome and fault not in self.noted:
       self.noted.add(fault)
       note(f'{fault} -> {outcome}')
+    guarded = self.run == 'guarded'
     rolled_back = any(event.kind == 'rollback' for event in events)
-    if self.run == 'guarded' and fault in self.slow and not rolled_back:
-      counts = self.slow[fault]
-      counts[bool(metrics['skipped'])] += 1
-      if step == self.config.windows[fault][1]:
-        note(f'{fault} over -> {counts[0]} of its steps trained on,'
-             f' {counts[1]} skipped')
+    if guarded and fault in self.slow and not rolled_back:
+      self.slow[fault][bool(metrics['skipped'])] += 1
+      if step == self.windows[fault][1]:
+        trained, skipped = self.slow[fault]
+        note(f'{fault} over -> {trained} of its steps trained on, {skipped}'
+             ' skipped')
     self.listener.step(self.run, state.step, metrics, dict(self.counts))
-    preempt = self.config.windows.get('preempt', (None,))[0]
     # A rollback may jump past the planned step: then it comes right after.
-    if self.run == 'guarded' and preempt is not None and (
-        step <= preempt <= state.step):
+    if guarded and step <= self.windows.get('preempt', (-1,))[0] <= state.step:
       self.listener.note(self.run, f'step {state.step}: SIGTERM (simulated'
                          ' preemption); the run restarts from disk')
       self.preempted = True
@@ -256,18 +256,6 @@ class Interrupted(Exception):
   """A signal stopped the guarded run; its state is saved."""
 
 
-def _last_logged_step(path: pathlib.Path) -> int:
-  """The last step in a metrics log (0 if none; a kill may tear the last
-  line, which og.fit drops on the next start)."""
-  step = 0
-  for line in path.read_text().splitlines() if path.exists() else ():
-    try:
-      step = json.loads(line)['step']
-    except (ValueError, KeyError):
-      break
-  return step
-
-
 def train(setup: Setup, run: str, out_dir: pathlib.Path,
           listener: Listener) -> dict[str, Any]:
   """One run to the end; the guarded one resumes from disk after a signal."""
@@ -275,14 +263,15 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   listener.start(run, config.steps)
   watcher = _Watcher(run, config, listener)
   fit = functools.partial(
-      og.fit, num_steps=config.steps,
-      log_dir=out_dir / run, progress=False, exit_on_preemption=False,
-      eval_fn=setup.evaluate, eval_every=config.eval_every, callback=watcher)
-  if run == 'plain' and (  # No checkpoints: a rerun starts from scratch.
-      lost := _last_logged_step(out_dir / run / 'metrics.jsonl')):
+      og.fit, num_steps=config.steps, log_dir=out_dir / run, progress=False,
+      exit_on_preemption=False, eval_fn=setup.evaluate,
+      eval_every=config.eval_every, callback=watcher)
+  logged = (out_dir / run / 'metrics.jsonl').exists() and (
+      og.read_run_log(out_dir / run).metrics)
+  if run == 'plain' and logged:  # No checkpoints: it starts from scratch.
     listener.note(run, 'starts again from step 0: plain optax keeps no'
-                  f' checkpoint here, so the {lost} steps it trained before'
-                  ' it was stopped are lost')
+                  f' checkpoint here, so the {logged[-1]["step"]} steps it'
+                  ' trained before it was stopped are lost')
   best: dict[str, Any] = {}  # The best held-out loss saved, and its step.
   while True:
     step, state, finish = setup.start(run)
@@ -319,12 +308,14 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   }
 
 
-def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
-  """Refuses a directory that holds something else than this demo's run."""
-  config_path = out_dir / CONFIG_FILE
+def run_demo(config: DemoConfig, out_dir: os.PathLike,
+             listener: Optional[Listener] = None) -> dict[str, Any]:
+  """Runs (or resumes) the demo into ``out_dir``; returns the summary.
+  A directory that holds something else than this demo's run is refused."""
+  listener, out_dir = listener or Listener(), pathlib.Path(out_dir)
   wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-  if config_path.exists():
-    saved = json.loads(config_path.read_text())
+  if (out_dir / CONFIG_FILE).exists():
+    saved = json.loads((out_dir / CONFIG_FILE).read_text())
     if saved != wanted:
       changed = sorted(k for k in saved if saved[k] != wanted.get(k))
       raise ValueError(
@@ -333,16 +324,8 @@ def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
   elif out_dir.exists() and any(out_dir.iterdir()):
     raise ValueError(f'{out_dir} is not empty and holds no optax-guard demo'
                      ' run; choose another --out.')
-
-
-def run_demo(config: DemoConfig, out_dir: os.PathLike,
-             listener: Optional[Listener] = None) -> dict[str, Any]:
-  """Runs (or resumes) the demo into ``out_dir``; returns the summary."""
-  listener = listener or Listener()
-  out_dir = pathlib.Path(out_dir)
-  check_out_dir(out_dir, config)
   out_dir.mkdir(parents=True, exist_ok=True)
-  report_lib.write_json(out_dir / CONFIG_FILE, dataclasses.asdict(config))
+  report_lib.write_json(out_dir / CONFIG_FILE, wanted)
   summary_path = out_dir / SUMMARY_FILE
   summary = report_lib.read_summary(summary_path)
   setup = make_setup(config)
