@@ -27,6 +27,7 @@ from optax_guard.demo import faults as faults_lib
 from optax_guard.demo import report as report_lib
 from optax_guard.demo import run as run_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
+from optax_guard.host.runlog import Resumed
 
 FAST_STEPS = 60
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -314,8 +315,8 @@ class _StopAt(run_lib.Listener):
     if self.at == (run, 0):
       raise _Stop
 
-  def step(self, run, step, metrics, counts):
-    if self.at == (run, step):
+  def step(self, run, state, metrics, events):
+    if self.at == (run, state.step):
       raise _Stop
 
   def note(self, run, message):
@@ -384,13 +385,14 @@ def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path):
 def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
   from rich.console import Console  # pylint: disable=g-import-not-at-top
 
-  metrics = {'loss': 2.3456}
-  counts = {'skipped_step': 12, 'rollback': 1}
+  metrics = {'loss': 2.3456, 'skipped': False}
+  # A resume from a checkpoint of step 420 brings its counts back.
+  resumed = (Resumed(420, {'skipped_step': 12, 'rollback': 1}),)
   terminal = Console(width=80, force_terminal=True, record=True,
                      file=io.StringIO())
   listener = cli._RichListener(terminal)  # pylint: disable=protected-access
   listener.start('guarded', 600)
-  listener.step('guarded', 420, metrics, counts)
+  listener.step('guarded', og.TrainState(420, {}, {}), metrics, resumed)
   listener.stop()
   shown = terminal.export_text()
   assert '420/600' in shown and '0:00:0' in shown and 'rollbacks 1' in shown
@@ -399,7 +401,7 @@ def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
   listener = cli._RichListener(piped, every=50)  # pylint: disable=protected-access
   listener.start('guarded', 600)
   for step in range(1, 101):
-    listener.step('guarded', step, metrics, counts)
+    listener.step('guarded', og.TrainState(step, {}, {}), metrics, ())
   lines = piped.file.getvalue().splitlines()
   assert [line.split('  ')[0].strip() for line in lines] == [
       'guarded step 50/600', 'guarded step 100/600']
@@ -445,13 +447,13 @@ def test_the_schedule_breaks_exactly_its_batches():
                                                      1 / 3)]
   assert [plan[s] for s in (18, 19, 20)] == 3 * [
       og.testing.Fault('poisoned_rows', faults_lib.SHIFT_FRACTION)]
-  assert faults_lib.describe('poison', windows['poison']).startswith(
+  assert cli.describe_fault('poison', windows['poison']).startswith(
       'steps 5-8: ')
-  assert faults_lib.describe('preempt', windows['preempt']).startswith(
+  assert cli.describe_fault('preempt', windows['preempt']).startswith(
       'after step 9: ')
-  assert faults_lib.describe('ramp', windows['ramp']).startswith(
+  assert cli.describe_fault('ramp', windows['ramp']).startswith(
       'steps 11-15: ')
-  assert faults_lib.describe('shift', windows['shift']).startswith(
+  assert cli.describe_fault('shift', windows['shift']).startswith(
       'steps 18-: ')
 
 
@@ -487,8 +489,19 @@ def test_the_slow_faults_replace_token_rows_with_random_characters():
 ])
 def test_bad_fault_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
-    faults_lib.schedule(spec, steps=50)
+    cli.parse_faults(spec, steps=50)
 
 
 def test_no_faults():
+  assert cli.parse_faults(['none'], steps=50) == ('none',)
   assert faults_lib.schedule(['none'], steps=50) == {}
+  assert run_lib.DemoConfig(steps=50, faults=('none',)).windows == {}
+
+
+def test_fault_specs_are_written_out_in_full():
+  # A bare name takes its default place; a window its default length.
+  specs = cli.parse_faults(['nan', 'poison@10', 'ramp', 'shift@40'], steps=50)
+  assert specs == ('nan@40', 'poison@10-21', 'ramp@16-22', 'shift@40')
+  assert faults_lib.schedule(specs, steps=50) == {
+      'poison': (10, 21), 'ramp': (16, 22), 'nan': (40, 40),
+      'shift': (40, 50)}

@@ -27,12 +27,10 @@ _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 
 def read_summary(path: pathlib.Path) -> dict[str, Any]:
   """``summary.json``: ``{run: {name: value}}``, ``{}`` if not written yet."""
-  if not path.exists():
-    return {}
-  return {run: {key: _NON_FINITE.get(value, value)
-                if isinstance(value, str) else value
-                for key, value in row.items()}
-          for run, row in json.loads(path.read_text()).items()}
+  rows = json.loads(path.read_text()) if path.exists() else {}
+  return {run: {key: _NON_FINITE.get(value, value) if isinstance(value, str)
+                else value for key, value in row.items()}
+          for run, row in rows.items()}
 
 
 def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
