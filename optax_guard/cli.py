@@ -290,12 +290,21 @@ def _report(args: argparse.Namespace, console: Console) -> int:
   return 0
 
 
+def _positions(data: dict[str, Any]) -> dict[str, Any]:
+  """The numbers of an iterator state, nested states first; a wrapper's own
+  count that repeats one of the state it wraps is left out (a
+  ``FaultInjector``'s ``index`` over ``og.batches``' ``next_index``)."""
+  inner = {key: value for nested in data.values() if isinstance(nested, dict)
+           for key, value in _positions(nested).items()}
+  return {**inner, **{key: value for key, value in data.items()
+                      if not isinstance(value, dict)
+                      and value not in inner.values()}}
+
+
 def _data_position(data: Any) -> str:
-  """``seed=0 epoch=2 position=1024 index=64``: nested states flattened."""
+  """``next_index=550``: the saved iterator state, one position once."""
   if isinstance(data, dict):
-    return ' '.join(
-        _data_position(value) if isinstance(value, dict) else f'{key}={value}'
-        for key, value in data.items())
+    return ' '.join(f'{key}={value}' for key, value in _positions(data).items())
   return _number(data)
 
 

@@ -244,6 +244,10 @@ def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
   assert cli.main(['inspect', 'run/checkpoints']) == 0
   table = capsys.readouterr().out
   assert f'{FAST_STEPS} *' in table  # the last good one
+  # One data position: the batches drawn, not twice (og.batches' and the
+  # fault injector's count).
+  assert f'next_index={FAST_STEPS}' in table
+  assert ' index=' not in table
   assert 'unreadable' not in table and '…' not in table
   assert max(len(line) for line in table.splitlines()) <= 80
 
