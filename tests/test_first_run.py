@@ -12,10 +12,8 @@ import optax
 import pytest
 
 import optax_guard as og
-from optax_guard import cli
-from optax_guard import testing
-from optax_guard.host.runlog import EventLog
-from optax_guard.host.runlog import SkippedStep
+from optax_guard import cli, testing
+from optax_guard.host import runlog
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TX = og.guard(optax.adam(0.05), clip=og.clip_by_global_norm(1.0))
@@ -47,8 +45,8 @@ def _saved_events(directory: pathlib.Path, step: int) -> dict:
 
 
 def test_event_log_keeps_strict_json_and_reads_a_raw_nan():
-  log = EventLog()
-  log.add(SkippedStep(3, reason='nonfinite', loss=math.nan, grad_norm=math.inf))
+  log = runlog.EventLog()
+  log.add(runlog.SkippedStep(3, reason='nonfinite', loss=math.nan, grad_norm=math.inf))
   saved = log.state_dict()
   assert saved['recent'] == [{'kind': 'skipped_step', 'step': 3,
                               'reason': 'nonfinite', 'loss': 'nan',
@@ -58,7 +56,7 @@ def test_event_log_keeps_strict_json_and_reads_a_raw_nan():
   old = {'counts': {'skipped_step': 1}, 'recent': [
       {'kind': 'skipped_step', 'step': 3, 'reason': 'nonfinite',
        'loss': math.nan, 'grad_norm': math.inf}]}
-  again = EventLog()
+  again = runlog.EventLog()
   again.load_state_dict(old)
   assert again.state_dict() == saved
 
@@ -117,3 +115,32 @@ def test_the_install_lines_are_for_a_clone():
   for page, line in lines:
     for target in re.findall(r'pip install (?:-\w+ )*([^\s`]+)', line):
       assert target.strip('"\'').startswith('.'), (page, line)
+
+
+def _absl_messages(caplog):
+  return [r.getMessage() for r in caplog.records if r.name == 'absl']
+
+
+def test_a_reader_sees_no_notice_that_it_reads_only(tmp_path, caplog):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  from optax_guard.host.describe import quiet_read_only  # pylint: disable=g-import-not-at-top
+
+  # A fresh one each time: Orbax's checks change the options they warn of.
+  options = lambda: ocp.CheckpointManagerOptions(read_only=True)
+  caplog.set_level('WARNING', logger='absl')
+  ocp.CheckpointManager(tmp_path, options=options()).close()
+  noticed = _absl_messages(caplog)
+  assert len(noticed) == 3 and all('read only' in m or 'read_only' in m
+                                   for m in noticed)
+  caplog.clear()
+  with quiet_read_only():
+    ocp.CheckpointManager(tmp_path, options=options()).close()
+    og.Checkpointer(tmp_path, read_only=True).close()
+    absl_logging.warning('a real problem')  # Everything else passes.
+  assert _absl_messages(caplog) == ['a real problem']
+  # Only inside the block.
+  caplog.clear()
+  ocp.CheckpointManager(tmp_path, options=options()).close()
+  assert len(_absl_messages(caplog)) == 3
