@@ -283,9 +283,15 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
+  import optax_guard as og  # pylint: disable=g-import-not-at-top
   from optax_guard.demo import report as report_lib  # pylint: disable=g-import-not-at-top
 
-  path = report_lib.render(args.run_dir, args.output)
+  run_dir = pathlib.Path(args.run_dir)
+  if (run_dir / 'metrics.jsonl').exists():  # Any og.fit(log_dir=...).
+    path = pathlib.Path(args.output or run_dir / report_lib.REPORT_FILE)
+    og.plot_runs(run_dir).savefig(path, dpi=110)
+  else:
+    path = report_lib.render(run_dir, args.output)
   console.print(f'Wrote {path}')
   return 0
 
@@ -374,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
   demo.set_defaults(handler=_demo)
 
   report = commands.add_parser(
-      'report', help='re-render report.png from the logs of a demo directory'
+      'report', help='draw report.png from the logs of a demo directory or'
+      ' of og.fit(log_dir=...)'
   )
-  report.add_argument('run_dir', help='a directory written by `demo --out`')
+  report.add_argument('run_dir', help='a directory written by `demo --out`,'
+                      ' or a log_dir of og.fit')
   report.add_argument('--output', help='PNG path (default: RUN_DIR/report.png)')
   report.set_defaults(handler=_report)
 
@@ -396,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _missing_extra(error: ImportError) -> int:
   print(
       f'optax-guard: {error.name or error} is not installed; the command needs'
-      " the examples extra: pip install 'optax-guard[examples]'",
+      " the examples extra: pip install -e '.[examples]' in the clone",
       file=sys.stderr,
   )
   return 1

@@ -144,3 +144,11 @@ def test_a_reader_sees_no_notice_that_it_reads_only(tmp_path, caplog):
   caplog.clear()
   ocp.CheckpointManager(tmp_path, options=options()).close()
   assert len(_absl_messages(caplog)) == 3
+
+
+def test_a_missing_extra_names_an_install_from_the_clone(capsys):
+  error = ModuleNotFoundError("No module named 'rich'", name='rich')
+  assert cli._missing_extra(error) == 1  # pylint: disable=protected-access
+  message = capsys.readouterr().err
+  assert "rich is not installed" in message
+  assert "pip install -e '.[examples]'" in message

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import optax_guard as og
-from optax_guard import testing
+from optax_guard import cli, testing
 
 NUM_STEPS = 30
 # The guarded run: a NaN gradient at step 5 (skipped), four in a row from
@@ -203,3 +203,12 @@ def test_plot_runs_of_one_log_dir_without_evaluations(tmp_path):
   records = [json.loads(line) for line in
              (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert records[2]['loss'] == 'nan'  # What the picture drew as a gap.
+
+
+def test_optax_guard_report_draws_a_log_dir_of_og_fit(logs, tmp_path, capsys):
+  png = tmp_path / 'guarded.png'
+  assert cli.main(['report', str(logs / 'guarded'), '--output', str(png)]) == 0
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert f'Wrote {png}' in capsys.readouterr().out
+  assert cli.main(['report', str(tmp_path)]) == 2
+  assert 'nor a log_dir of og.fit' in capsys.readouterr().out

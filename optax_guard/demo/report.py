@@ -51,8 +51,8 @@ def draw(run_dir: os.PathLike):
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / 'config.json').exists():
     raise ValueError(
-        f'{run_dir} is not an optax-guard demo directory (no config.json);'
-        ' create one with `optax-guard demo --out DIR`.')
+        f'{run_dir} is not an optax-guard demo directory (no config.json)'
+        ' nor a log_dir of og.fit (no metrics.jsonl).')
   config = json.loads((run_dir / 'config.json').read_text())
   runs = {run: run_dir / run for run in COLORS
           if (run_dir / run / 'metrics.jsonl').exists()}
