@@ -266,8 +266,9 @@ class EventLog:
   """Counts of events and the most recent ones, small enough to checkpoint.
 
   The recent events are kept as strict JSON, as :class:`RunLogger` writes
-  them (a NaN loss as ``"nan"``), so that the checkpoint's ``events`` item
-  is strict JSON too; a checkpoint that holds a raw NaN still loads.
+  them (a NaN loss as ``"nan"``), so that their part of the checkpoint's
+  ``events`` item is strict JSON too; a checkpoint that holds a raw NaN
+  there still loads.
 
   Args:
     keep: how many recent events to keep.
