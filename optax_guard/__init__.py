@@ -25,6 +25,8 @@ from optax_guard.host.flax_models import nnx_update
 from optax_guard.host.recovery import RecoveryPolicy
 from optax_guard.host.recovery import scale_hyperparam
 from optax_guard.host.recovery import TrainingDiverged
+from optax_guard.host.report import plot_runs
+from optax_guard.host.report import read_run_log
 from optax_guard.train_step import apply_gradients
 from optax_guard.train_step import make_nnx_train_step
 from optax_guard.train_step import make_train_step
@@ -68,6 +70,8 @@ __all__ = (
     'metrics',
     'nnx_fit_step',
     'nnx_update',
+    'plot_runs',
+    'read_run_log',
     'scale_hyperparam',
     'skip_nonfinite',
     'skip_spikes',

@@ -27,6 +27,7 @@ from optax_guard.demo import faults as faults_lib
 from optax_guard.demo import report as report_lib
 from optax_guard.demo import run as run_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
+from optax_guard.host.runlog import Resumed
 
 FAST_STEPS = 60
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -217,8 +218,6 @@ def test_report_png_is_rendered_and_rerendered(demo, capsys, tmp_path):
 
 
 def test_report_names_the_faults_apart_and_its_legend_covers_no_panel(demo):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   figure = report_lib.draw(demo)
   figure.draw_without_rendering()
   renderer = figure.canvas.get_renderer()
@@ -236,7 +235,6 @@ def test_report_names_the_faults_apart_and_its_legend_covers_no_panel(demo):
   assert not any(legend.overlaps(ax.get_window_extent(renderer))
                  for ax in figure.axes)
   assert not any(ax.get_legend() for ax in figure.axes)
-  plt.close(figure)
 
 
 def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
@@ -246,6 +244,10 @@ def test_inspect_lists_checkpoints_and_the_last_good_one(demo, capsys,
   assert cli.main(['inspect', 'run/checkpoints']) == 0
   table = capsys.readouterr().out
   assert f'{FAST_STEPS} *' in table  # the last good one
+  # One data position: the batches drawn, not twice (og.batches' and the
+  # fault injector's count).
+  assert f'next_index={FAST_STEPS}' in table
+  assert ' index=' not in table
   assert 'unreadable' not in table and '…' not in table
   assert max(len(line) for line in table.splitlines()) <= 80
 
@@ -317,8 +319,8 @@ class _StopAt(run_lib.Listener):
     if self.at == (run, 0):
       raise _Stop
 
-  def step(self, run, step, metrics, counts):
-    if self.at == (run, step):
+  def step(self, run, state, metrics, events):
+    if self.at == (run, state.step):
       raise _Stop
 
   def note(self, run, message):
@@ -387,13 +389,14 @@ def test_corrupted_checkpoint_is_shown_invalid(demo, tmp_path):
 def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
   from rich.console import Console  # pylint: disable=g-import-not-at-top
 
-  metrics = {'loss': 2.3456}
-  counts = {'skipped_step': 12, 'rollback': 1}
+  metrics = {'loss': 2.3456, 'skipped': False}
+  # A resume from a checkpoint of step 420 brings its counts back.
+  resumed = (Resumed(420, {'skipped_step': 12, 'rollback': 1}),)
   terminal = Console(width=80, force_terminal=True, record=True,
                      file=io.StringIO())
   listener = cli._RichListener(terminal)  # pylint: disable=protected-access
   listener.start('guarded', 600)
-  listener.step('guarded', 420, metrics, counts)
+  listener.step('guarded', og.TrainState(420, {}, {}), metrics, resumed)
   listener.stop()
   shown = terminal.export_text()
   assert '420/600' in shown and '0:00:0' in shown and 'rollbacks 1' in shown
@@ -402,7 +405,7 @@ def test_progress_fits_80_columns_and_prints_lines_off_a_terminal():
   listener = cli._RichListener(piped, every=50)  # pylint: disable=protected-access
   listener.start('guarded', 600)
   for step in range(1, 101):
-    listener.step('guarded', step, metrics, counts)
+    listener.step('guarded', og.TrainState(step, {}, {}), metrics, ())
   lines = piped.file.getvalue().splitlines()
   assert [line.split('  ')[0].strip() for line in lines] == [
       'guarded step 50/600', 'guarded step 100/600']
@@ -433,26 +436,28 @@ def test_the_schedule_breaks_exactly_its_batches():
                                  'preempt@9', 'ramp@11-15', 'shift@18'],
                                 steps=20)
   assert windows['shift'] == (18, 20)
-  plan = faults_lib.plan(windows, steps=20)
-  # Batch s - 1 for step s; nothing at the preemption, 9, or at 16-17.
-  assert sorted(plan) == [1, 2, 4, 5, 6, 7, 10, 11, 12, 13, 14, 17, 18, 19]
-  assert {plan[i].kind for i in (1, 2, 4, 5, 6, 7)} == {'poisoned_batch'}
-  assert plan[1].scale == faults_lib.SPIKE_SCALE and math.isnan(plan[2].scale)
-  assert all(plan[i].scale == faults_lib.POISON_SCALE for i in range(4, 8))
+  plan = faults_lib.plan(windows)
+  # Keyed by step (FaultInjector(keys='step')); nothing at the preemption,
+  # 9, or at 16-17.
+  assert sorted(plan) == [2, 3, 5, 6, 7, 8, 11, 12, 13, 14, 15, 18, 19, 20]
+  assert {plan[s].kind for s in (2, 5, 6, 7, 8)} == {'poisoned_batch'}
+  assert plan[2].scale == faults_lib.SPIKE_SCALE
+  assert plan[3] == og.testing.Fault('nan_batch')
+  assert all(plan[s].scale == faults_lib.POISON_SCALE for s in range(5, 9))
   # The ramp: a third, two thirds, all and back of the rows; the shift:
   # SHIFT_FRACTION of the rows of every batch to the end.
-  assert [plan[i] for i in range(10, 15)] == [
+  assert [plan[s] for s in range(11, 16)] == [
       og.testing.Fault('poisoned_rows', f) for f in (1 / 3, 2 / 3, 1, 2 / 3,
                                                      1 / 3)]
-  assert [plan[i] for i in (17, 18, 19)] == 3 * [
+  assert [plan[s] for s in (18, 19, 20)] == 3 * [
       og.testing.Fault('poisoned_rows', faults_lib.SHIFT_FRACTION)]
-  assert faults_lib.describe('poison', windows['poison']).startswith(
+  assert cli.describe_fault('poison', windows['poison']).startswith(
       'steps 5-8: ')
-  assert faults_lib.describe('preempt', windows['preempt']).startswith(
+  assert cli.describe_fault('preempt', windows['preempt']).startswith(
       'after step 9: ')
-  assert faults_lib.describe('ramp', windows['ramp']).startswith(
+  assert cli.describe_fault('ramp', windows['ramp']).startswith(
       'steps 11-15: ')
-  assert faults_lib.describe('shift', windows['shift']).startswith(
+  assert cli.describe_fault('shift', windows['shift']).startswith(
       'steps 18-: ')
 
 
@@ -462,7 +467,7 @@ def test_the_slow_faults_replace_token_rows_with_random_characters():
   windows = faults_lib.schedule(['ramp@1-3', 'shift@5'], steps=6)
   faulty = og.testing.FaultInjector(
       data_lib.train_batches(corpus, batch_size=10, seq_len=16, seed=0),
-      faults_lib.plan(windows, steps=6))
+      faults_lib.plan(windows), keys='step')
   # Rows replaced per step, of 10: 5, 10, 5 (the ramp), 0, then the shift's.
   shift = round(10 * faults_lib.SHIFT_FRACTION)
   for replaced in (5, 10, 5, 0, shift, shift):
@@ -488,8 +493,19 @@ def test_the_slow_faults_replace_token_rows_with_random_characters():
 ])
 def test_bad_fault_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
-    faults_lib.schedule(spec, steps=50)
+    cli.parse_faults(spec, steps=50)
 
 
 def test_no_faults():
+  assert cli.parse_faults(['none'], steps=50) == ('none',)
   assert faults_lib.schedule(['none'], steps=50) == {}
+  assert run_lib.DemoConfig(steps=50, faults=('none',)).windows == {}
+
+
+def test_fault_specs_are_written_out_in_full():
+  # A bare name takes its default place; a window its default length.
+  specs = cli.parse_faults(['nan', 'poison@10', 'ramp', 'shift@40'], steps=50)
+  assert specs == ('nan@40', 'poison@10-21', 'ramp@16-22', 'shift@40')
+  assert faults_lib.schedule(specs, steps=50) == {
+      'poison': (10, 21), 'ramp': (16, 22), 'nan': (40, 40),
+      'shift': (40, 50)}

@@ -1,17 +1,13 @@
 """The demo's fault schedule: what breaks, and at which step.
 
-A schedule is a list of ``NAME@STEP`` specs (``poison@START-END`` and
-``ramp@START-END`` for a window; ``shift@STEP`` lasts to the end). Step
-``s`` reads batch ``s - 1`` in both runs (after a rollback ``og.fit`` keeps
-counting batches drawn), so a fault hits the same batch in both. The faults
-are :mod:`optax_guard.testing`'s: the sudden ones scale the batch's loss
-weights, the slow ones replace whole rows of its tokens with random
-characters (a ramp 0% -> 100% -> 0%, then a noisier data mix). The
-preemption is a real SIGTERM after its step.
+A schedule is a list of ``NAME@STEP`` or ``NAME@START-END`` specs (a
+``shift`` lasts to the end). Step ``s`` reads the ``s``-th batch in both
+runs (``og.fit`` counts batches drawn, rollbacks included). The faults are
+:mod:`optax_guard.testing`'s: the sudden ones scale the loss weights or make
+them NaN, the slow ones replace rows of tokens with random characters (a
+ramp 0% -> 100% -> 0%, then a noisier data mix). The preemption is a real
+SIGTERM after its step.
 """
-
-import re
-from typing import Sequence
 
 from optax_guard import testing
 
@@ -29,71 +25,39 @@ DESCRIPTIONS = {
     'shift': (f'level shift: {SHIFT_FRACTION:.0%} of the rows random'
               ' characters from here on'),
 }
-_SCALES = {'spike': SPIKE_SCALE, 'poison': POISON_SCALE, 'nan': float('nan')}
-_SPEC = re.compile(r'^(?P<name>[a-z]+)(@(?P<start>\d+)(-(?P<end>\d+))?)?$')
+
+
+def window_length(name: str, steps: int) -> int:
+  """A window's default steps (the ramp's odd: one step holds the peak)."""
+  return max(12, steps // 12) if name == 'poison' else 2 * max(
+      4, steps // 25) - 1
 
 
 def default_specs(steps: int) -> tuple[str, ...]:
   """One fault of each kind, at 30%, 33-41%, 45-53%, 70%, 80% and 88%+."""
   poison, ramp = round(0.45 * steps), round(0.33 * steps)
   return (f'spike@{round(0.3 * steps)}',
-          f'ramp@{ramp}-{ramp + _length("ramp", steps) - 1}',
-          f'poison@{poison}-{poison + _length("poison", steps) - 1}',
+          f'ramp@{ramp}-{ramp + window_length("ramp", steps) - 1}',
+          f'poison@{poison}-{poison + window_length("poison", steps) - 1}',
           f'preempt@{round(0.7 * steps)}', f'nan@{round(0.8 * steps)}',
           f'shift@{round(0.88 * steps)}')
 
 
-def _length(name: str, steps: int) -> int:
-  """A window's default steps (the ramp's odd: one step holds the peak)."""
-  return max(12, steps // 12) if name == 'poison' else 2 * max(
-      4, steps // 25) - 1
-
-
-def schedule(specs: Sequence[str], steps: int) -> dict[str, tuple[int, int]]:
-  """``{name: (first_step, last_step)}`` sorted by step; ``none``: no faults.
+def schedule(specs, steps: int) -> dict[str, tuple[int, int]]:
+  """``{name: (first_step, last_step)}`` of checked specs, sorted by step
+  (``optax-guard demo --faults`` checks them); ``['none']``: no faults.
 
   Examples:
     >>> from optax_guard.demo.faults import schedule
     >>> schedule(['nan@30', 'poison@10-19', 'shift@40'], steps=50)
     {'poison': (10, 19), 'nan': (30, 30), 'shift': (40, 50)}
   """
-  if list(specs) == ['none']:
-    return {}
-  defaults = {spec.split('@')[0]: spec for spec in default_specs(steps)}
   windows = {}
-  for spec in specs:
-    match = _SPEC.match(spec)
-    if match is None or match['name'] not in defaults:
-      raise ValueError(
-          f'bad fault {spec!r}: expected NAME, NAME@STEP or NAME@START-END'
-          f' ({" or ".join(WINDOWS)}) with NAME in {sorted(defaults)}, or'
-          ' "none".')
-    name = match['name']
-    if match['start'] is None:  # A bare NAME takes its default step.
-      match = _SPEC.match(defaults[name])
-    start = int(match['start'])
-    end = int(match['end'] or start)
-    if name in WINDOWS and match['end'] is None:
-      end = start + _length(name, steps) - 1
-    if name not in WINDOWS and end != start:
-      raise ValueError(f'only {" and ".join(WINDOWS)} take a window, got'
-                       f' {spec!r}.')
-    if end < start:
-      raise ValueError(f'empty {name} window in {spec!r}.')
-    if not 1 <= start <= steps:
-      raise ValueError(f'fault {spec!r} is outside the run (steps={steps}).')
-    if name in windows:
-      raise ValueError(f'fault {name!r} is given twice.')
-    windows[name] = (start, steps if name == 'shift' else end)
+  for spec in (spec for spec in specs if spec != 'none'):
+    name, where = spec.split('@')
+    start, _, end = where.partition('-')
+    windows[name] = (int(start), steps if name == 'shift' else int(end or start))
   return dict(sorted(windows.items(), key=lambda item: item[1]))
-
-
-def describe(name: str, window: tuple[int, int]) -> str:
-  """``'steps 10-19: corrupt data shard ...'``."""
-  start, end = window
-  where = {'preempt': f'after step {start}', 'shift': f'steps {start}-'}.get(
-      name, f'steps {start}-{end}' if end > start else f'step {start}')
-  return f'{where}: {DESCRIPTIONS[name]}'
 
 
 def fault_at(windows: dict[str, tuple[int, int]], step: int):
@@ -106,16 +70,21 @@ def fault_at(windows: dict[str, tuple[int, int]], step: int):
   return found
 
 
-def plan(windows: dict[str, tuple[int, int]], steps: int):
-  """``{batch index: optax_guard.testing.Fault}`` for a FaultInjector."""
+def plan(windows: dict[str, tuple[int, int]]) -> dict[int, testing.Fault]:
+  """``{step: optax_guard.testing.Fault}`` for a ``FaultInjector`` with
+  ``keys='step'``; a later window overrides an earlier one, as in
+  :func:`fault_at`."""
   faults = {}
-  for step in range(1, steps + 1):
-    name = fault_at(windows, step)
+  for name, (start, end) in windows.items():
     if name == 'ramp':  # Up to all the rows at the middle, and back.
-      start, end = windows[name]
-      faults[step - 1] = testing.ramp(start, (end - start) // 2 + 1)[step]
+      faults.update(testing.ramp(start, (end - start) // 2 + 1))
     elif name == 'shift':
-      faults[step - 1] = testing.Fault('poisoned_rows', SHIFT_FRACTION)
-    elif name is not None:
-      faults[step - 1] = testing.Fault('poisoned_batch', _SCALES[name])
+      faults.update(testing.level_shift(start, end + 1, SHIFT_FRACTION,
+                                        kind='poisoned_rows'))
+    elif name == 'nan':
+      faults[start] = testing.Fault('nan_batch')
+    elif name != 'preempt':
+      scale = SPIKE_SCALE if name == 'spike' else POISON_SCALE
+      faults.update({step: testing.Fault('poisoned_batch', scale)
+                     for step in range(start, end + 1)})
   return faults

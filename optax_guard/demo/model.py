@@ -82,6 +82,5 @@ def loss_fn(model: TinyTransformer, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef):
-  """:func:`loss_fn` on the parameters (an ``nnx.State``), for a
-  params-only optax step such as the plain run's."""
+  """:func:`loss_fn` of the parameters (an ``nnx.State``): a plain step's."""
   return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)

@@ -12,7 +12,6 @@ same batches and faults (:class:`optax_guard.testing.FaultInjector`).
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -36,13 +35,13 @@ CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'
 RUNS = ('plain', 'guarded')
-ZCLIP_Z = 2.5
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-  """Everything that decides the demo's numbers (``faults=None``: one of
-  each kind, :func:`faults.default_specs`)."""
+  """Everything that decides the demo's numbers (``faults``: checked specs,
+  as ``optax_guard.cli.parse_faults`` writes them; ``None``: one of each
+  kind, :func:`faults.default_specs`)."""
 
   steps: int = 600
   seed: int = 0
@@ -65,23 +64,10 @@ class DemoConfig:
       raise ValueError(f'steps must be >= 20, got {self.steps}.')
     specs = self.faults or faults_lib.default_specs(self.steps)
     object.__setattr__(self, 'faults', tuple(specs))
-    faults_lib.schedule(self.faults, self.steps)  # Validates the specs.
 
   @property
   def windows(self) -> dict[str, tuple[int, int]]:
     return faults_lib.schedule(self.faults, self.steps)
-
-  @property
-  def statistics_window(self) -> int:
-    """Steps of history for ZClip's warm-up."""
-    return max(8, min(50, self.steps // 6))
-
-  @property
-  def spike_window(self) -> int:
-    """At least ``4 * max_consecutive_skips``: from ``window // 4`` on, the
-    spike rule lets a burst in as a level shift, and the corrupt shard must
-    raise ``diverged`` first, for a rollback, in the short runs too."""
-    return max(4 * self.max_consecutive_skips, self.statistics_window)
 
 
 class Setup:
@@ -101,14 +87,18 @@ class Setup:
         0.0, config.learning_rate, max(2, min(30, config.steps // 10)),
         config.steps, end_value=config.learning_rate / 10)
     adamw = lambda: optax.adamw(schedule, weight_decay=config.weight_decay)
+    warmup = max(8, min(50, config.steps // 6))  # ZClip's, in steps.
+    # From window // 4 on, the spike rule lets a burst in as a level shift:
+    # the corrupt shard must raise `diverged` first, in short runs too.
+    window = max(4 * config.max_consecutive_skips, warmup)
     self.txs = {
         'plain': optax.chain(optax.clip_by_global_norm(config.clip_norm),
                              adamw()),
         'guarded': og.guard(
             adamw(),
-            clip=og.zclip(z_thresh=ZCLIP_Z, max_norm=config.clip_norm,
-                          warmup_steps=config.statistics_window),
-            spikes={'window': config.spike_window, 'sigma': 6.0},
+            clip=og.zclip(z_thresh=2.5, max_norm=config.clip_norm,
+                          warmup_steps=warmup),
+            spikes={'window': window, 'sigma': 6.0},
             max_consecutive_skips=config.max_consecutive_skips),
     }
     heldout = data_lib.windows(corpus.heldout, config.seq_len)['tokens']
@@ -116,16 +106,14 @@ class Setup:
     self.heldout_loss = jax.jit(lambda params: jnp.mean(
         model_lib.token_losses(nnx.merge(graphdef, params), heldout)))
     # The steps compile once and serve every fresh state of their run.
-    self.steps = {'plain': _plain_step(graphdef, self.txs['plain'])}
+    self.steps = {'plain': _plain_step(graphdef, self.txs['plain'],
+                                       config.clip_norm)}
     self.steps['guarded'] = self.start('guarded')[0]
 
   def start(self, run: str):
     """``(step, state, finish)``: ``og.fit``'s step and step-0 state of a
-    fresh model, and ``finish(state) -> params`` for the state it returns.
-
-    The guarded run is the library's NNX path; the plain one a params-only
-    optax step, as most loops are.
-    """
+    fresh model, ``finish(state) -> params``. The guarded run takes the
+    library's NNX path; the plain one a params-only optax step, as most do."""
     model = self.new_model()
     if run == 'plain':
       params = nnx.state(model)
@@ -146,21 +134,22 @@ class Setup:
     return testing.FaultInjector(
         data_lib.train_batches(self.corpus, batch_size=config.batch_size,
                                seq_len=config.seq_len, seed=config.seed),
-        faults_lib.plan(config.windows, config.steps))
-
-  def evaluate(self, state: og.TrainState) -> dict[str, jax.Array]:
-    return {'eval_loss': self.heldout_loss(state.params)}
+        faults_lib.plan(config.windows), keys='step')
 
 
-def _plain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  """A standard optax step; it also reports the global gradient norm."""
+def _plain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                clip_norm: float):
+  """A standard optax step; it also reports the global gradient norm and,
+  as ``og.metrics`` names it, the norm it was clipped to (``inf``: none)."""
   loss_fn = model_lib.make_loss_fn(graphdef)
 
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {'loss': loss, 'grad_norm': og.global_norm(grads)}
+    norm = og.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, {
+        'loss': loss, 'grad_norm': norm,
+        'clip_threshold': jnp.where(norm > clip_norm, clip_norm, jnp.inf)}
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -180,72 +169,34 @@ class Listener:
   """Hooks the CLI implements to show a run live; the default is silent."""
 
   def start(self, run: str, total: int) -> None:
-    pass
+    """``run`` starts, for ``total`` steps."""
 
-  def step(self, run: str, step: int, metrics: dict[str, Any],
-           counts: dict[str, int]) -> None:
-    pass
+  def step(self, run: str, state: og.TrainState, metrics: dict[str, Any],
+           events: tuple[Any, ...]) -> None:
+    """What ``og.fit`` passed its callback for one loop step."""
 
   def note(self, run: str, message: str) -> None:
-    pass
-
-
-def _outcome(run: str, fault: str, metrics: dict[str, Any]) -> Optional[str]:
-  """What ``run`` did with ``fault`` (``None``: not yet; a fault over
-  several steps is told once, when the guard first acts)."""
-  if run == 'plain':
-    if not math.isfinite(metrics['loss'] + metrics['grad_norm']):
-      return 'NaN reached the parameters'
-    if fault in faults_lib.MULTI_STEP:
-      return 'trained on (plain optax cannot refuse a batch)'
-    return f'applied (grad norm {metrics["grad_norm"]:.3g} clipped to 1)'
-  if metrics['skipped']:
-    return 'skipped, optimizer state held bit for bit'
-  return None if fault in faults_lib.MULTI_STEP else 'accepted'
+    """Something worth a line."""
 
 
 class _Watcher:
-  """``og.fit``'s callback for one run: counts, fault notes, the preemption.
-
-  Rollbacks are not noted here: ``og.fit``'s recovery warns of them.
-  """
+  """``og.fit``'s callback for one run: shows it, and preempts the guarded
+  run with a real SIGTERM at the planned step."""
 
   def __init__(self, run: str, config: DemoConfig, listener: Listener):
-    self.run, self.config, self.listener = run, config, listener
-    self.counts = {'skipped_step': 0, 'rollback': 0}
-    self.noted: set[str] = set()
-    # Steps of each slow fault trained on and skipped (rolled back: neither).
-    self.slow: dict[str, list[int]] = {'ramp': [0, 0], 'shift': [0, 0]}
+    self.run, self.listener = run, listener
+    self.preempt = config.windows.get('preempt', (-1,))[0]
     self.preempted = False
 
   def __call__(self, state: og.TrainState, metrics: dict[str, Any],
                events: tuple[Any, ...]) -> None:
-    step = state.step  # The step whose metrics these are, unless rolled back.
     for event in events:
       if event.kind == 'resumed':
-        self.counts.update(event.counts)
         self.listener.note(self.run, str(event))
-      elif event.kind in self.counts:
-        self.counts[event.kind] += 1
-      step = event.step if event.kind == 'rollback' else step
-    note = lambda text: self.listener.note(self.run, f'step {step}: {text}')
-    fault = faults_lib.fault_at(self.config.windows, step)
-    outcome = fault and _outcome(self.run, fault, metrics)
-    if outcome and fault not in self.noted:
-      self.noted.add(fault)
-      note(f'{fault} -> {outcome}')
-    rolled_back = any(event.kind == 'rollback' for event in events)
-    if self.run == 'guarded' and fault in self.slow and not rolled_back:
-      counts = self.slow[fault]
-      counts[bool(metrics['skipped'])] += 1
-      if step == self.config.windows[fault][1]:
-        note(f'{fault} over -> {counts[0]} of its steps trained on,'
-             f' {counts[1]} skipped')
-    self.listener.step(self.run, state.step, metrics, dict(self.counts))
-    preempt = self.config.windows.get('preempt', (None,))[0]
+    self.listener.step(self.run, state, metrics, events)
     # A rollback may jump past the planned step: then it comes right after.
-    if self.run == 'guarded' and preempt is not None and (
-        step <= preempt <= state.step):
+    step = next((e.step for e in events if e.kind == 'rollback'), state.step)
+    if self.run == 'guarded' and step <= self.preempt <= state.step:
       self.listener.note(self.run, f'step {state.step}: SIGTERM (simulated'
                          ' preemption); the run restarts from disk')
       self.preempted = True
@@ -256,18 +207,6 @@ class Interrupted(Exception):
   """A signal stopped the guarded run; its state is saved."""
 
 
-def _last_logged_step(path: pathlib.Path) -> int:
-  """The last step in a metrics log (0 if none; a kill may tear the last
-  line, which og.fit drops on the next start)."""
-  step = 0
-  for line in path.read_text().splitlines() if path.exists() else ():
-    try:
-      step = json.loads(line)['step']
-    except (ValueError, KeyError):
-      break
-  return step
-
-
 def train(setup: Setup, run: str, out_dir: pathlib.Path,
           listener: Listener) -> dict[str, Any]:
   """One run to the end; the guarded one resumes from disk after a signal."""
@@ -275,14 +214,15 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   listener.start(run, config.steps)
   watcher = _Watcher(run, config, listener)
   fit = functools.partial(
-      og.fit, num_steps=config.steps,
-      log_dir=out_dir / run, progress=False, exit_on_preemption=False,
-      eval_fn=setup.evaluate, eval_every=config.eval_every, callback=watcher)
-  if run == 'plain' and (  # No checkpoints: a rerun starts from scratch.
-      lost := _last_logged_step(out_dir / run / 'metrics.jsonl')):
+      og.fit, num_steps=config.steps, log_dir=out_dir / run, progress=False,
+      exit_on_preemption=False, eval_every=config.eval_every, callback=watcher,
+      eval_fn=lambda state: {'eval_loss': setup.heldout_loss(state.params)})
+  logged = (out_dir / run / 'metrics.jsonl').exists() and (
+      og.read_run_log(out_dir / run).metrics)
+  if run == 'plain' and logged:  # No checkpoints: it starts from scratch.
     listener.note(run, 'starts again from step 0: plain optax keeps no'
-                  f' checkpoint here, so the {lost} steps it trained before'
-                  ' it was stopped are lost')
+                  f' checkpoint here, so the {logged[-1]["step"]} steps it'
+                  ' trained before it was stopped are lost')
   best: dict[str, Any] = {}  # The best held-out loss saved, and its step.
   while True:
     step, state, finish = setup.start(run)
@@ -319,37 +259,18 @@ def train(setup: Setup, run: str, out_dir: pathlib.Path,
   }
 
 
-def check_out_dir(out_dir: pathlib.Path, config: DemoConfig) -> None:
-  """Refuses a directory that holds something else than this demo's run."""
-  config_path = out_dir / CONFIG_FILE
-  wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-  if config_path.exists():
-    saved = json.loads(config_path.read_text())
-    if saved != wanted:
-      changed = sorted(k for k in saved if saved[k] != wanted.get(k))
-      raise ValueError(
-          f'{out_dir} holds a demo run with other settings ({", ".join(changed)}'
-          ' differ); pass the same options to resume it, or another --out.')
-  elif out_dir.exists() and any(out_dir.iterdir()):
-    raise ValueError(f'{out_dir} is not empty and holds no optax-guard demo'
-                     ' run; choose another --out.')
-
-
 def run_demo(config: DemoConfig, out_dir: os.PathLike,
              listener: Optional[Listener] = None) -> dict[str, Any]:
   """Runs (or resumes) the demo into ``out_dir``; returns the summary."""
-  listener = listener or Listener()
-  out_dir = pathlib.Path(out_dir)
-  check_out_dir(out_dir, config)
+  listener, out_dir = listener or Listener(), pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   report_lib.write_json(out_dir / CONFIG_FILE, dataclasses.asdict(config))
-  summary_path = out_dir / SUMMARY_FILE
-  summary = report_lib.read_summary(summary_path)
+  summary = report_lib.read_summary(out_dir / SUMMARY_FILE)
   setup = make_setup(config)
   for run in RUNS:
     if run == 'plain' and run in summary:
       listener.note(run, 'already complete in this directory')
       continue
     summary[run] = train(setup, run, out_dir, listener)
-    report_lib.write_json(summary_path, summary)
+    report_lib.write_json(out_dir / SUMMARY_FILE, summary)
   return summary

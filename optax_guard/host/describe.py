@@ -6,7 +6,9 @@ and steps moved to ``corrupted/`` included. See
 :meth:`optax_guard.Checkpointer.describe`.
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,6 +28,38 @@ from optax_guard.host.layout import STATE
 from optax_guard.host.retention import healthy_rank
 
 _JSON_ITEMS = (DATA, EVENTS, INTEGRITY)
+# What Orbax logs when a manager opens read-only: true, and asked for.
+_READ_ONLY_NOTICES = ('CheckpointManagerOptions.read_only=True, setting ',
+                      'Given directory is read only=')
+
+
+class _ReadOnlyNotices(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_READ_ONLY_NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_read_only() -> Iterator[None]:
+  """Silences Orbax's notices that a read-only manager is read-only.
+
+  Only those three messages of the ``absl`` logger, only inside the block;
+  every other message passes.
+
+  Examples:
+    >>> import tempfile
+    >>> import optax_guard as og
+    >>> from optax_guard.host.describe import quiet_read_only
+    >>> with quiet_read_only():  # No "read_only=True, setting ..." lines.
+    ...   og.Checkpointer(tempfile.mkdtemp(), read_only=True).close()
+  """
+  absl_logger = logging.getLogger('absl')
+  notices = _ReadOnlyNotices()
+  absl_logger.addFilter(notices)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(notices)
 
 
 def _size(where: epath.Path) -> int:
@@ -75,16 +109,9 @@ def _finished_steps(path: epath.Path) -> list[dict[str, Any]]:
       read_only=True, create=False, lightweight_initialize=True,
       save_interval_steps=0,  # What read_only sets, with a warning.
   )
-  # Orbax warns that the directory is read-only: so it is meant to be.
-  absl_logger = logging.getLogger('absl')
-  level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)
-  try:
-    with ocp.CheckpointManager(path, options=options,
-                               handler_registry=registry) as manager:
-      return [_check(manager, path, step) for step in manager.all_steps()]
-  finally:
-    absl_logger.setLevel(level)
+  with quiet_read_only(), ocp.CheckpointManager(
+      path, options=options, handler_registry=registry) as manager:
+    return [_check(manager, path, step) for step in manager.all_steps()]
 
 
 def describe(directory: epath.PathLike) -> list[dict[str, Any]]:

@@ -362,6 +362,11 @@ class Resumed(Event):
 class EventLog:
   """Counts of events and the most recent ones, small enough to checkpoint.
 
+  The recent events are kept as strict JSON, as :class:`RunLogger` writes
+  them (a NaN loss as ``"nan"``), so that their part of the checkpoint's
+  ``events`` item is strict JSON too; a checkpoint that holds a raw NaN
+  there still loads.
+
   Args:
     keep: how many recent events to keep.
   """
@@ -374,7 +379,7 @@ class EventLog:
 
   def add(self, event: Event) -> Event:
     self.counts[event.kind] += 1
-    self.recent.append(event.to_json())
+    self.recent.append(_json_safe(event.to_json()))
     return event
 
   def state_dict(self) -> dict[str, Any]:
@@ -383,7 +388,7 @@ class EventLog:
   def load_state_dict(self, saved: Mapping[str, Any]) -> None:
     self.counts = collections.Counter(saved['counts'])
     self.recent.clear()
-    self.recent.extend(saved['recent'])
+    self.recent.extend(_json_safe(saved['recent']))
 
 
 class Progress:
