@@ -144,6 +144,10 @@ def test_a_reader_sees_no_notice_that_it_reads_only(tmp_path, caplog):
   caplog.clear()
   ocp.CheckpointManager(tmp_path, options=options()).close()
   assert len(_absl_messages(caplog)) == 3
+  # A read-only Checkpointer is quiet by itself.
+  caplog.clear()
+  og.Checkpointer(tmp_path, read_only=True).close()
+  assert _absl_messages(caplog) == []
 
 
 def test_a_missing_extra_names_an_install_from_the_clone(capsys):

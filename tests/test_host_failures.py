@@ -150,10 +150,20 @@ def test_giving_up_is_an_event_and_the_restart_raises_again(tmp_path):
     logged = [json.loads(line) for line in f]
   assert [(e['kind'], e['step']) for e in logged][-1] == ('gave_up', 28)
   assert 'after 0 rollbacks, the maximum' in logged[-1]['reason']
+  # The checkpoint's events item is strict JSON too: the worst leaves'
+  # gradient norms are NaN here, saved as "nan" (issue 26).
+  items = list((tmp_path / 'ckpt').glob('*/events/metadata'))
+  assert items
+  for item in items:
+    json.loads(item.read_text(), parse_constant=_refuse_non_strict)
   with pytest.raises(og.TrainingDiverged,
                      match=r'(?s)step 28.*gave up at step 28 before this'
-                     ' restart'):
+                     ' restart.*: nan'):
     _faulty_run(tmp_path, {}, policy)
+
+
+def _refuse_non_strict(constant):
+  raise ValueError(f'not strict JSON: {constant}')
 
 
 def test_an_unwritable_directory_raises_naming_the_step_and_exits(tmp_path):

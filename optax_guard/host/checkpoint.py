@@ -39,6 +39,7 @@ import atexit
 # Imported for its side effect: concurrent.futures registers its exit hook,
 # which _close_open_checkpointers must precede (see there).
 import concurrent.futures.thread  # pylint: disable=unused-import
+import contextlib
 import functools
 import logging
 import threading
@@ -220,17 +221,21 @@ class Checkpointer(restore_lib.Restoring):
         retention.metric_rank, name=best_metric, sign=1.0 if best_mode == 'max' else -1.0
     )
     self._kept_steps = retention.KeptSteps()
-    self._options = retention.manager_options(
-        save_interval_steps, max_to_keep, async_save, keep_last_good,
-        self._best_rank, read_only, self._kept_steps,
-    )
     self._registry = layout.handler_registry()
     self._pending_step: Optional[int] = None  # the async save in flight
     self._lock = None if read_only else lock_lib.WriterLock(
         self._directory, is_open_here=self._directory_open_here)
+    # Orbax logs three warnings that a read-only manager is read-only.
+    quiet = (describe_lib.quiet_read_only() if read_only
+             else contextlib.nullcontext())
     try:
-      self._set_unfinished_saves_aside()
-      self._manager = self._open_manager()
+      with quiet:
+        self._options = retention.manager_options(
+            save_interval_steps, max_to_keep, async_save, keep_last_good,
+            self._best_rank, read_only, self._kept_steps,
+        )
+        self._set_unfinished_saves_aside()
+        self._manager = self._open_manager()
     except BaseException:
       self._release_lock()
       raise

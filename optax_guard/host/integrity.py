@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -52,10 +53,14 @@ class Damage(Exception):
     quiet_abandoned_reads()
 
 
-def _is_closed_loop_error(unraisable: Any) -> bool:
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """A result delivered into Orbax's closed loop, or one of Orbax's read
+  coroutines closed unawaited (it raises its read's error as it closes)."""
   error = unraisable.exc_value
-  return isinstance(error, RuntimeError) and str(error) == (
-      'Event loop is closed')
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return True
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
 def quiet_abandoned_reads() -> None:
@@ -66,17 +71,18 @@ def quiet_abandoned_reads() -> None:
   flight then finish into the closed loop, and their coroutines are closed
   unawaited; Python reports each as ``Exception ignored ... RuntimeError:
   Event loop is closed`` (a dozen tracebacks for one damaged step, after
-  the warning that already said what happened). Nothing can receive those
-  results, so this drops exactly that error from ``sys.unraisablehook``
-  (installed once, on the first damage found; every other unraisable
-  exception goes to the hook that was there before).
+  the warning that already said what happened), and an Orbax read
+  coroutine closed unawaited raises its read's error as it closes. Nothing
+  can receive those results, so this drops exactly these two from
+  ``sys.unraisablehook`` (installed once, on the first damage found; every
+  other unraisable exception goes to the hook that was there before).
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_errors', False):
     return
 
   def hook(unraisable):
-    if not _is_closed_loop_error(unraisable):
+    if not _is_abandoned_read(unraisable):
       previous(unraisable)
 
   hook.drops_closed_loop_errors = True  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ from optax_guard.host.policy import DivergenceReport
 from optax_guard.host.policy import RecoveryPolicy
 from optax_guard.host.policy import TrainingDiverged
 from optax_guard.host.policy import scale_hyperparam
+from optax_guard.host.runlog import _json_safe
 
 __all__ = [
     'DivergenceReport', 'Recovery', 'RecoveryPolicy', 'TrainingDiverged',
@@ -404,10 +405,12 @@ class Recovery:
         'ema_count': self._ema_count,
         'loss_streak': self._loss_streak,
         'skip_streak': self._skip_streak,
-        'rollbacks': list(self.rollbacks),
+        # Strict JSON, as the logs: a NaN gradient norm of the worst leaf
+        # or a NaN loss is saved as "nan".
+        'rollbacks': _json_safe(list(self.rollbacks)),
         'runs': [list(run) for run in self._runs],
         'restored_steps': list(self._restored_steps),
-        'gave_up': self.gave_up,
+        'gave_up': _json_safe(self.gave_up),
     }
 
   def load_state_dict(self, saved: Mapping[str, Any]) -> None:
@@ -444,5 +447,6 @@ class Recovery:
         ' this restart, so the run is not resumed (restore an earlier step'
         ' with Checkpointer.restore into a new directory, or start afresh)'
     )
-    saved['worst_leaves'] = [tuple(leaf) for leaf in saved['worst_leaves']]
+    saved['worst_leaves'] = [(path, float(norm))
+                             for path, norm in saved['worst_leaves']]
     raise TrainingDiverged(DivergenceReport(**saved))

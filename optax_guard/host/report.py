@@ -197,6 +197,17 @@ def _name_windows(figure, ax, windows, colors) -> int:
   return 1 + max((row for row, _, _ in placed), default=0)
 
 
+def _shade_windows(axes, windows, window_colors) -> None:
+  """Shades each window's steps on every panel (one step: a line)."""
+  for name, (start, end) in windows.items():
+    for ax in axes:
+      if end > start:
+        ax.axvspan(start - 0.5, end + 0.5, linewidth=0,
+                   color=window_colors[name], alpha=0.15)
+      else:
+        ax.axvline(start, color=window_colors[name], alpha=0.6, linewidth=2)
+
+
 def plot_runs(
     runs: str | os.PathLike | Mapping[str, str | os.PathLike | RunLog],
     *,
@@ -280,13 +291,7 @@ def plot_runs(
   backend_agg.FigureCanvasAgg(figure)
   axes = figure.subplots(2 + with_eval, 1, sharex=True, gridspec_kw={
       'height_ratios': [1.2, 1, 1][-(2 + with_eval):]})
-  for name, (start, end) in windows.items():
-    for ax in axes:
-      if end > start:
-        ax.axvspan(start - 0.5, end + 0.5, linewidth=0,
-                   color=window_colors[name], alpha=0.15)
-      else:
-        ax.axvline(start, color=window_colors[name], alpha=0.6, linewidth=2)
+  _shade_windows(axes, windows, window_colors)
   for name, log in logs.items():
     axes[0].plot([], [], color=colors[name], label=labels.get(name, name))
     _plot_log(axes, name, log, colors[name], eval_metric)
