@@ -78,6 +78,7 @@ def _check(manager: ocp.CheckpointManager, path: epath.Path,
            step: int) -> dict[str, Any]:
   """The record of one finished step: read, fingerprinted, finite?"""
   found = _record(step, path / str(step))
+  quiet_abandoned_reads()  # A damaged file cuts Orbax's other reads short.
   try:
     found['healthy'] = bool(healthy_rank(manager.metrics(step)))
     saved = manager.restore(step, args=ocp.args.Composite(
@@ -87,7 +88,6 @@ def _check(manager: ocp.CheckpointManager, path: epath.Path,
     arrays = manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore()}))[STATE]
   except Exception as e:  # pylint: disable=broad-except
-    quiet_abandoned_reads()
     return {**found, 'problem': f'unreadable ({first_line(e)})'}
   expected = (saved[INTEGRITY] or {}).get('fingerprints')
   # Without the training code the leaf paths are unknown: a multiset.

@@ -49,8 +49,6 @@ class Damage(Exception):
   def __init__(self, reason: str):
     super().__init__(reason)
     self.reason = reason
-    # Finding damage may have cut Orbax's reads of the step short.
-    quiet_abandoned_reads()
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:
@@ -74,8 +72,9 @@ def quiet_abandoned_reads() -> None:
   the warning that already said what happened), and an Orbax read
   coroutine closed unawaited raises its read's error as it closes. Nothing
   can receive those results, so this drops exactly these two from
-  ``sys.unraisablehook`` (installed once, on the first damage found; every
-  other unraisable exception goes to the hook that was there before).
+  ``sys.unraisablehook`` (installed once, before the first read of a
+  step; every other unraisable exception goes to the hook that was there
+  before).
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_errors', False):

@@ -227,6 +227,9 @@ class Restoring:
 
   def _read_agreed(self, step, target):
     """``(restored, None)`` or ``(None, reason)``, alike on every process."""
+    # Before the read: a damaged file makes Orbax abandon the step's other
+    # reads, whose errors can surface before Orbax's own error reaches us.
+    integrity.quiet_abandoned_reads()
     try:
       restored, reason = self._read(step, target), None
     except Damage as e:
