@@ -734,8 +734,8 @@ def guard(
   update returns the new params instead of the updates, the same decision
   and state, but the ``lax.cond`` covers the inner update *and* the
   parameter update, so that no update tree is materialised (the check of
-  the inner optimizer's output keeps one boolean mask of the largest leaf
-  shape, folded to an eighth of its elements where its shape allows).
+  the inner optimizer's output keeps a boolean mask per leaf shape, folded
+  to an eighth of its elements where the shape allows).
 
   Examples:
     >>> import jax.numpy as jnp
