@@ -1,56 +1,54 @@
 """The check of the optimizer's output folds its mask (issue 24, items 1, 5).
 
-``numerics.folded_all`` ANDs a large mask in ``k`` pieces before the one
-boolean reduction, so that XLA:CPU writes ``k`` times fewer mask bytes.
-These tests pin that the fold loses nothing (a NaN or Inf at any element
-of any piece, of every fold kind, fails the check) and that the fused,
-checked guard's compiled temporaries shrink by the fold.
+``numerics.folded_all`` ANDs ``k`` consecutive rows of a large mask before
+the one boolean reduction, so that XLA:CPU writes ``k`` times fewer mask
+bytes. These tests pin that the fold loses nothing (a NaN or Inf at any
+element of any piece fails the check), that the fused, checked guard's
+compiled temporaries shrink by the fold, and that a sharded parameter
+folds without moving data between devices.
 """
 
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_guard as og
 from optax_guard.transforms import fused, numerics
 
-# (shape, pieces, how): folded within rows (1000 = 8 x 125), across rows
-# (11 columns, 2048 = 8 x 256 rows), not at all (131 and 127 are prime),
-# a 1-D leaf (20000 = 8 x 2500), and one at the size where folding starts.
-_SHAPES = [((24, 1000), 'columns'), ((2048, 11), 'rows'),
-           ((131, 127), 'none'), ((20000,), 'columns'),
-           ((128, 128), 'none')]
+# (shape, pieces): 8, 3 (24 / 8 would leave 3 row groups, not a multiple
+# of 8) and 5 consecutive rows combined, none (131 is prime), none (the
+# size where folding starts).
+_SHAPES = [((2048, 11), 8), ((24, 1000), 3), ((20000,), 5), ((131, 127), 1),
+           ((128, 128), 1)]
 
 
-def _boundaries(length, pieces):
-  """Indices of the first and last element of every piece (and 0, -1)."""
-  size = length // pieces
-  return sorted({0, length - 1} | {i * size for i in range(pieces)}
-                | {i * size + size - 1 for i in range(pieces)})
-
-
-@pytest.mark.parametrize(('shape', 'how'), _SHAPES)
-def test_a_nonfinite_element_in_any_piece_fails_the_check(shape, how):
-  columns = shape[-1]
-  rows = int(np.prod(shape)) // columns
-  pieces = {'columns': numerics._fold_factor(columns),
-            'rows': numerics._fold_factor(rows), 'none': 1}[how]
-  assert (pieces > 1) == (how != 'none')
+@pytest.mark.parametrize(('shape', 'pieces'), _SHAPES)
+def test_a_nonfinite_element_in_any_piece_fails_the_check(shape, pieces):
+  rows = shape[0]
+  folds = int(np.prod(shape)) > numerics._FOLD_FROM
+  assert (numerics._fold_factor(rows) if folds else 1) == pieces
 
   @jax.jit
   def check(row, column, bad):
-    flat = jnp.zeros((rows, columns), jnp.float32).at[row, column].set(bad)
+    flat = jnp.zeros((rows, int(np.prod(shape[1:]))), jnp.float32)
+    flat = flat.at[row, column].set(bad)
     return numerics.outputs_finite({'u': flat.reshape(shape)}, None, None)
 
   assert bool(check(0, 0, 1.0))
-  row_indices = _boundaries(rows, pieces if how == 'rows' else 1)
-  column_indices = _boundaries(columns, pieces if how == 'columns' else 1)
+  # Every piece of the first two and the last row group, first and last
+  # column.
+  row_indices = sorted(set(range(min(2 * pieces, rows)))
+                       | set(range(rows - pieces, rows)))
+  columns = int(np.prod(shape[1:]))
   for bad in (jnp.nan, jnp.inf, -jnp.inf):
     for row in row_indices:
-      for column in column_indices:
+      for column in sorted({0, columns - 1}):
         assert not bool(check(row, column, bad)), (row, column, bad)
 
 
@@ -66,8 +64,34 @@ def test_folded_all_is_all_for_random_masks():
 
 
 def test_fold_factor():
-  assert [numerics._fold_factor(n) for n in (1000, 972, 561, 187, 11, 1)] == [
-      8, 6, 3, 1, 1, 1]
+  rows = (4096, 2048, 24, 20000, 4104, 22041, 131, 1)
+  assert [numerics._fold_factor(n) for n in rows] == [8, 8, 3, 5, 3, 3, 1, 1]
+
+
+def _placed(sharding, replicated, leaf):
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=(
+      sharding if leaf.shape == (4096, 1024) else replicated))
+
+
+def test_a_sharded_parameter_folds_on_each_device():
+  # Only the rows are folded: a parameter sharded along its columns, or
+  # along rows over 8 devices, needs no data from another device (the
+  # boolean all-reduce of the verdict is all).
+  tx = og.guard(optax.adamw(1e-3))
+  apply = fused.update_and_apply(tx)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('a', 'b'))
+  for spec in (P(None, ('a', 'b')), P(('a', 'b'), None), P('a', 'b')):
+    sharding = NamedSharding(mesh, spec)
+    params = {'w': jax.ShapeDtypeStruct((4096, 1024), jnp.float32,
+                                        sharding=sharding)}
+    # The moments sharded like the params, the step count replicated.
+    state = jax.tree.map(
+        functools.partial(_placed, sharding, NamedSharding(mesh, P())),
+        jax.eval_shape(tx.init, params))
+    hlo = jax.jit(lambda p, s, g: apply(g, s, p)).lower(
+        params, state, params).compile().as_text()
+    for collective in ('collective-permute', 'all-gather', 'all-to-all'):
+      assert collective not in hlo, (spec, collective)
 
 
 def _fused_temp_bytes(shape, count):

@@ -735,7 +735,7 @@ def guard(
   and state, but the ``lax.cond`` covers the inner update *and* the
   parameter update, so that no update tree is materialised (the check of
   the inner optimizer's output keeps a boolean mask per leaf shape, folded
-  to an eighth of its elements where the shape allows).
+  by up to 8 rows where the shape allows).
 
   Examples:
     >>> import jax.numpy as jnp
