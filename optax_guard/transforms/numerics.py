@@ -166,7 +166,7 @@ def folded_all(mask: jax.Array) -> jax.Array:
     >>> bool(folded_all(mask)), bool(folded_all(mask.at[1023, 63].set(False)))
     (True, False)
   """
-  if mask.size <= _FOLD_FROM or mask.ndim == 0:
+  if mask.size <= _FOLD_FROM:
     return jnp.all(mask)
   rows = mask.shape[0]
   k = _fold_factor(rows)
