@@ -435,9 +435,7 @@ def run(config: GuardConfig, decision: Decision, grads: Any,
   state it was handed, bit for bit. So does an accepted step whose update is
   not finite or whose new inner state turns a finite value into a NaN/Inf
   (``inner_nonfinite``): the accepted branch first computes the update only
-  into reductions, one per leaf shape (XLA writes only the folded boolean
-  mask they reduce, :func:`~optax_guard.transforms.numerics.folded_all`),
-  then a nested
+  into reductions, one per leaf shape (XLA writes nothing), then a nested
   ``lax.cond`` on their finiteness computes it again and writes it in
   place, or holds everything. The price is one more read of gradients,
   params and state per accepted step, and no extra buffer. The zero
@@ -494,8 +492,8 @@ def run(config: GuardConfig, decision: Decision, grads: Any,
   def accepted(*operands):
     if not config.check_updates:
       return applied(*operands)
-    # Only reductions read the first computation (XLA writes their folded
-    # masks, nothing else); the second, in its own branch, writes in place.
+    # Only reductions read the first computation, which XLA fuses into them
+    # (nothing is written); the second, in its own branch, writes in place.
     ok = finite(*operands)
     return jax.lax.cond(ok, applied,
                         lambda *held_operands: held(*held_operands, ~ok),
@@ -734,8 +732,8 @@ def guard(
   update returns the new params instead of the updates, the same decision
   and state, but the ``lax.cond`` covers the inner update *and* the
   parameter update, so that no update tree is materialised (the check of
-  the inner optimizer's output keeps a boolean mask per leaf shape, folded
-  by up to 8 rows where the shape allows).
+  the inner optimizer's output keeps one boolean mask of the largest leaf
+  shape).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -92,9 +92,7 @@ def outputs_finite(updates: Any, new_state: Any, old_state: Any,
   then computed in one pass over their inputs, where a reduction per output
   leaf would recompute them once per output (measured in the fused guard
   at 12.6M parameters under adamw: 4.6x a bare update with one reduction
-  per leaf, 2.4x grouped by shape, same machine). Each shape's mask is
-  folded before its reduction (:func:`folded_all`), so that XLA:CPU writes
-  up to 8 times fewer mask bytes.
+  per leaf, 2.4x grouped by shape, same machine).
   """
   masks: dict[tuple[int, ...], list[jax.Array]] = {}
   update_leaves = jax.tree.leaves(as_array_leaves(updates))
@@ -120,61 +118,9 @@ def outputs_finite(updates: Any, new_state: Any, old_state: Any,
     if is_float_leaf(new):
       masks.setdefault(new.shape, []).append(
           jnp.isfinite(new) | ~jnp.isfinite(old))
-  checks = [folded_all(functools.reduce(jnp.logical_and, group))
+  checks = [jnp.all(functools.reduce(jnp.logical_and, group))
             for group in masks.values()]
   return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), jnp.bool_)
-
-
-# The most pieces folded_all ANDs together; XLA:CPU stopped fusing the
-# optimizer's arithmetic into the folded mask at 16.
-_MAX_FOLD = 8
-# Masks up to this many elements are reduced as they are.
-_FOLD_FROM = 1 << 14
-# An even fold must leave a multiple of this many row groups (see folded_all).
-_SHARD_ALIGN = 8
-
-
-def _fold_factor(rows: int) -> int:
-  """How many consecutive rows :func:`folded_all` combines (1: none): the
-  largest ``k <= _MAX_FOLD`` dividing ``rows`` that keeps a row split over
-  2, 4 or 8 devices local (``k`` odd, or ``rows / k`` a multiple of 8)."""
-  return next((k for k in range(_MAX_FOLD, 1, -1) if rows % k == 0 and (
-      k % 2 or (rows // k) % _SHARD_ALIGN == 0)), 1)
-
-
-def folded_all(mask: jax.Array) -> jax.Array:
-  """``jnp.all(mask)``, the mask first folded to a few times fewer elements.
-
-  XLA:CPU does not fuse a boolean reduction with what computes its input:
-  the check of an optimizer's output writes the whole mask (a byte per
-  element, 28.7 MiB at 100M parameters) and reduces it in a second, slow
-  boolean pass. An ``and`` of ``k`` slices of the mask is elementwise, so
-  XLA computes it in the same fusion as the mask itself and writes ``k``
-  times fewer bytes for the reduction to read. The slices are ``k``
-  consecutive indices of the first axis (rows): only that axis is split,
-  so a parameter sharded along any other axis folds on each device alone,
-  and one sharded along its rows over 2, 4 or 8 devices too (``k`` is odd,
-  or the number of row groups a multiple of 8; folding the last axis made
-  XLA move mask pieces between devices when that axis was sharded). A mask
-  whose row count has no such ``k`` in 2..8 is reduced as it is. The
-  result is the same boolean: ``and`` is associative and commutative.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from optax_guard.transforms.numerics import folded_all
-    >>> mask = jnp.ones((1024, 64), jnp.bool_)
-    >>> bool(folded_all(mask)), bool(folded_all(mask.at[1023, 63].set(False)))
-    (True, False)
-  """
-  if mask.size <= _FOLD_FROM:
-    return jnp.all(mask)
-  rows = mask.shape[0]
-  k = _fold_factor(rows)
-  if k == 1:
-    return jnp.all(mask)
-  pieces = mask.reshape((rows // k, k) + mask.shape[1:])
-  return jnp.all(functools.reduce(
-      jnp.logical_and, [pieces[:, i] for i in range(k)]))
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
