@@ -10,41 +10,24 @@ batch and end with the same params.
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
+
+from tests import processes
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / 'tests' / 'attribution_worker.py'
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
-
-
 def test_two_processes_take_the_same_attribution_decisions(tmp_path):
-  coordinator = f'127.0.0.1:{_free_port()}'
+  coordinator = processes.coordinator_address()
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
   env.pop('XLA_FLAGS', None)
-  processes = [
-      subprocess.Popen(
-          [sys.executable, str(WORKER), coordinator, str(rank),
-           str(tmp_path / 'ckpt'), str(tmp_path / f'{rank}.json')],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True)
-      for rank in range(2)
-  ]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  assert [p.returncode for p in processes] == [0, 0], outputs
+  finished = processes.run_together(
+      [[sys.executable, str(WORKER), coordinator, str(rank),
+        str(tmp_path / 'ckpt'), str(tmp_path / f'{rank}.json')]
+       for rank in range(2)], env=env, timeout=TIMEOUT_S)
+  assert [code for code, _ in finished] == [0, 0], finished
   first, second = (json.loads((tmp_path / f'{rank}.json').read_text())
                    for rank in range(2))
   assert (first['nan_here'], second['nan_here']) == (False, True)

@@ -3,7 +3,6 @@ each reproduced with real Orbax files, real directories and real processes."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from optax_guard import testing as faults
 from optax_guard.host import checkpoint as checkpoint_lib
 from optax_guard.host.checkpoint import CorruptCheckpointWarning
 from optax_guard.host.recovery import Recovery
+from tests import processes
 
 # A damaged checkpoint makes Orbax abandon its other pending reads; og
 # keeps them off the console (integrity.quiet_abandoned_reads): nothing
@@ -275,9 +275,7 @@ def test_a_save_failing_on_one_of_two_processes_raises_on_both(tmp_path):
   directory.mkdir()
   if not _read_only_mount_works(directory):
     pytest.skip('needs root and mount namespaces (unshare -m)')
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    coordinator = f'127.0.0.1:{sock.getsockname()[1]}'
+  coordinator = processes.coordinator_address()
   worker = os.path.join(os.path.dirname(__file__),
                         'multihost_save_worker.py')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -287,17 +285,9 @@ def test_a_save_failing_on_one_of_two_processes_raises_on_both(tmp_path):
        (f'{_read_only_mount(directory)} && exec {sys.executable} {worker}'
         f' {coordinator} 1 {directory}')],
   ]
-  processes = [subprocess.Popen(command, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
-               for command in commands]
-  try:
-    outputs = [p.communicate(timeout=240)[0] for p in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-  for rank, (process, output) in enumerate(zip(processes, outputs)):
-    assert process.returncode == 0, output[-2000:]
+  finished = processes.run_together(commands, env=env, timeout=240)
+  for rank, (code, output) in enumerate(finished):
+    assert code == 0, output[-2000:]
     (line,) = [x for x in output.splitlines() if x.startswith('raised')]
     name, seconds, message = line.split(' ', 3)[1:]
     print(f'process {rank}: raised after {seconds} s')

@@ -17,12 +17,12 @@ import os
 import pathlib
 import re
 import signal
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests import processes
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / 'examples' / 'multihost_train.py'
@@ -31,39 +31,23 @@ NAN_STEPS = ('5', '6')  # batch indices: loop steps 6 and 7
 TIMEOUT_S = 300  # per launch; a loaded 2-core machine needs ~80 s
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
-
-
 def _launch(directory, out_prefix, *args, steps=STEPS, env=None):
   """Runs both processes to the end; ``(return codes, outputs, results)``."""
-  coordinator = f'127.0.0.1:{_free_port()}'
+  coordinator = processes.coordinator_address()
   env = {**os.environ, 'PYTHONPATH': str(REPO), **(env or {})}
   env.pop('XLA_FLAGS', None)  # --local-devices sets the device count
-  processes = [
-      subprocess.Popen(
-          [sys.executable, str(WORKER), '--coordinator', coordinator,
-           '--num-processes', '2', '--process-id', str(rank),
-           '--local-devices', '4', '--checkpoint-dir', str(directory),
-           '--steps', str(steps), '--nan-steps', *NAN_STEPS,
-           '--out', f'{out_prefix}{rank}.npz', *args],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True)
-      for rank in range(2)
-  ]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+  finished = processes.run_together(
+      [[sys.executable, str(WORKER), '--coordinator', coordinator,
+        '--num-processes', '2', '--process-id', str(rank),
+        '--local-devices', '4', '--checkpoint-dir', str(directory),
+        '--steps', str(steps), '--nan-steps', *NAN_STEPS,
+        '--out', f'{out_prefix}{rank}.npz', *args]
+       for rank in range(2)], env=env, timeout=TIMEOUT_S)
   results = [dict(np.load(f'{out_prefix}{rank}.npz'))
              if os.path.exists(f'{out_prefix}{rank}.npz') else None
              for rank in range(2)]
-  return [p.returncode for p in processes], outputs, results
+  return ([code for code, _ in finished],
+          [output for _, output in finished], results)
 
 
 @pytest.fixture(scope='module')

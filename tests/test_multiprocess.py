@@ -9,23 +9,18 @@ data with a NaN in one row of step 3's batch, held by process 1 only.
 import importlib.util
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import processes
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / 'examples' / 'multihost_train.py'
 NAN_STEP = 3
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 def _start(out, *args):
@@ -40,24 +35,24 @@ def _start(out, *args):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multiprocess')
-  coordinator = f'127.0.0.1:{_free_port()}'
-  processes = {}
+  coordinator = processes.coordinator_address()
+  workers = {}
   try:
     for rank in range(2):
-      processes[f'rank{rank}'] = _start(
+      workers[f'rank{rank}'] = _start(
           tmp / f'rank{rank}.npz', '--coordinator', coordinator,
           '--num-processes', '2', '--process-id', str(rank),
           '--local-devices', '4')
     single = _worker_module().train(nan_step=NAN_STEP)  # while they run
-    for name, process in processes.items():
+    for name, process in workers.items():
       output, _ = process.communicate(timeout=TIMEOUT_S)
       assert process.returncode == 0, f'{name} failed:\n{output}'
   finally:
-    for process in processes.values():
+    for process in workers.values():
       if process.poll() is None:
         process.kill()
         process.wait()
-  results = {name: dict(np.load(tmp / f'{name}.npz')) for name in processes}
+  results = {name: dict(np.load(tmp / f'{name}.npz')) for name in workers}
   return {**results, 'single': single}
 
 
