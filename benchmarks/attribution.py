@@ -1,7 +1,7 @@
 """Does the re-run tell a flaky machine from a bad batch? A fault campaign.
 
 The demo's character-level transformer (:mod:`optax_guard.demo.model`, on
-``pydoc_data``'s text, a smaller width and context than the demo's) trains
+``pydoc_data``'s text, the demo's width, context and batch) trains
 under ``og.fit`` with ``RecoveryPolicy(rerun=True)`` while faults of known
 kind hit seeded steps:
 
@@ -247,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       ' faults of known kind and a fault-free reference; writes the'
       ' confusion table and the held-out losses.')
   parser.add_argument('--steps', type=int, default=1200)
-  parser.add_argument('--batch-size', type=int, default=16)
-  parser.add_argument('--seq-len', type=int, default=32)
-  parser.add_argument('--width', type=int, default=64)
+  parser.add_argument('--batch-size', type=int, default=32)
+  parser.add_argument('--seq-len', type=int, default=64)
+  parser.add_argument('--width', type=int, default=96)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--first-step', type=int, default=60,
                       help='no fault before this step (the spike window'
