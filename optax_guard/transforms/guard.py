@@ -732,8 +732,8 @@ def guard(
   update returns the new params instead of the updates, the same decision
   and state, but the ``lax.cond`` covers the inner update *and* the
   parameter update, so that no update tree is materialised (the check of
-  the inner optimizer's output keeps one boolean mask of the largest leaf
-  shape).
+  the inner optimizer's output keeps one boolean mask per leaf shape, which
+  XLA:CPU holds at once).
 
   Examples:
     >>> import jax.numpy as jnp
