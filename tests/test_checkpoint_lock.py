@@ -113,3 +113,20 @@ def test_no_path_hangs_at_exit(tmp_path):
     restored, _ = restarted.restore_or_init(target)
   assert restored.step == 2
   np.testing.assert_array_equal(restored.params['w'], np.ones((64, 64)))
+
+
+def test_an_open_writer_deletes_no_unfinished_save_behind_its_back(tmp_path):
+  # Orbax's own clean-up of unfinished saves ran in a background thread
+  # after the constructor returned, and deleted a save directory that
+  # appeared meanwhile (it made a lock test flaky). og moves unfinished
+  # saves aside when it opens; nothing deletes one afterwards.
+  with og.Checkpointer(tmp_path, save_interval_steps=1) as writer:
+    unfinished = tmp_path / '7.orbax-checkpoint-tmp-123'
+    unfinished.mkdir()
+    assert writer.save(make_state(1))
+    writer.wait_until_finished()
+    assert unfinished.exists()
+  with pytest.warns(CorruptCheckpointWarning, match='unfinished save'):
+    og.Checkpointer(tmp_path).close()
+  assert not unfinished.exists()
+  assert (tmp_path / checkpoint_lib.QUARANTINE_DIR / '7').is_dir()

@@ -10,7 +10,7 @@ named as its rollback targets (:class:`KeptSteps`, set through
 
 import dataclasses
 import math
-from typing import AbstractSet, Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import orbax.checkpoint as ocp
 
@@ -40,7 +40,7 @@ class KeptSteps:
   background thread sees the old set or the new one.
   """
 
-  steps: AbstractSet[int] = frozenset()
+  steps: frozenset[int] = frozenset()
 
   def should_preserve(self, checkpoints, *, context):
     del context  # Unused; part of Orbax's PreservationPolicy protocol.
@@ -81,7 +81,10 @@ def manager_options(
       preservation_policy=preservation.AnyPreservationPolicy(policies),
       best_fn=healthy_rank,  # makes Orbax write and load the metrics item.
       best_mode='max',
-      cleanup_tmp_directories=not read_only,
+      # Checkpointer moves unfinished saves aside before Orbax opens; Orbax's
+      # own clean-up would delete what it finds, and in a background thread
+      # that runs after the constructor returned.
+      cleanup_tmp_directories=False,
       read_only=read_only,
   )
 
