@@ -36,11 +36,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from optax_guard.host import steps
-from optax_guard.host.runlog import BadBatch
-from optax_guard.host.runlog import DroppedBadBatch
-from optax_guard.host.runlog import NondeterministicFault
-from optax_guard.host.runlog import TransientFault
-from optax_guard.host.runlog import _json_line
+from optax_guard.host.runlog import (
+  BadBatch,
+  DroppedBadBatch,
+  NondeterministicFault,
+  TransientFault,
+  _json_line,
+)
 from optax_guard.host.state import TrainState
 from optax_guard.transforms import guard as _guard
 
