@@ -24,7 +24,6 @@ A step that is not skipped runs once; the copy is its only cost.
 """
 
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -42,6 +41,7 @@ from optax_guard.host.runlog import (
   NondeterministicFault,
   TransientFault,
   _json_line,
+  read_jsonl,
 )
 from optax_guard.host.state import TrainState
 from optax_guard.transforms import guard as _guard
@@ -260,16 +260,7 @@ class BadBatches:
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The records of a ``bad_batches.jsonl`` (none if it does not exist)."""
-  if not os.path.exists(path):
-    return []
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        _log.warning('%s: ignoring a torn line %r.', path, line[:80])
-  return records
+  return read_jsonl(path)
 
 
 # The two loop steps of og.fit's with rerun=True. ``loop`` is fit's loop

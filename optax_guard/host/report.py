@@ -8,12 +8,13 @@ the steps a rollback undid drawn faded, as they no longer lead to the final
 model. matplotlib (the ``examples`` extra) is imported only to draw.
 """
 
-import json
 import math
 import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from optax_guard.host import runlog
 
 # The logs are strict JSON: a non-finite number is written as a string.
 _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
@@ -41,14 +42,8 @@ def _decoded(value: Any) -> Any:
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  records = []
-  for line in path.read_text().splitlines() if path.exists() else ():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      break  # A kill mid-write tears the last line; og.fit drops it too.
-    records.append({key: _decoded(value) for key, value in record.items()})
-  return records
+  return [{key: _decoded(value) for key, value in record.items()}
+          for record in runlog.read_jsonl(path)]
 
 
 def read_run_log(log_dir: str | os.PathLike) -> RunLog:

@@ -9,11 +9,14 @@ anything about training; the loop calls it, it never calls back.
 import collections
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import time
 from typing import Any, ClassVar, Mapping, Optional
+
+_log = logging.getLogger('optax_guard')
 
 
 def _json_safe(value: Any) -> Any:
@@ -29,6 +32,24 @@ def _json_safe(value: Any) -> Any:
 
 def _json_line(record: Mapping[str, Any]) -> str:
   return json.dumps(_json_safe(record), allow_nan=False) + '\n'
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file og wrote (none if it does not exist).
+
+  A line a kill tore mid-write is skipped with a warning. Values stay as
+  written (a non-finite number is the string ``"nan"``, ``"inf"``...).
+  """
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        _log.warning('%s: ignoring a torn line %r.', path, line[:80])
+  return records
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
