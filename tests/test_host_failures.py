@@ -360,7 +360,10 @@ def test_a_full_disk_raises_naming_the_step_that_failed(tmp_path):
   (on_disk,) = [x for x in lines if x.startswith('on disk')]
   failed = max(int(step) for step in on_disk.split()[2:]) + 1
   assert name == 'CheckpointSaveError'
+  # Which write meets the full disk first varies from run to run: an array
+  # file (TensorStore's RESOURCE_EXHAUSTED) or a JSON item (OSError 28).
   assert message.startswith(f'Saving step {failed} to {directory / "ckpt"}'
-                            ' failed: RESOURCE_EXHAUSTED')
+                            ' failed: ')
   assert 'No space left on device' in message
+  assert 'the steps saved before are intact' in message
   assert int(call_step) in (failed, failed + 1)
