@@ -118,9 +118,17 @@ def outputs_finite(updates: Any, new_state: Any, old_state: Any,
     if is_float_leaf(new):
       masks.setdefault(new.shape, []).append(
           jnp.isfinite(new) | ~jnp.isfinite(old))
-  checks = [jnp.all(functools.reduce(jnp.logical_and, group))
+  checks = [all_true(functools.reduce(jnp.logical_and, group))
             for group in masks.values()]
   return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), jnp.bool_)
+
+
+def all_true(mask: jax.Array) -> jax.Array:
+  """``jnp.all(mask)``, reduced as ``uint8``: XLA:CPU reduces a byte array
+  faster than a boolean one (the checked guard's update at 12.6M
+  parameters: 1.87-1.89x bare adamw against 2.00-2.04x with ``jnp.all``,
+  same process, three runs)."""
+  return jnp.min(mask.astype(jnp.uint8), initial=1) == 1
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -132,11 +140,6 @@ def _real_parts(x: jax.Array, dtype) -> tuple[jax.Array, ...]:
   if jnp.iscomplexobj(x):
     return x.real.astype(dtype), x.imag.astype(dtype)
   return (x.astype(dtype),)
-
-
-def _sum_squares(x: jax.Array, dtype) -> jax.Array:
-  return functools.reduce(
-      jnp.add, [jnp.sum(jnp.square(part)) for part in _real_parts(x, dtype)])
 
 
 def _rescaled_norms(rows: jax.Array, dtype) -> jax.Array:
@@ -202,6 +205,37 @@ def _rescaled_leaf_norms(leaves: list[jax.Array], dtype) -> jax.Array:
   return vector
 
 
+def _sums_of_squares(leaves: list[jax.Array]) -> jax.Array:
+  """The sum of the squares of each leaf, as one vector in leaf order.
+
+  Small leaves of one shape and dtype (a model's biases and norm scales)
+  are stacked and summed row by row: two kernels for the group where one
+  reduction per leaf costs each leaf a kernel launch or more (XLA:CPU splits
+  a reduction of a few hundred elements into three), which at 65 leaves
+  was most of what the guard added to a 1M-parameter update. The vector
+  is in the widest accumulation dtype (each sum was taken in its own).
+  """
+  groups: dict[Any, list[int]] = {}
+  for index, x in enumerate(leaves):
+    key = (x.shape, x.dtype) if x.size <= _SMALL_LEAF else index
+    groups.setdefault(key, []).append(index)
+  dtype = jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
+  pieces = []
+  for indices in groups.values():
+    stacked = jnp.stack([leaves[i] for i in indices])
+    axes = tuple(range(1, stacked.ndim))
+    part_dtype = accumulation_dtype(stacked.dtype)
+    rows = functools.reduce(jnp.add, [
+        jnp.sum(jnp.square(part), axis=axes)
+        for part in _real_parts(stacked, part_dtype)])
+    pieces.append(rows.astype(dtype))
+  order = [i for indices in groups.values() for i in indices]
+  vector = jnp.concatenate(pieces)
+  if order != sorted(order):
+    vector = vector[np.argsort(order)]
+  return vector
+
+
 def combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
   """Overflow-safe L2 norm of a list of non-negative scalars."""
   if not norms:
@@ -210,18 +244,16 @@ def combine_norms(norms: list[jax.Array], dtype) -> jax.Array:
   return _rescaled_norm(stacked, dtype)
 
 
-def _stack(scalars: list[jax.Array], dtype) -> jax.Array:
-  if not scalars:
-    return jnp.zeros((0,), dtype)
-  return jnp.stack([s.astype(dtype) for s in scalars])
-
-
-def _sqrt_each(sums: list[jax.Array], dtype) -> jax.Array:
-  """``[sqrt(s).astype(dtype) for s in sums]`` as one vector, bit for bit."""
-  if all(s.dtype == dtype for s in sums):
-    return jnp.sqrt(_stack(sums, dtype))
+def _sqrt_each(sums: jax.Array, leaves: list[jax.Array]) -> jax.Array:
+  """The root of each leaf's sum of squares, each rounded in that leaf's
+  accumulation dtype (as a per-leaf ``sqrt`` would be), as one vector."""
+  dtypes = {accumulation_dtype(x.dtype) for x in leaves}
+  if dtypes <= {sums.dtype}:
+    return jnp.sqrt(sums)
   # Mixed precisions: each root in its own leaf's dtype, as promised.
-  return _stack([jnp.sqrt(s) for s in sums], dtype)
+  return jnp.stack([
+      jnp.sqrt(sums[i].astype(accumulation_dtype(x.dtype))).astype(sums.dtype)
+      for i, x in enumerate(leaves)])
 
 
 def norm_stats(tree: Any) -> NormStats:
@@ -252,14 +284,16 @@ def norm_stats(tree: Any) -> NormStats:
   else:
     dtype = jnp.float32
 
-  sums = [_sum_squares(x, accumulation_dtype(x.dtype)) for x in float_leaves]
-  total = sum(s.astype(dtype) for s in sums) if sums else jnp.zeros((), dtype)
+  sums = (_sums_of_squares(float_leaves) if float_leaves
+          else jnp.zeros((0,), dtype))
+  # Added one by one in leaf order, as optax.tree.norm adds them.
+  total = functools.reduce(jnp.add, list(sums), jnp.zeros((), dtype))
 
   # Both branches return the leaf norms as one vector: the fast path is then
   # one square root of all the sums (not one small kernel per leaf), and a
   # cond with one output in place of one per leaf.
   def fast_path():
-    return _sqrt_each(sums, dtype), jnp.sqrt(total)
+    return _sqrt_each(sums, float_leaves), jnp.sqrt(total)
 
   def safe_path():
     norms = _rescaled_leaf_norms(float_leaves, dtype)
