@@ -20,7 +20,10 @@ GUARD_PURE = 'og.guard (pure transformation)'
 GUARD_FUSED = 'og.guard (fused, as in og.make_train_step)'
 UNCHECKED_PURE = 'og.guard(check_updates=False) (pure transformation)'
 UNCHECKED_FUSED = 'og.guard(check_updates=False) (fused)'
+CHAINED_GUARD = 'optax.chain(og.guard) (fused)'
 FLOOR = 'floor: adamw in a lax.cond on one read of the gradients'
+CHECKED_FLOOR = ('checked floor: the floor with an exact in-place check of'
+                 " adamw's output")
 BARE_TRAIN = 'bare adamw (train step)'
 OPTAX_APPLY_IF_FINITE_TRAIN = 'optax apply_if_finite (train step)'
 GUARD_TRAIN = 'og.guard (og.make_train_step)'
@@ -40,7 +43,9 @@ def groups(
   ``nnx.Optimizer.update`` takes) and in the fused update-and-apply form
   that :func:`og.make_train_step` uses, with bare ``adamw``, with optax's
   own compositions and with the floor of any guard
-  (:func:`workloads.guard_floor`); the same guard with
+  (:func:`workloads.guard_floor`) and the floor of an exact in-place check
+  of the optimizer's output (:func:`workloads.checked_floor`); the same
+  guard with
   ``check_updates=False`` (its decision alone, the inner optimizer's output
   unchecked) in both forms too. The train-step group runs whole steps of
   a loss whose gradient is the fixed gradient tree, through
@@ -56,7 +61,9 @@ def groups(
       (GUARD_FUSED, w.FUSED, w.recommended_guard, BARE),
       (UNCHECKED_PURE, w.UPDATE, w.unchecked_guard, BARE),
       (UNCHECKED_FUSED, w.FUSED, w.unchecked_guard, BARE),
+      (CHAINED_GUARD, w.FUSED, w.chained_guard, BARE),
       (FLOOR, w.FUSED, w.guard_floor, BARE),
+      (CHECKED_FLOOR, w.FUSED, w.checked_floor, BARE),
   ]
   train = [
       (BARE_TRAIN, w.TRAIN_BARE, w.adamw, None),
@@ -91,8 +98,14 @@ COMPARISONS = {
     # What the recommended guard costs beyond the floor of any guard.
     'guard_fused_over_floor': (GUARD_FUSED, FLOOR),
     'unchecked_fused_over_floor': (UNCHECKED_FUSED, FLOOR),
+    # What the default guard costs beyond the least any exact check costs.
+    'guard_fused_over_checked_floor': (GUARD_FUSED, CHECKED_FLOOR),
+    'checked_floor_over_floor': (CHECKED_FLOOR, FLOOR),
     # What checking the inner optimizer's output adds (check_updates).
     'guard_fused_over_unchecked_fused': (GUARD_FUSED, UNCHECKED_FUSED),
+    # The guard composed in optax.chain (where og.make_train_step finds it
+    # first) against the guard alone.
+    'chained_guard_over_guard': (CHAINED_GUARD, GUARD_FUSED),
     'guard_train_over_apply_if_finite': (GUARD_TRAIN,
                                          OPTAX_APPLY_IF_FINITE_TRAIN),
     # The guard's own share of og.make_train_step, the step form aside.

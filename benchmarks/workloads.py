@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 
 import optax_guard as og
+from optax_guard import train_step
 from optax_guard.transforms import fused as _apply
+from optax_guard.transforms import numerics as og_numerics
 
 LAYERS = 8
 _SIZE = re.compile(r'^(?P<number>\d+(\.\d+)?([eE]\d+)?)(?P<unit>[kKmMgG]?)$')
@@ -138,6 +140,11 @@ def unchecked_guard() -> optax.GradientTransformation:
   return og.guard(adamw(), clip=og.zclip(), spikes={}, check_updates=False)
 
 
+def chained_guard() -> optax.GradientTransformation:
+  """The recommended guard as the one link of an ``optax.chain``."""
+  return optax.chain(recommended_guard())
+
+
 def guard_floor() -> optax.GradientTransformationExtraArgs:
   """The least any guard can cost: ``adamw`` under a ``lax.cond`` on one
   finiteness check of the gradients (one read of them). No norms are kept,
@@ -159,6 +166,51 @@ def guard_floor() -> optax.GradientTransformationExtraArgs:
 
     def rejected(params, state):
       return params if fuse_apply else jax.tree.map(jnp.zeros_like, grads), state
+
+    return jax.lax.cond(finite(grads), accepted, rejected, params, state)
+
+  return _apply.FusedGradientTransformation(inner.init, update)
+
+
+def checked_floor() -> optax.GradientTransformationExtraArgs:
+  """The least an *exact, in-place* check of the optimizer's output can
+  cost: :func:`guard_floor` whose accepted branch first computes ``adamw``'s
+  update and new moments into finiteness reductions only (one per leaf
+  shape, the masks of a shape ANDed; nothing written), then, under a
+  nested ``lax.cond`` on that verdict, computes them again and writes them
+  in place. Without a copy of the state, whatever holds a bad step exactly
+  must know the verdict before the first write, so it reads gradients,
+  moments and params twice: this is that structure and nothing else (no
+  norms, clip, statistics, or a state that may hold an inf).
+  """
+  inner = adamw()
+
+  def finite(grads):
+    return jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+
+  def update(grads, state, params=None, *, fuse_apply=False, **extra_args):
+    del extra_args
+
+    def write(params, state):
+      updates, state = inner.update(grads, state, params)
+      return (optax.apply_updates(params, updates) if fuse_apply else updates,
+              state)
+
+    def rejected(params, state):
+      return params if fuse_apply else jax.tree.map(jnp.zeros_like, grads), state
+
+    def outputs_finite(params, state):
+      masks: dict[Any, list[jax.Array]] = {}
+      for leaf in jax.tree.leaves(inner.update(grads, state, params)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+          masks.setdefault(leaf.shape, []).append(jnp.isfinite(leaf))
+      return jnp.all(jnp.stack([
+          og_numerics.all_true(functools.reduce(jnp.logical_and, group))
+          for group in masks.values()]))
+
+    def accepted(params, state):
+      return jax.lax.cond(outputs_finite(params, state), write, rejected,
+                          params, state)
 
     return jax.lax.cond(finite(grads), accepted, rejected, params, state)
 
@@ -216,9 +268,10 @@ def make_fused_update_step(tx: optax.GradientTransformation):
   a guard's fused update-and-apply (one ``lax.cond`` around the inner update
   and the parameter update), or the plain composition for other optimizers.
   """
-  apply = _apply.update_and_apply(tx)
 
   def step(params, opt_state, grads, loss):
+    # As og.make_train_step plans it: a guard last in a chain is fused too.
+    apply = train_step.plan_apply(tx, opt_state)
     return apply(grads, opt_state, params, value=loss)
 
   return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
