@@ -267,10 +267,15 @@ def test_the_campaign_classifies_every_fault_on_the_demo_model():
                               seed=0, counts=counts, first_step=26,
                               say=lambda line: None)
   assert results['misclassified_steps'] == []
-  assert results['verdicts_on_clean_steps'] == []
+  assert results['verdicts_on_clean_steps'] == {}
   assert results['clean_batches_lost_to_transient_faults'] == 0
   assert results['fault_free_step_calls'] == results['fault_free_steps'] == 50
-  assert results['faulty_step_calls'] == 50 + 10  # one re-run per fault
+  # The 4 corrupt batches are inserted among the 50 clean ones.
+  assert results['faulty_steps'] == 54
+  assert results['faulty_step_calls'] == 54 + 10  # one re-run per fault
+  # Every clean batch is trained on but the 2 of nondeterministic faults.
+  assert results['fault_free_updates'] == 50
+  assert results['faulty_updates'] == 50 - 2
   assert {kind: dict(row) for kind, row in results['table'].items()} == {
       kind: {campaign.EXPECTED[kind]: 2} for kind in campaign.KINDS}
 
