@@ -151,25 +151,7 @@ def guard_floor() -> optax.GradientTransformationExtraArgs:
   nothing is clipped, no statistics, no metrics. Applied fused (through
   :func:`og.make_train_step`'s path), as the guards are.
   """
-  inner = adamw()
-
-  def finite(grads):
-    return jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-
-  def update(grads, state, params=None, *, fuse_apply=False, **extra_args):
-    del extra_args
-
-    def accepted(params, state):
-      updates, state = inner.update(grads, state, params)
-      return (optax.apply_updates(params, updates) if fuse_apply else updates,
-              state)
-
-    def rejected(params, state):
-      return params if fuse_apply else jax.tree.map(jnp.zeros_like, grads), state
-
-    return jax.lax.cond(finite(grads), accepted, rejected, params, state)
-
-  return _apply.FusedGradientTransformation(inner.init, update)
+  return _floor(check_outputs=False)
 
 
 def checked_floor() -> optax.GradientTransformationExtraArgs:
@@ -183,6 +165,10 @@ def checked_floor() -> optax.GradientTransformationExtraArgs:
   moments and params twice: this is that structure and nothing else (no
   norms, clip, statistics, or a state that may hold an inf).
   """
+  return _floor(check_outputs=True)
+
+
+def _floor(check_outputs: bool) -> optax.GradientTransformationExtraArgs:
   inner = adamw()
 
   def finite(grads):
@@ -208,10 +194,11 @@ def checked_floor() -> optax.GradientTransformationExtraArgs:
           og_numerics.all_true(functools.reduce(jnp.logical_and, group))
           for group in masks.values()]))
 
-    def accepted(params, state):
+    def checked(params, state):
       return jax.lax.cond(outputs_finite(params, state), write, rejected,
                           params, state)
 
+    accepted = checked if check_outputs else write
     return jax.lax.cond(finite(grads), accepted, rejected, params, state)
 
   return _apply.FusedGradientTransformation(inner.init, update)

@@ -236,15 +236,24 @@ def test_measure_interleaves_every_candidate_every_round():
   assert all(len(s) == 3 for s in timings.seconds.values())
 
 
-def test_floor_is_adamw_that_holds_non_finite_steps():
+def _clean_step_as_bare_adamw(floor):
+  """One clean fused step of ``floor``, checked equal to bare adamw's."""
   params = {'w': jnp.arange(3.0), 'b': jnp.ones(2)}
   grads = {'w': jnp.array([0.1, -0.2, 0.3]), 'b': jnp.array([1.0, 2.0])}
-  bare, floor = workloads.adamw(), workloads.guard_floor()
+  bare = workloads.adamw()
   updates, bare_state = bare.update(grads, bare.init(params), params)
   fused = _apply.update_and_apply(floor)
   new_params, state = fused(grads, floor.init(params), params)
   chex.assert_trees_all_equal(new_params, optax.apply_updates(params, updates))
   chex.assert_trees_all_equal(state, bare_state)
+  return params, grads, fused, new_params, state
+
+
+def test_floor_is_adamw_that_holds_non_finite_steps():
+  floor = workloads.guard_floor()
+  params, grads, fused, new_params, state = _clean_step_as_bare_adamw(floor)
+  updates, bare_state = workloads.adamw().update(
+      grads, floor.init(params), params)
   pure_updates, pure_state = floor.update(grads, floor.init(params), params)
   chex.assert_trees_all_equal((pure_updates, pure_state), (updates, bare_state))
 
@@ -281,14 +290,8 @@ def test_issue_24_targets_are_set_per_mode_at_1m_and_12_6m():
 
 
 def test_checked_floor_holds_a_step_whose_adamw_output_overflows():
-  params = {'w': jnp.arange(3.0), 'b': jnp.ones(2)}
-  grads = {'w': jnp.array([0.1, -0.2, 0.3]), 'b': jnp.array([1.0, 2.0])}
-  bare, floor = workloads.adamw(), workloads.checked_floor()
-  updates, bare_state = bare.update(grads, bare.init(params), params)
-  fused = _apply.update_and_apply(floor)
-  new_params, state = fused(grads, floor.init(params), params)
-  chex.assert_trees_all_equal(new_params, optax.apply_updates(params, updates))
-  chex.assert_trees_all_equal(state, bare_state)
+  _, grads, fused, new_params, state = _clean_step_as_bare_adamw(
+      workloads.checked_floor())
   # Finite gradients and state whose update overflows: a first moment of
   # 1e32 over a second moment of 0 (and a zero gradient there) is
   # 1e32 / eps = inf. The gradient check
@@ -302,7 +305,7 @@ def test_checked_floor_holds_a_step_whose_adamw_output_overflows():
   chex.assert_trees_all_equal((held_params, held_state),
                               (new_params, extreme))
   # The same inputs through bare adamw do give an inf.
-  bare_updates, _ = bare.update(still, extreme, new_params)
+  bare_updates, _ = workloads.adamw().update(still, extreme, new_params)
   assert not jnp.isfinite(bare_updates['w'][0])
 
 
