@@ -45,3 +45,22 @@ def test_every_method_rate_and_seed_is_run_and_summarised(tiny_study):
   assert tiny_study['largest_stable_learning_rate']['adamw (no clipping)'] \
       == 1e-2
   assert len(tiny_study['cells']) == 4
+
+
+def test_only_the_methods_run_are_summarised(tiny_study):
+  # The study ran two of the methods: the others (the ceiling variant of
+  # --more-methods among them) get neither cells nor a largest stable rate.
+  assert set(tiny_study['largest_stable_learning_rate']) == {
+      'adamw (no clipping)', 'og.guard (defaults)'}
+  assert {c['method'] for c in tiny_study['cells']} == {
+      'adamw (no clipping)', 'og.guard (defaults)'}
+
+
+def test_the_ceiling_variant_runs_when_asked():
+  (name,) = stability.MORE_METHODS
+  study = stability.run(
+      learning_rates=(1e-2,), seeds=(0,), steps=4, batch_size=4,
+      seq_len=16, width=16, depth=1, heldout_batches=1, methods=(name,),
+      say=print)
+  assert [r['method'] for r in study['runs']] == [name]
+  assert set(study['largest_stable_learning_rate']) == {name}
