@@ -45,6 +45,7 @@ from optax_guard.host.runlog import (
 )
 from optax_guard.host.state import TrainState
 from optax_guard.transforms import guard as _guard
+from optax_guard.transforms import states as _states
 
 _log = logging.getLogger('optax_guard')
 
@@ -61,7 +62,7 @@ def _is_guard(node: Any) -> bool:
 
 def has_guard(opt_state: Any) -> bool:
   """Whether ``opt_state`` holds a guard state (anything to re-run on)."""
-  return any(map(_is_guard, jax.tree.leaves(opt_state, is_leaf=_is_guard)))
+  return bool(_states.find_states(opt_state, _guard.GuardState))
 
 
 def _copy(tree: Any) -> Any:

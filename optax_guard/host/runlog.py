@@ -187,7 +187,16 @@ class SkippedStep(Event):
 
 
 @dataclasses.dataclass(frozen=True)
-class TransientFault(Event):
+class _RerunVerdict(Event):
+  """The fields of a verdict on a skipped step that ran twice."""
+
+  reason: str
+  first: dict[str, float | None]
+  second: dict[str, float | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransientFault(_RerunVerdict):
   """The guard skipped the step, and its re-run on the same inputs was clean.
 
   With ``RecoveryPolicy(rerun=True)`` the re-run's result is applied: the
@@ -201,9 +210,6 @@ class TransientFault(Event):
   """
 
   kind: ClassVar[str] = 'transient_fault'
-  reason: str
-  first: dict[str, float | None]
-  second: dict[str, float | None]
 
   def __str__(self) -> str:
     return (f'step {self.step}: transient fault ({self.reason}, loss'
@@ -241,7 +247,7 @@ class BadBatch(Event):
 
 
 @dataclasses.dataclass(frozen=True)
-class NondeterministicFault(Event):
+class NondeterministicFault(_RerunVerdict):
   """The guard skipped the step and so did its re-run, with other values.
 
   Neither the data alone (it would repeat bit for bit) nor a one-off fault
@@ -256,9 +262,6 @@ class NondeterministicFault(Event):
   """
 
   kind: ClassVar[str] = 'nondeterministic_fault'
-  reason: str
-  first: dict[str, float | None]
-  second: dict[str, float | None]
 
   def __str__(self) -> str:
     return (f'step {self.step}: nondeterministic fault ({self.reason}); the'
