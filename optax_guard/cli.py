@@ -354,12 +354,14 @@ def _print_attribution(directory: str, records: list[dict[str, Any]],
   """The re-run verdicts (``RecoveryPolicy(rerun=True)``): their counts up
   to the newest checkpoint, and the batches in ``bad_batches.jsonl``."""
   from optax_guard.host import attribution  # pylint: disable=g-import-not-at-top
+  from optax_guard.host import runlog  # pylint: disable=g-import-not-at-top
 
   newest = next((r for r in reversed(records) if r['events']), None)
   counts = {} if newest is None else newest['events'].get('log', {}).get(
       'counts', {})
-  kinds = {'transient_fault': 'transient', 'bad_batch': 'bad batch',
-           'nondeterministic_fault': 'nondeterministic'}
+  kinds = {runlog.TransientFault.kind: 'transient',
+           runlog.BadBatch.kind: 'bad batch',
+           runlog.NondeterministicFault.kind: 'nondeterministic'}
   bad = attribution.read(pathlib.Path(directory) / attribution.BAD_BATCHES)
   if not bad and not any(counts.get(kind) for kind in kinds):
     return
